@@ -1,0 +1,153 @@
+"""Adapter directories: PEFT-readable LoRA files plus DALorRA's mask logits and a JSON record.
+
+    adapter_config.json          PEFT LoraConfig (exact module names as target_modules)
+    adapter_model.safetensors    base_model.model.<module>.lora_{A,B}.weight — all masks on, as PEFT reads it
+    dalorra_masks.safetensors    <module>.mask_logits (r,) and, for ensembles, <module>.fixed_masks (M, r)
+    dalorra.json                 method, adapter config, prompt format, answer tokens, base model + config
+                                 hash, training summary, calibration record
+Directories are written to a temporary sibling and renamed into place, so a crash never leaves a
+half-written adapter that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .basemodel import config_hash, resolve_name
+from .config import AdapterConfig, PromptFormat
+from .model import DalorraModel
+from .scoring import letter_token_ids
+
+FORMAT_VERSION = 1
+RECORD = "dalorra.json"
+MASKS = "dalorra_masks.safetensors"
+
+
+class AdapterError(ValueError):
+    """An adapter directory is missing, corrupt, or does not fit the base model."""
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
+    os.replace(tmp, path)
+
+
+def save_adapter(model: DalorraModel, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        cfg = model.cfg
+        peft_cfg = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout, "target_modules": sorted(model.adapted), "bias": "none",
+            "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
+            "base_model_name_or_path": model.base_name,
+        }
+        (tmp / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2))
+        weights, masks = {}, {}
+        for name, layer in model.adapted.items():
+            weights[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
+            weights[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+            masks[f"{name}.mask_logits"] = layer.mask_logits.detach().cpu().contiguous()
+            if name in model.fixed_masks:
+                masks[f"{name}.fixed_masks"] = model.fixed_masks[name].cpu().contiguous()
+        save_file(weights, str(tmp / "adapter_model.safetensors"))
+        save_file(masks, str(tmp / MASKS))
+        record = {
+            "format_version": FORMAT_VERSION,
+            "method": cfg.method,
+            "adapter": cfg.to_dict(),
+            "prompt": model.fmt.to_dict(),
+            "answer_tokens": letter_token_ids(model.tokenizer, model.fmt, len(model.fmt.letters))
+            if model.fmt.mode == "letter" else None,
+            "base_model": {"name": model.base_name, "config_hash": config_hash(model.base.config)},
+            "keep_probability": {k: float(sum(v) / len(v)) for k, v in model.keep_probabilities().items()},
+            **(extra or {}),
+        }
+        (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, default=float))
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_record(adapter_dir: str | os.PathLike) -> dict:
+    """The adapter's JSON record; for a plain PEFT LoRA, one synthesised from adapter_config.json."""
+    d = Path(adapter_dir)
+    if not (d / "adapter_config.json").is_file():
+        raise AdapterError(f"{d}: not an adapter directory (no adapter_config.json)")
+    try:
+        if (d / RECORD).is_file():
+            return json.loads((d / RECORD).read_text())
+        peft = json.loads((d / "adapter_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{d}: corrupt JSON ({exc})") from None
+    if peft.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{d}: peft_type {peft.get('peft_type')!r} is not LORA")
+    targets = peft.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    return {"format_version": 0, "method": "lora", "plain_peft": True,
+            "adapter": {"method": "lora", "r": int(peft["r"]), "alpha": float(peft.get("lora_alpha", peft["r"])),
+                        "targets": list(targets), "stochastic": False},
+            "prompt": PromptFormat().to_dict(),
+            "base_model": {"name": peft.get("base_model_name_or_path") or "", "config_hash": None}}
+
+
+def load_adapter(adapter_dir: str | os.PathLike, base, tokenizer, base_name: str = "") -> DalorraModel:
+    """Inject the adapter into `base` (which it modifies) and return the DalorraModel.
+
+    Refuses with AdapterError when the adapter was trained for a different base architecture.
+    """
+    d = Path(adapter_dir)
+    rec = read_record(d)
+    want = rec.get("base_model", {}).get("config_hash")
+    have = config_hash(base.config)
+    if want and want != have:
+        raise AdapterError(
+            f"{d}: adapter was trained on base model {rec['base_model'].get('name')!r} (config hash {want}), "
+            f"but the loaded base model {resolve_name(base_name)!r} has config hash {have}. "
+            "Load the matching base model (--base-model) or retrain the adapter.")
+    try:
+        cfg = AdapterConfig.from_dict(rec["adapter"])
+        fmt = PromptFormat.from_dict(rec["prompt"])
+        weights = load_file(str(d / "adapter_model.safetensors"))
+        masks = load_file(str(d / MASKS)) if (d / MASKS).is_file() else {}
+    except Exception as exc:  # safetensors raises several types on a truncated file
+        raise AdapterError(f"{d}: cannot read adapter files ({type(exc).__name__}: {exc})") from None
+    model = DalorraModel(base, tokenizer, cfg, fmt, base_name=base_name or rec["base_model"].get("name", ""))
+    state = {k.replace(".default", ""): v for k, v in weights.items()}
+    for name, layer in model.adapted.items():
+        try:
+            A = state[f"base_model.model.{name}.lora_A.weight"]
+            B = state[f"base_model.model.{name}.lora_B.weight"]
+        except KeyError:
+            raise AdapterError(f"{d}: no weights for module {name}") from None
+        if A.shape != layer.lora_A.shape or B.shape != layer.lora_B.shape:
+            raise AdapterError(f"{d}: {name} has shapes {tuple(A.shape)}/{tuple(B.shape)}, expected "
+                               f"{tuple(layer.lora_A.shape)}/{tuple(layer.lora_B.shape)}")
+        with torch.no_grad():
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+            if f"{name}.mask_logits" in masks:
+                layer.mask_logits.copy_(masks[f"{name}.mask_logits"])
+        if f"{name}.fixed_masks" in masks:
+            model.fixed_masks[name] = masks[f"{name}.fixed_masks"]
+    model.record = rec
+    return model

@@ -1,0 +1,155 @@
+"""Calibration metrics and decision calibration, in NumPy (the server imports this without torch).
+
+Metrics over B items from p̄ (B, K) and labels y (B,): ACC, ECE (15 equal-width bins on top-1 confidence,
+as torchmetrics' CalibrationError with norm="l1"), NLL (−log p̄_y), Brier (Σ_k (p̄_k − 1[k=y])²), AURC.
+Decisions, fitted on a calibration split, never the test split:
+  * abstention thresholds whose selective error is ≤ `target` with confidence 1−δ (Clopper–Pearson upper
+    bound, tested in a fixed sequence from strict to loose, so the family-wise error stays ≤ δ);
+  * a split-conformal quantile for prediction sets with ≥ 1−α marginal coverage.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+N_BINS = 15
+
+
+def confidence_bin(conf, n_bins: int = N_BINS):
+    """Bin i covers [i/n, (i+1)/n); confidence 1.0 falls in the last bin. Works on floats and arrays."""
+    if np.isscalar(conf):
+        return min(int(conf * n_bins), n_bins - 1) if conf >= 0 else 0
+    return np.clip((np.asarray(conf) * n_bins).astype(np.int64), 0, n_bins - 1)
+
+
+def bin_counts(conf: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS):
+    """Per bin: (count, Σ confidence, Σ correct) — exactly what the server's counters accumulate."""
+    b = confidence_bin(conf, n_bins)
+    n = np.bincount(b, minlength=n_bins).astype(np.float64)
+    c = np.bincount(b, weights=conf, minlength=n_bins)
+    a = np.bincount(b, weights=correct.astype(np.float64), minlength=n_bins)
+    return n, c, a
+
+
+def ece_from_bins(n: np.ndarray, conf_sum: np.ndarray, correct_sum: np.ndarray) -> float:
+    """ECE = Σ_bins |Σconf − Σcorrect| / Σn (the PromQL form of DESIGN §4)."""
+    total = n.sum()
+    return float(np.abs(conf_sum - correct_sum).sum() / total) if total else float("nan")
+
+
+def metrics(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> dict[str, float]:
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels, np.int64)
+    conf, pred = probs.max(-1), probs.argmax(-1)
+    correct = (pred == labels).astype(np.float64)
+    p_true = probs[np.arange(len(labels)), labels]
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(len(labels)), labels] = 1.0
+    return {
+        "acc": float(correct.mean()),
+        "ece": ece_from_bins(*bin_counts(conf, correct, n_bins)),
+        "nll": float(-np.log(np.clip(p_true, 1e-12, None)).mean()),
+        "brier": float(((probs - onehot) ** 2).sum(-1).mean()),
+        "aurc": aurc(conf, correct),
+        "n": int(len(labels)),
+    }
+
+
+def aurc(conf: np.ndarray, correct: np.ndarray) -> float:
+    """Area under the risk–coverage curve: mean over coverage levels i/n of the error among the i most confident."""
+    order = np.argsort(-conf, kind="stable")
+    err = 1.0 - correct[order]
+    risks = np.cumsum(err) / np.arange(1, len(err) + 1)
+    return float(risks.mean())
+
+
+def risk_coverage(conf: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-conf, kind="stable")
+    err = 1.0 - correct[order]
+    n = np.arange(1, len(err) + 1)
+    return n / len(err), np.cumsum(err) / n
+
+
+# ---- decision calibration -----------------------------------------------------------------------------
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    if p <= 0:
+        return 1.0
+    if p >= 1:
+        return 1.0 if k >= n else 0.0
+    lp, lq = math.log(p), math.log1p(-p)
+    return min(1.0, sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                                 + i * lp + (n - i) * lq) for i in range(k + 1)))
+
+
+def clopper_pearson_upper(errors: int, n: int, delta: float) -> float:
+    """Exact one-sided (1−δ) upper bound on a binomial rate: the p with P(Bin(n, p) ≤ errors) = δ."""
+    if n == 0:
+        return 1.0
+    if errors >= n:
+        return 1.0
+    lo, hi = errors / n, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if _binom_cdf(errors, n, mid) > delta:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def fit_threshold(signal: np.ndarray, correct: np.ndarray, target: float, delta: float = 0.1,
+                  higher_is_surer: bool = True, min_answered: int = 10) -> dict:
+    """Answer when signal ≥ t (confidence) or ≤ t (epistemic, higher_is_surer=False).
+
+    Candidate thresholds are scanned from the strictest to the loosest; each is accepted while the
+    Clopper–Pearson upper bound of its selective error stays ≤ target (fixed-sequence testing keeps the
+    family-wise error ≤ δ). Returns the loosest accepted threshold, or {"valid": False, "reason": …}.
+    """
+    s = np.asarray(signal, np.float64) if higher_is_surer else -np.asarray(signal, np.float64)
+    order = np.argsort(-s, kind="stable")
+    s_sorted, err = s[order], 1.0 - np.asarray(correct, np.float64)[order]
+    cum_err = np.cumsum(err)
+    n = len(s_sorted)
+    # Candidates: every `step`-th answered count, starting where a clean record could pass at all
+    # (0 errors in m passes only when m ≥ log δ / log(1 − target)); these depend on counts, not errors.
+    start = max(min_answered, 2 * math.ceil(math.log(delta) / math.log(1 - target)))
+    step = max(1, n // 50)
+    best = None
+    for m in range(start, n + 1, step):
+        j = m - 1
+        while j + 1 < n and s_sorted[j + 1] == s_sorted[j]:
+            j += 1  # ties: a threshold answers every item with equal signal
+        answered, errors = j + 1, int(round(cum_err[j]))
+        ucb = clopper_pearson_upper(errors, answered, delta)
+        if ucb > target:
+            break  # fixed-sequence testing: the first failure ends the scan
+        best = (s_sorted[j], answered, errors, ucb)
+    base = {"target_error": target, "delta": delta, "n_calibration": n}
+    if best is None:
+        return {**base, "valid": False, "threshold": None,
+                "reason": f"no threshold keeps the selective error ≤ {target} at confidence {1 - delta} "
+                          f"on {n} calibration items"}
+    t = best[0] if higher_is_surer else -best[0]
+    return {**base, "valid": True, "threshold": float(t), "coverage": best[1] / n,
+            "selective_error": best[2] / best[1], "error_upper_bound": best[3]}
+
+
+def conformal_quantile(probs: np.ndarray, labels: np.ndarray, alpha: float = 0.1) -> dict:
+    """Split conformal with score 1 − p̄_y: q̂ is the ⌈(n+1)(1−α)⌉/n empirical quantile."""
+    scores = 1.0 - np.asarray(probs)[np.arange(len(labels)), np.asarray(labels)]
+    n = len(scores)
+    rank = math.ceil((n + 1) * (1 - alpha))
+    if rank > n:
+        return {"alpha": alpha, "valid": False, "qhat": None,
+                "reason": f"{n} calibration items are too few for coverage {1 - alpha}"}
+    qhat = float(np.sort(scores)[rank - 1])
+    return {"alpha": alpha, "valid": True, "qhat": qhat, "n_calibration": n}
+
+
+def prediction_set(probs: np.ndarray, qhat: float | None) -> list[int]:
+    """{k : 1 − p̄_k ≤ q̂}; with no q̂, the top-1 answer alone."""
+    probs = np.asarray(probs)
+    if qhat is None:
+        return [int(probs.argmax())]
+    return [int(k) for k in np.nonzero(1.0 - probs <= qhat + 1e-12)[0]] or [int(probs.argmax())]

@@ -1,0 +1,140 @@
+"""DalorraModel: a causal LM with MaskedLoraLinear layers injected, plus mask drawing and the KL term."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, PromptFormat
+from .layer import MASK_MODES, MaskedLoraLinear
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _wants(name: str, cfg: AdapterConfig) -> bool:
+    if not any(name == t or name.endswith("." + t) for t in cfg.targets):
+        return False
+    m = _LAYER_INDEX.search("." + name + ".")
+    if m is None or cfg.layers is None:
+        return True
+    return int(m.group(1)) in cfg.layers
+
+
+class DalorraModel(nn.Module):
+    """Holds the base model (frozen), its tokenizer, the adapted layers and the adapter's metadata."""
+
+    def __init__(self, base: nn.Module, tokenizer, cfg: AdapterConfig, fmt: PromptFormat | None = None,
+                 base_name: str = "", seed: int | None = None):
+        super().__init__()
+        self.base, self.tokenizer, self.cfg = base, tokenizer, cfg
+        self.fmt = fmt or PromptFormat()
+        self.base_name = base_name
+        # Fixed masks, e.g. an ensemble's member blocks: name → (M, r); sample s uses row s mod M.
+        self.fixed_masks: dict[str, torch.Tensor] = {}
+        if seed is not None:
+            torch.manual_seed(seed)  # A's Kaiming init
+        targets = [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and _wants(n, cfg)]
+        if not targets:
+            raise ValueError(f"no nn.Linear in the base model matches targets {list(cfg.targets)}")
+        self.adapted: dict[str, MaskedLoraLinear] = {}
+        for name in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name) if parent_name else base
+            layer = MaskedLoraLinear(getattr(parent, child), cfg.r, cfg.alpha, cfg.p0, cfg.tau, cfg.hard,
+                                     cfg.dropout)
+            setattr(parent, child, layer)
+            self.adapted[name] = layer
+
+    # ---- parameters -------------------------------------------------------------------------------
+    def lora_parameters(self) -> Iterator[nn.Parameter]:
+        for layer in self.adapted.values():
+            yield layer.lora_A
+            yield layer.lora_B
+
+    def mask_parameters(self) -> Iterator[nn.Parameter]:
+        for layer in self.adapted.values():
+            yield layer.mask_logits
+
+    def kl(self) -> torch.Tensor:
+        """Σ over modules of KL(q(z) || Bernoulli(p0)^r); 0 for non-stochastic methods."""
+        if not self.cfg.stochastic:
+            return torch.zeros(())
+        return torch.stack([layer.kl() for layer in self.adapted.values()]).sum()
+
+    def keep_probabilities(self) -> dict[str, list[float]]:
+        """Mean σ(φ) per module kind (q_proj, v_proj, lm_head, …) — the posterior's own evidence."""
+        kinds: dict[str, list[float]] = {}
+        for name, layer in self.adapted.items():
+            kinds.setdefault(name.rsplit(".", 1)[-1], []).extend(layer.keep_prob.detach().tolist())
+        return kinds
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.base.get_output_embeddings()
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.base.get_decoder()
+
+    # ---- masks ------------------------------------------------------------------------------------
+    def set_mask_mode(self, mode: str) -> None:
+        if mode not in MASK_MODES:
+            raise ValueError(f"unknown mask mode {mode!r}; one of {MASK_MODES}")
+        for layer in self.adapted.values():
+            layer.mask_mode, layer.row_masks = mode, None
+
+    def draw_masks(self, samples: int, seed: int) -> dict[str, torch.Tensor]:
+        """S hard masks per module, z_s ~ Bernoulli(σ(φ)), reproducible from `seed`: name → (S, r)."""
+        g = torch.Generator().manual_seed(int(seed))
+        out = {}
+        for name in sorted(self.adapted):
+            layer = self.adapted[name]
+            u = torch.rand(samples, layer.r, generator=g)  # drawn for every module so seeds stay aligned
+            if name in self.fixed_masks:
+                bank = self.fixed_masks[name]
+                out[name] = bank[torch.arange(samples) % bank.shape[0]].to(layer.lora_A)
+            elif not self.cfg.stochastic:
+                out[name] = torch.ones(samples, layer.r, dtype=layer.lora_A.dtype)
+            else:
+                out[name] = (u < layer.keep_prob.detach().cpu()).to(layer.lora_A.dtype)
+            out[name] = out[name].to(layer.lora_A.device)
+        return out
+
+    def concrete_masks(self, rows: int) -> dict[str, torch.Tensor]:
+        """Training: one relaxed (straight-through) mask per row and module, differentiable in φ."""
+        if not self.cfg.stochastic:
+            return {n: torch.ones(rows, lay.r, device=lay.lora_A.device) for n, lay in self.adapted.items()}
+        return {n: lay.concrete_mask(rows) for n, lay in self.adapted.items()}
+
+    @contextmanager
+    def row_masks(self, masks: dict[str, torch.Tensor] | None, index: torch.Tensor | None = None):
+        """Within the block, row i of every batch uses masks[name][index[i]] (None masks: all on)."""
+        prev = {n: (lay.mask_mode, lay.row_masks) for n, lay in self.adapted.items()}
+        try:
+            for name, layer in self.adapted.items():
+                if masks is None:
+                    layer.mask_mode, layer.row_masks = "all", None
+                else:
+                    m = masks[name]
+                    layer.mask_mode, layer.row_masks = "rows", (m if index is None else m[index])
+            yield
+        finally:
+            for name, layer in self.adapted.items():
+                layer.mask_mode, layer.row_masks = prev[name]
+
+    @contextmanager
+    def mc_dropout(self, enabled: bool):
+        """MC dropout keeps the LoRA input dropout active at test time."""
+        drops = [layer.dropout for layer in self.adapted.values() if isinstance(layer.dropout, nn.Dropout)]
+        prev = [d.training for d in drops]
+        try:
+            for d in drops:
+                d.train(enabled)
+            yield
+        finally:
+            for d, p in zip(drops, prev, strict=True):
+                d.train(p)

@@ -1,0 +1,243 @@
+"""Turn multiple-choice items into K choice logits per (item, mask sample): the (S, B, K) tensor.
+
+Two modes (DESIGN §3), same output:
+  letter  one forward per row over the prompt; logits of the K answer-letter tokens at the last position,
+          computed from only those K rows of lm_head.
+  cloze   the prompt once per row, then the K continuations from its KV cache (cost: one prompt plus K
+          short continuations); a choice's logit is its (optionally length-normalised) log-likelihood.
+A "row" is one (item, mask sample) pair; all rows go through one forward, row i under mask sample s(i).
+Items with different K share a batch: missing choices get logit −inf, so each softmax is over its own K.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import PromptFormat
+from .data import Item
+
+MAX_CONTINUATION_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Encoded:
+    prompt: list[int]  # prompt token ids (left-truncated to fmt.max_length)
+    conts: tuple[tuple[int, ...], ...]  # cloze: token ids of each choice's continuation
+    norms: tuple[float, ...]  # cloze: divisor of each choice's summed log-prob (1 = none)
+    k: int
+
+
+def render_prompt(item: Item, fmt: PromptFormat) -> str:
+    choices = " ".join(f"{fmt.letters[i]}. {c}." for i, c in enumerate(item.choices))
+    text = fmt.template.format(question=item.question, choices=choices, context=item.context or "")
+    if item.context and "{context}" not in fmt.template:
+        text = f"{item.context}\n{text}"
+    return text
+
+
+def letter_token_ids(tokenizer, fmt: PromptFormat, k: int) -> list[int]:
+    """The token each answer letter becomes right after "Answer:" (with this tokenizer: ' A', not 'A')."""
+    stem = tokenizer("Answer:", add_special_tokens=False).input_ids
+    ids = []
+    for letter in fmt.letters[:k]:
+        full = tokenizer("Answer: " + letter, add_special_tokens=False).input_ids
+        if full[: len(stem)] != stem or len(full) != len(stem) + 1:
+            raise ValueError(f"answer letter {letter!r} is not a single token after 'Answer:' for this tokenizer")
+        ids.append(full[-1])
+    return ids
+
+
+def encode(items: list[Item], tokenizer, fmt: PromptFormat) -> list[Encoded]:
+    out = []
+    for item in items:
+        if len(item.choices) > len(fmt.letters) and fmt.mode == "letter":
+            raise ValueError(f"item {item.id!r} has {len(item.choices)} choices; at most {len(fmt.letters)}")
+        prompt = tokenizer(render_prompt(item, fmt), add_special_tokens=True).input_ids[-fmt.max_length:]
+        conts, norms = (), ()
+        if fmt.mode == "cloze":
+            toks = [tokenizer(" " + c, add_special_tokens=False).input_ids[:MAX_CONTINUATION_TOKENS]
+                    for c in item.choices]
+            if any(len(t) == 0 for t in toks):
+                raise ValueError(f"item {item.id!r}: a choice tokenises to nothing")
+            conts = tuple(tuple(t) for t in toks)
+            if fmt.normalize == "tokens":
+                norms = tuple(float(len(t)) for t in toks)
+            elif fmt.normalize == "chars":
+                norms = tuple(float(max(1, len(c))) for c in item.choices)
+            else:
+                norms = tuple(1.0 for _ in toks)
+        out.append(Encoded(prompt, conts, norms, len(item.choices)))
+    return out
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left padding; position ids count only real tokens, so padding never shifts RoPE positions."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
+        attn[i, L - len(s):] = 1
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), attn.to(device), pos.to(device)
+
+
+def _head(model, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """lm_head on h (N, d), optionally only the output rows `rows` (letter tokens)."""
+    head = model.lm_head
+    if rows is None:
+        return head(h)
+    if hasattr(head, "forward_rows"):
+        return head.forward_rows(h, rows)
+    return F.linear(h, head.weight[rows], None if head.bias is None else head.bias[rows])
+
+
+def choice_logits(model, enc: list[Encoded], row_items: list[int], masks: dict | None,
+                  row_samples: torch.Tensor | None = None, cloze_cache: bool = True) -> torch.Tensor:
+    """(R, Kmax) choice logits for rows R; row i scores item enc[row_items[i]] under masks[·][row_samples[i]].
+
+    masks None: whatever mask mode the layers are in (all on, mean, concrete for training, off).
+    """
+    fmt = model.fmt
+    device = next(model.base.parameters()).device
+    kmax = max(enc[i].k for i in row_items)
+    pad_id = model.tokenizer.pad_token_id
+    valid = torch.tensor([[k < enc[i].k for k in range(kmax)] for i in row_items], device=device)  # (R, Kmax)
+
+    def masked(index):
+        if masks is None:
+            return _nullcontext()
+        return model.row_masks(masks, row_samples[index] if index is not None else row_samples)
+
+    if fmt.mode == "letter":
+        ids, attn, pos = _left_pad([enc[i].prompt for i in row_items], pad_id, device)
+        with masked(None):
+            h = model.decoder(input_ids=ids, attention_mask=attn, position_ids=pos,
+                              use_cache=False).last_hidden_state[:, -1]  # (R, d)
+            rows = torch.tensor(letter_token_ids(model.tokenizer, fmt, kmax), device=device)
+            logits = _head(model, h, rows)  # (R, Kmax)
+    elif cloze_cache:
+        logits = _cloze_cached(model, enc, row_items, masks, row_samples, kmax, device, masked)
+    else:
+        logits = _cloze_full(model, enc, row_items, kmax, device, masked)
+    return logits.masked_fill(~valid, float("-inf"))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _cont_table(enc, row_items, kmax, device):
+    """Continuations of every (row, choice), right-padded: ids (R·Kmax, Lc), lengths (R·Kmax,), norms."""
+    conts, norms = [], []
+    for i in row_items:
+        for k in range(kmax):
+            if k < enc[i].k:
+                conts.append(list(enc[i].conts[k]))
+                norms.append(enc[i].norms[k])
+            else:  # a padded choice: scored on a dummy token, then masked to −inf
+                conts.append([enc[i].prompt[-1]])
+                norms.append(1.0)
+    Lc = max(len(c) for c in conts)
+    ids = torch.zeros((len(conts), Lc), dtype=torch.long)
+    lens = torch.tensor([len(c) for c in conts])
+    for j, c in enumerate(conts):
+        ids[j, : len(c)] = torch.tensor(c)
+    return ids.to(device), lens.to(device), torch.tensor(norms, device=device)
+
+
+def _gather_cont_logprobs(model, hidden, first_lp, ids, lens, masked_ctx, rk_index):
+    """Σ_t log p(cont_t | ·): token 0 from first_lp (RK, V); token t ≥ 1 from hidden[:, t−1] (RK, Lc, d)."""
+    RK, Lc = ids.shape
+    total = first_lp.gather(1, ids[:, :1]).squeeze(1)  # (RK,)
+    if Lc > 1:
+        t = torch.arange(1, Lc, device=ids.device)
+        valid = t[None, :] < lens[:, None]  # (RK, Lc−1)
+        rk, tt = valid.nonzero(as_tuple=True)  # only real continuation positions reach lm_head
+        if rk.numel():
+            with masked_ctx(rk_index[rk]):
+                lp = torch.log_softmax(_head(model, hidden[rk, tt]), -1)  # (N, V)
+            tok_lp = lp.gather(1, ids[rk, tt + 1][:, None]).squeeze(1)
+            total = total.index_add(0, rk, tok_lp)
+    return total
+
+
+def _cloze_cached(model, enc, row_items, masks, row_samples, kmax, device, masked):
+    R = len(row_items)
+    ids, attn, pos = _left_pad([enc[i].prompt for i in row_items], model.tokenizer.pad_token_id, device)
+    with masked(None):
+        out = model.decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        first_lp = torch.log_softmax(_head(model, out.last_hidden_state[:, -1]), -1)  # (R, V)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(kmax)  # (R·Kmax) rows share their row's prompt keys/values
+    cids, lens, norms = _cont_table(enc, row_items, kmax, device)  # (RK, Lc)
+    rk_row = torch.arange(R, device=device).repeat_interleave(kmax)  # continuation row → prompt row
+    cattn = (torch.arange(cids.shape[1], device=device)[None, :] < lens[:, None]).long()
+    attn2 = torch.cat([attn.repeat_interleave(kmax, 0), cattn], 1)  # (RK, Lp + Lc)
+    pos2 = attn.sum(1).repeat_interleave(kmax)[:, None] + torch.arange(cids.shape[1], device=device)[None]
+    with masked(rk_row):
+        hidden = model.decoder(input_ids=cids, attention_mask=attn2, position_ids=pos2,
+                               past_key_values=cache, use_cache=False).last_hidden_state  # (RK, Lc, d)
+    total = _gather_cont_logprobs(model, hidden, first_lp[rk_row], cids, lens, masked, rk_row)
+    return (total / norms).view(R, kmax)
+
+
+def _cloze_full(model, enc, row_items, kmax, device, masked):
+    """Reference path: every (row, choice) as one full sequence prompt+continuation (K× the prompt cost)."""
+    R = len(row_items)
+    cids, lens, norms = _cont_table(enc, row_items, kmax, device)
+    rk_row = torch.arange(R, device=device).repeat_interleave(kmax)
+    seqs = [enc[row_items[r]].prompt + cids[j, : lens[j]].tolist() for j, r in enumerate(rk_row.tolist())]
+    ids, attn, pos = _left_pad(seqs, model.tokenizer.pad_token_id, device)
+    L = ids.shape[1]
+    with masked(rk_row):
+        hidden = model.decoder(input_ids=ids, attention_mask=attn, position_ids=pos,
+                               use_cache=False).last_hidden_state  # (RK, L, d)
+    total = torch.zeros(len(seqs), device=device)
+    for j in range(len(seqs)):  # plain loop: this path is the reference, not the fast one
+        n = int(lens[j])
+        with masked(rk_row[j].repeat(n)):
+            lp = torch.log_softmax(_head(model, hidden[j, L - n - 1: L - 1]), -1)  # (n, V)
+        total[j] = lp.gather(1, ids[j, L - n:][:, None]).sum()
+    return (total / norms).view(R, kmax)
+
+
+def rows_for(batch: int, samples: int) -> tuple[list[int], torch.Tensor]:
+    """Row layout of score(): sample-major, row = s·B + b."""
+    items = [b for _ in range(samples) for b in range(batch)]
+    return items, torch.arange(samples).repeat_interleave(batch)
+
+
+@torch.no_grad()
+def score(model, items: list[Item], samples: int = 10, seed: int = 0, batched: bool = True,
+          cloze_cache: bool = True, encoded: list[Encoded] | None = None) -> np.ndarray:
+    """Choice logits of shape (S, B, K) (float64, −inf for a missing choice) under S hard mask draws.
+
+    Mask draws depend only on (seed, s), so an item gets the same answer whatever else is in its batch.
+    batched=False runs the S samples as S separate forwards (the reference the one-forward path must equal).
+    """
+    if samples < 1:
+        raise ValueError(f"samples={samples} must be >= 1")
+    enc = encoded if encoded is not None else encode(items, model.tokenizer, model.fmt)
+    B = len(enc)
+    masks = model.draw_masks(samples, seed)
+    with model.mc_dropout(model.cfg.method == "mcdropout"), torch.random.fork_rng():
+        torch.manual_seed(seed)  # MC dropout draws
+        if batched:
+            row_items, row_samples = rows_for(B, samples)
+            logits = choice_logits(model, enc, row_items, masks, row_samples, cloze_cache)
+            return logits.view(samples, B, -1).double().cpu().numpy()
+        per = []
+        for s in range(samples):
+            one = {n: m[s: s + 1] for n, m in masks.items()}
+            per.append(choice_logits(model, enc, list(range(B)), one, torch.zeros(B, dtype=torch.long),
+                                     cloze_cache))
+        return torch.stack(per).double().cpu().numpy()

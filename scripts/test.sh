@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install what the tests need (into ./.venv) and run them. This is the README's test command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install.sh dev
+# Real components the tests start on loopback: Chromium for the web page (Prometheus for deploy tests).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus >/dev/null) \
+      || echo "warning: could not install chromium/prometheus; the tests that need them will fail" >&2
+  fi
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+.venv/bin/python -m ruff check adapters server clients tests bench
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny random Llama (unit tests) and the real embedded SmolLM2 (integration tests)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+DATA = Path(os.environ.get("DALORRA_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    assert (DATA / "arc_easy" / "validation.jsonl").is_file(), f"datasets not found at {DATA}"
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> str:
+    """Directory of the converted embedded model (converts once per machine)."""
+    from adapters.basemodel import local_path
+
+    return local_path(None)
+
+
+@pytest.fixture
+def smollm(smollm_path):
+    """A fresh (base, tokenizer) pair of the real SmolLM2; each test may inject its own adapter."""
+    from adapters.basemodel import load_base
+
+    return load_base(None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm_path)
+
+
+def make_tiny(seed: int = 0, vocab: int = 49152):
+    """A 2-layer random Llama with SmolLM2's vocabulary, so the real tokenizer drives it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, pad_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.fixture
+def tiny():
+    return make_tiny
+
+
+def randomize_lora(model, seed: int = 0, std: float = 0.05):
+    """Give B non-zero values (B = 0 at init would make every mask look identical)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.adapted.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
+            layer.mask_logits.copy_(torch.randn(layer.r, generator=g))

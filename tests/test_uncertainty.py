@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+import torch
+
+from adapters.calibration import (
+    clopper_pearson_upper, conformal_quantile, fit_threshold, metrics, prediction_set,
+)
+from adapters.uncertainty import concat_items, summarize
+
+
+def test_hand_computed_two_samples():
+    # Two samples that disagree completely: p1 = (1, 0), p2 = (0, 1) in the limit.
+    logits = np.array([[[0.0, -np.inf]], [[-np.inf, 0.0]]])  # (S=2, B=1, K=2)
+    s = summarize(logits)
+    np.testing.assert_allclose(s["probabilities"], [[0.5, 0.5]])
+    np.testing.assert_allclose(s["entropy"], [np.log(2)])
+    np.testing.assert_allclose(s["aleatoric"], [0.0])
+    np.testing.assert_allclose(s["epistemic"], [np.log(2)])  # all uncertainty is epistemic
+    np.testing.assert_allclose(s["epistemic_norm"], [1.0])
+
+
+def test_hand_computed_values():
+    p1, p2 = np.array([0.7, 0.2, 0.1]), np.array([0.5, 0.3, 0.2])
+    s = summarize(np.log(np.stack([p1, p2]))[:, None, :])
+    pbar = (p1 + p2) / 2
+    H = -(pbar * np.log(pbar)).sum()
+    A = (-(p1 * np.log(p1)).sum() - (p2 * np.log(p2)).sum()) / 2
+    np.testing.assert_allclose(s["probabilities"][0], pbar)
+    np.testing.assert_allclose(s["entropy"][0], H)
+    np.testing.assert_allclose(s["aleatoric"][0], A)
+    np.testing.assert_allclose(s["epistemic"][0], H - A)
+    np.testing.assert_allclose(s["entropy_norm"][0], H / np.log(3))
+    assert s["answer_index"][0] == 0 and s["confidence"][0] == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_properties(seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(7, 5, 4)) * 3
+    s = summarize(logits)
+    np.testing.assert_allclose(s["probabilities"].sum(-1), 1.0)
+    assert np.all(s["epistemic"] >= 0) and np.all(s["epistemic"] <= s["entropy"] + 1e-12)
+    perm = summarize(logits[rng.permutation(7)])  # sample order does not matter
+    for k in ("probabilities", "entropy", "epistemic"):
+        np.testing.assert_allclose(perm[k], s[k])
+    one = summarize(logits[:1])
+    np.testing.assert_allclose(one["epistemic"], 0.0, atol=1e-12)
+
+
+def test_mixed_k_padding():
+    a = np.zeros((2, 1, 2))
+    b = np.zeros((2, 1, 4))
+    s = summarize(concat_items([a, b]))
+    np.testing.assert_allclose(s["probabilities"][0], [0.5, 0.5, 0, 0])
+    np.testing.assert_allclose(s["entropy_norm"], [1.0, 1.0])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ece_equals_torchmetrics(seed):
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(4) * 0.5, size=500)
+    labels = rng.integers(0, 4, size=500)
+    ours = metrics(probs, labels)["ece"]
+    ref = multiclass_calibration_error(torch.tensor(probs), torch.tensor(labels), num_classes=4, n_bins=15,
+                                       norm="l1")
+    assert ours == pytest.approx(float(ref), abs=1e-6)
+
+
+def test_metrics_hand_case():
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.5, 0.5]])
+    labels = np.array([0, 1, 1, 0])
+    m = metrics(probs, labels)
+    assert m["acc"] == pytest.approx(0.75)  # argmax ties pick index 0
+    assert m["nll"] == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.8, 0.5])))
+    assert m["brier"] == pytest.approx(np.mean([0.02, 0.72, 0.08, 0.5]))
+    # bins: 0.9→13, 0.6→9, 0.8→12, 0.5→7: ECE = (|.9−1| + |.6−0| + |.8−1| + |.5−1|)/4
+    assert m["ece"] == pytest.approx((0.1 + 0.6 + 0.2 + 0.5) / 4)
+    # AURC: by confidence 0.9(ok) 0.8(ok) 0.6(err) 0.5(ok): risks 0, 0, 1/3, 1/4
+    assert m["aurc"] == pytest.approx((0 + 0 + 1 / 3 + 1 / 4) / 4)
+
+
+def test_clopper_pearson_matches_beta_quantile():
+    # Known value: 0 errors in n gives 1 − δ^(1/n).
+    assert clopper_pearson_upper(0, 50, 0.1) == pytest.approx(1 - 0.1 ** (1 / 50), rel=1e-6)
+    assert clopper_pearson_upper(5, 100, 0.05) == pytest.approx(0.1019, abs=5e-4)
+
+
+def test_threshold_meets_bound_on_synthetic_data():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.25, 1.0, size=4000)
+    correct = rng.uniform(size=4000) < conf  # perfectly calibrated
+    fit = fit_threshold(conf[:2000], correct[:2000], target=0.1, delta=0.1)
+    assert fit["valid"] and fit["error_upper_bound"] <= 0.1
+    # True selective error of a calibrated U(0.25, 1) confidence answering conf ≥ t is (1 − t) / 2.
+    assert (1 - fit["threshold"]) / 2 <= 0.1
+    assert fit_threshold(conf, np.zeros(4000, bool), target=0.05)["valid"] is False  # impossible: refused
+
+
+def test_conformal_coverage_on_synthetic_data():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(4), size=4000)
+    labels = np.array([rng.choice(4, p=p) for p in probs])
+    q = conformal_quantile(probs[:2000], labels[:2000], alpha=0.1)
+    covered = [labels[i] in prediction_set(probs[i], q["qhat"]) for i in range(2000, 4000)]
+    assert np.mean(covered) >= 0.88
+    assert conformal_quantile(probs[:5], labels[:5], alpha=0.1)["valid"] is False
