@@ -22,6 +22,18 @@ from torch import nn
 MASK_MODES = ("off", "all", "mean", "rows", "concrete")
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: exactly 1[z̃ > 0.5]; backward: the gradient of z̃ (hard + soft − soft.detach() is not exact)."""
+
+    @staticmethod
+    def forward(ctx, soft):
+        return (soft > 0.5).to(soft.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 class MaskedLoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, p0: float, tau: float = 2 / 3,
                  hard: bool = True, dropout: float = 0.0):
@@ -56,7 +68,7 @@ class MaskedLoraLinear(nn.Module):
         soft = torch.sigmoid((self.mask_logits + torch.log(u) - torch.log1p(-u)) / self.tau)  # (R, r)
         if not self.hard:
             return soft
-        return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
+        return _StraightThrough.apply(soft)
 
     def _mask(self, rows: int) -> torch.Tensor | None:
         mode = self.mask_mode

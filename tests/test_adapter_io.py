@@ -1,0 +1,99 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from adapters.adapter_io import AdapterError, load_adapter, save_adapter
+from adapters.config import AdapterConfig, PromptFormat
+from adapters.data import DataError, load_jsonl
+from adapters.model import DalorraModel
+from adapters.scoring import score
+from tests.conftest import make_tiny, randomize_lora
+from tests.test_scoring import MIXED
+
+
+def _saved(tmp_path, tokenizer, mode="cloze"):
+    model = DalorraModel(make_tiny(), tokenizer, AdapterConfig(p0=0.7), PromptFormat(mode=mode), seed=0,
+                         base_name="tiny")
+    randomize_lora(model, std=0.3)
+    out = save_adapter(model, tmp_path / "ad", extra={"training": {"steps": 0}})
+    return model, out
+
+
+@pytest.mark.parametrize("mode", ["letter", "cloze"])
+def test_round_trip_identical_predictions(tmp_path, tokenizer, mode):
+    model, out = _saved(tmp_path, tokenizer, mode)
+    loaded = load_adapter(out, make_tiny(), tokenizer)
+    assert loaded.fmt == model.fmt and loaded.cfg == model.cfg
+    np.testing.assert_array_equal(score(model, MIXED, samples=5, seed=3), score(loaded, MIXED, samples=5, seed=3))
+    rec = json.loads((out / "dalorra.json").read_text())
+    assert rec["method"] == "dalorra" and rec["adapter"]["p0"] == 0.7 and rec["training"] == {"steps": 0}
+    assert rec["base_model"]["config_hash"]
+
+
+def test_peft_loads_the_directory(tmp_path, tokenizer):
+    from peft import PeftModel
+
+    model, out = _saved(tmp_path, tokenizer)
+    peft = PeftModel.from_pretrained(make_tiny(), str(out))
+    ids = torch.randint(0, 49152, (2, 9))
+    model.set_mask_mode("all")
+    torch.testing.assert_close(peft(input_ids=ids).logits, model.base(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_plain_peft_adapter_loads_with_all_masks_on(tmp_path, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(make_tiny(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    peft.save_pretrained(tmp_path / "plain")
+    loaded = load_adapter(tmp_path / "plain", make_tiny(), tokenizer)
+    assert loaded.cfg.stochastic is False and loaded.cfg.r == 4
+    s = score(loaded, MIXED, samples=3, seed=0)
+    np.testing.assert_allclose(s[0], s[2])  # all masks on: every sample is the same
+    ids = torch.randint(0, 49152, (2, 9))
+    loaded.set_mask_mode("all")
+    torch.testing.assert_close(peft(input_ids=ids).logits, loaded.base(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_mismatched_base_model_refused(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, out = _saved(tmp_path, tokenizer)
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=48, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(AdapterError, match="config hash"):
+        load_adapter(out, other, tokenizer)
+
+
+def test_truncated_adapter_refused(tmp_path, tokenizer):
+    _, out = _saved(tmp_path, tokenizer)
+    f = out / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(AdapterError, match="cannot read"):
+        load_adapter(out, make_tiny(), tokenizer)
+
+
+@pytest.mark.parametrize("row,match", [
+    ('{"question": "q", "choices": ["a", "b"], "label": 5}', "label 5"),
+    ('{"question": "q", "choices": ["a"], "label": 0}', "1 choices"),
+    ('{"question": "", "choices": ["a", "b"], "label": 0}', "question"),
+    ('{"choices": ["a", "b"], "label": 0}', "missing"),
+    ('{not json', "not valid JSON"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, row, match):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"question": "ok", "choices": ["a", "b"], "label": 1}\n' + row + "\n")
+    with pytest.raises(DataError, match=match) as exc:
+        load_jsonl(p)
+    assert f"{p}:2" in str(exc.value)
+
+
+def test_empty_file_refused(tmp_path):
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(DataError, match="no items"):
+        load_jsonl(tmp_path / "e.jsonl")

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+
+from adapters.config import AdapterConfig, PromptFormat
+from adapters.data import Item, load_jsonl
+from adapters.model import DalorraModel
+from adapters.scoring import letter_token_ids, score
+from adapters.uncertainty import concat_items
+from tests.conftest import randomize_lora
+
+MIXED = [
+    Item("Which is a mammal?", ("whale", "shark", "trout", "eel"), 0),
+    Item("Is ice cold?", ("yes", "no"), 0),
+    Item("Pick the prime number among these options", ("four", "six", "seven", "nine", "ten"), 2),
+]
+
+
+@pytest.mark.parametrize("mode", ["letter", "cloze"])
+def test_one_forward_equals_separate_forwards_tiny(tiny, tokenizer, mode):
+    model = DalorraModel(tiny(), tokenizer, AdapterConfig(), PromptFormat(mode=mode), seed=0)
+    randomize_lora(model, std=0.5)
+    one = score(model, MIXED, samples=4, seed=7)
+    sep = score(model, MIXED, samples=4, seed=7, batched=False)
+    assert one.shape == (4, 3, 5)
+    np.testing.assert_allclose(one, sep, atol=1e-4)
+    assert np.isneginf(one[:, 1, 2:]).all() and np.isfinite(one[:, 2]).all()
+    assert np.abs(one[0] - one[1])[np.isfinite(one[0])].max() > 1e-3  # the masks really differ
+
+
+def test_cloze_cache_equals_full_sequences_tiny(tiny, tokenizer):
+    model = DalorraModel(tiny(), tokenizer, AdapterConfig(), PromptFormat(mode="cloze", normalize="none"))
+    randomize_lora(model, std=0.5)
+    np.testing.assert_allclose(score(model, MIXED, samples=3, seed=1),
+                               score(model, MIXED, samples=3, seed=1, cloze_cache=False), atol=1e-4)
+
+
+def test_letter_tokens_take_leading_space_form(tokenizer):
+    ids = letter_token_ids(tokenizer, PromptFormat(mode="letter"), 4)
+    assert [tokenizer.decode([i]) for i in ids] == [" A", " B", " C", " D"]
+
+
+def test_same_answer_whatever_the_batch(tiny, tokenizer):
+    model = DalorraModel(tiny(), tokenizer, AdapterConfig(), PromptFormat(mode="cloze"), seed=0)
+    randomize_lora(model, std=0.5)
+    alone = score(model, MIXED[:1], samples=3, seed=5)
+    np.testing.assert_allclose(score(model, MIXED, samples=3, seed=5)[:, :1, :4], alone, atol=1e-4)
+
+
+@pytest.mark.smollm
+@pytest.mark.parametrize("mode", ["letter", "cloze"])
+def test_real_smollm_batched_equals_separate(smollm, data_dir, mode):
+    base, tok = smollm
+    model = DalorraModel(base, tok, AdapterConfig(), PromptFormat(mode=mode), seed=0)
+    randomize_lora(model, std=0.02)
+    items = load_jsonl(data_dir / "arc_easy" / "validation.jsonl", limit=3)
+    one = score(model, items, samples=3, seed=2)
+    np.testing.assert_allclose(one, score(model, items, samples=3, seed=2, batched=False), atol=2e-4)
+    if mode == "cloze":
+        np.testing.assert_allclose(one, score(model, items, samples=3, seed=2, cloze_cache=False), atol=2e-4)
+
+
+@pytest.mark.smollm
+def test_real_smollm_zero_shot_cloze_above_chance(smollm, data_dir):
+    base, tok = smollm
+    model = DalorraModel(base, tok, AdapterConfig(), PromptFormat(mode="cloze"))
+    model.set_mask_mode("off")
+    items = load_jsonl(data_dir / "arc_easy" / "validation.jsonl", limit=48)
+    with torch.no_grad():
+        logits = concat_items([score(model, items[i:i + 16], samples=1) for i in range(0, 48, 16)])
+    acc = (logits[0].argmax(-1) == np.array([it.label for it in items])).mean()
+    assert acc > 0.33  # chance is 0.25; 46% measured on 200 items
