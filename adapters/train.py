@@ -1,0 +1,293 @@
+"""The trainer: DALorRA (negative ELBO) and the baselines, on multiple-choice JSONL, resumable.
+
+Loss per step (DESIGN §1):  mean_batch CE(softmax over the K choice logits, y)  +  λ(step) · KL / N
+with one straight-through binary-Concrete mask draw per example. Baselines share everything else:
+  lora       MLE LoRA (masks all on)             map        + weight decay on A, B
+  mcdropout  LoRA dropout 0.1, sampled at test   ensemble   N independent LoRAs, probabilities averaged
+Multi-process (torchrun / accelerate launch, gloo or nccl): each rank takes its share of every batch and
+gradients are averaged; rank 0 writes checkpoints and the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .adapter_io import save_adapter, write_json_atomic
+from .basemodel import load_base, resolve_name
+from .config import AdapterConfig, PromptFormat
+from .data import DataError, Item, load_jsonl, split
+from .evaluate import calibrate_decisions, evaluate_logits, predict_logits
+from .model import DalorraModel
+from .scoring import choice_logits, encode
+
+log = logging.getLogger("dalorra.train")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str  # adapter directory to write
+    train: str = "arc_easy/train"  # JSONL path, or name/split under the data directory
+    validation: str | None = None  # JSONL for periodic validation (None: no validation during training)
+    calibration: str | None = None  # JSONL for decision calibration (None: carve calib_fraction from train)
+    calib_fraction: float = 0.1  # share of train held out for calibration when no file is given
+    base_model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    method: str = "dalorra"
+    r: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "lm_head")
+    top_layers: int | None = None  # adapt only the top L decoder layers (None: all)
+    p0: float = 0.5
+    tau: float = 2.0 / 3.0
+    hard: bool = True
+    lr: float = 1e-4  # A and B
+    lr_mask: float = 1e-2  # φ
+    mask_schedule: str = "linear"  # φ's schedule: linear (same as A/B) | constant
+    weight_decay: float = 0.0  # A and B; method=map defaults to 0.01 when this is 0
+    kl_weight: float = 1.0
+    kl_warmup: float = 0.0  # fraction of steps over which λ rises linearly from 0 to kl_weight
+    steps: int = 300
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup: float = 0.06
+    mode: str = "cloze"
+    normalize: str = "tokens"
+    max_length: int = 256
+    seed: int = 0
+    ensemble_size: int = 3
+    eval_every: int = 100
+    eval_limit: int = 200
+    eval_samples: int = 10
+    save_every: int = 50
+    train_limit: int | None = None
+    target_error: float = 0.2  # abstention: selective error target on the calibration split
+    target_delta: float = 0.1  # … held with confidence 1 − delta
+    conformal_alpha: float = 0.1
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("steps, batch_size and grad_accum must be >= 1")
+        if self.mask_schedule not in ("linear", "constant"):
+            raise ValueError(f"mask_schedule={self.mask_schedule!r}: linear or constant")
+        if self.lr <= 0 or self.lr_mask <= 0:
+            raise ValueError("learning rates must be > 0")
+        if not 0 <= self.warmup < 1 or not 0 <= self.kl_warmup <= 1:
+            raise ValueError("warmup and kl_warmup are fractions of the steps")
+
+    def adapter_config(self, n_layers: int) -> AdapterConfig:
+        layers = None if self.top_layers is None else tuple(range(n_layers - self.top_layers, n_layers))
+        return AdapterConfig(method=self.method, r=self.r, alpha=self.alpha, targets=self.targets, layers=layers,
+                             p0=self.p0, tau=self.tau, hard=self.hard,
+                             dropout=0.1 if self.method == "mcdropout" else 0.0,
+                             stochastic=self.method == "dalorra")
+
+    def prompt_format(self) -> PromptFormat:
+        return PromptFormat(mode=self.mode, normalize=self.normalize, max_length=self.max_length)
+
+
+def _dist():
+    """(rank, world) from torchrun/accelerate environment variables; initialises the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return int(os.environ.get("RANK", "0")), world
+
+
+def _lr_lambda(total: int, warmup: float, constant: bool = False):
+    w = max(1, int(round(warmup * total)))
+
+    def f(step: int) -> float:
+        if step < w:
+            return (step + 1) / w
+        return 1.0 if constant else max(0.0, (total - step) / max(1, total - w))
+    return f
+
+
+def load_splits(cfg: TrainConfig) -> tuple[list[Item], list[Item] | None, list[Item]]:
+    train = load_jsonl(cfg.train, limit=cfg.train_limit)
+    if cfg.calibration:
+        calib = load_jsonl(cfg.calibration)
+    else:
+        train, calib = split(train, cfg.calib_fraction, cfg.seed)
+    val = load_jsonl(cfg.validation, limit=cfg.eval_limit) if cfg.validation else None
+    return train, val, calib
+
+
+def _batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
+    """Data order is a pure function of (seed, step): resume needs no saved sampler state."""
+    per_epoch = n // batch
+    epoch, pos = divmod(step, per_epoch)
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[pos * batch:(pos + 1) * batch]
+
+
+def train_one(cfg: TrainConfig, seed: int, ckpt_path: Path, resume: bool, rank: int = 0, world: int = 1):
+    """Train one adapter; returns (model, train summary). Checkpoints to ckpt_path every save_every steps."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    base, tok = load_base(cfg.base_model)
+    n_layers = base.config.num_hidden_layers
+    model = DalorraModel(base, tok, cfg.adapter_config(n_layers), cfg.prompt_format(),
+                         base_name=resolve_name(cfg.base_model), seed=seed)
+    train, val, _ = load_splits(cfg)
+    if len(train) < cfg.batch_size:
+        raise DataError(f"{cfg.train}: {len(train)} training items, fewer than one batch of {cfg.batch_size}")
+    enc = encode(train, tok, model.fmt)
+    labels = torch.tensor([it.label for it in train])
+    N = len(train)
+    wd = cfg.weight_decay or (0.01 if cfg.method == "map" else 0.0)
+    groups = [{"params": list(model.lora_parameters()), "lr": cfg.lr, "weight_decay": wd}]
+    if cfg.method == "dalorra":
+        groups.append({"params": list(model.mask_parameters()), "lr": cfg.lr_mask, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups)
+    lambdas = [_lr_lambda(cfg.steps, cfg.warmup)]
+    if cfg.method == "dalorra":
+        lambdas.append(_lr_lambda(cfg.steps, cfg.warmup, constant=cfg.mask_schedule == "constant"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    params = [p for g in groups for p in g["params"]]
+    step, history, t_train = 0, [], 0.0
+    if resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, weights_only=True)
+        with torch.no_grad():
+            for p, v in zip(params, ck["params"], strict=True):
+                p.copy_(v)
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        torch.set_rng_state(ck["rng"])
+        step, history, t_train = ck["step"], json.loads(ck["history"]), float(ck["t_train"])
+        log.info("resumed %s at step %d", ckpt_path, step)
+    model.train()
+    micro = cfg.batch_size // cfg.grad_accum
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", disable=not cfg.progress or rank != 0,
+               dynamic_ncols=True)
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        idx = _batch_indices(N, cfg.batch_size, step, seed)
+        opt.zero_grad(set_to_none=True)
+        lam = cfg.kl_weight * (min(1.0, step / (cfg.kl_warmup * cfg.steps)) if cfg.kl_warmup > 0 else 1.0)
+        nll_sum = 0.0
+        for a in range(cfg.grad_accum):
+            part = idx[a * micro:(a + 1) * micro][rank::world]  # this rank's share of the micro-batch
+            if not part:
+                continue
+            masks = model.concrete_masks(len(part))  # one mask draw per example (R = len(part) rows)
+            logits = choice_logits(model, enc, part, masks, torch.arange(len(part)))  # (R, Kmax)
+            nll = F.cross_entropy(logits, labels[part], reduction="sum") / cfg.batch_size
+            nll.backward()
+            nll_sum += float(nll.detach())
+        kl = model.kl()
+        if kl.requires_grad:  # KL/N per example; every rank adds 1/world of it, the all-reduce sums
+            (lam * kl / N / world).backward()
+        if world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+            nll_sum = float(torch.tensor(nll_sum))  # rank 0 reports its own share × world below
+        opt.step()
+        sched.step()
+        step += 1
+        t_train += time.perf_counter() - t0
+        keep = float(torch.cat([lay.keep_prob.detach() for lay in model.adapted.values()]).mean())
+        history.append({"step": step, "nll": nll_sum * world, "kl_per_n": float(kl) / N, "keep": keep})
+        bar.set_postfix(loss=f"{nll_sum * world + lam * float(kl) / N:.3f}", nll=f"{nll_sum * world:.3f}",
+                        kl=f"{float(kl) / N:.1e}", keep=f"{keep:.2f}")
+        bar.update(1)
+        if val is not None and rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+            m = evaluate_logits(predict_logits(model, val, cfg.eval_samples, seed=seed, progress=False),
+                                np.array([it.label for it in val]))
+            history[-1]["val"] = {k: m[k] for k in ("acc", "ece", "nll")}
+            bar.write(f"step {step}: val acc {m['acc']:.3f} ece {m['ece']:.3f} nll {m['nll']:.3f}")
+            model.train()
+        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
+            ckpt = {"params": [p.detach().clone() for p in params], "opt": opt.state_dict(),
+                    "sched": sched.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                    "history": json.dumps(history), "t_train": t_train}
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
+            torch.save(ckpt, tmp)
+            os.replace(tmp, ckpt_path)
+    bar.close()
+    model.eval()
+    summary = {"steps": cfg.steps, "train_items": N, "seed": seed, "train_seconds": round(t_train, 2),
+               "seconds_per_step": round(t_train / max(1, len(history)), 4), "world_size": world,
+               "final_nll": float(np.mean([h["nll"] for h in history[-20:]])), "history": history[-200:]}
+    return model, summary
+
+
+def _merge_ensemble(members: list[DalorraModel], cfg: TrainConfig) -> DalorraModel:
+    """N rank-r LoRAs = one rank N·r LoRA whose sample s keeps only member (s mod N)'s block of components."""
+    n, r = len(members), cfg.r
+    base, tok = load_base(cfg.base_model)
+    acfg = AdapterConfig(**{**members[0].cfg.to_dict(), "r": n * r, "alpha": n * cfg.alpha, "stochastic": False})
+    merged = DalorraModel(base, tok, acfg, members[0].fmt, base_name=members[0].base_name)
+    blocks = torch.zeros(n, n * r)
+    for m in range(n):
+        blocks[m, m * r:(m + 1) * r] = 1.0
+    with torch.no_grad():
+        for name, layer in merged.adapted.items():
+            layer.lora_A.copy_(torch.cat([mm.adapted[name].lora_A for mm in members], 0))
+            layer.lora_B.copy_(torch.cat([mm.adapted[name].lora_B for mm in members], 1))
+            merged.fixed_masks[name] = blocks.clone()
+    return merged
+
+
+def run(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train (with checkpoints under <out>.ckpt/), calibrate decisions, write the adapter. Returns its record."""
+    rank, world = _dist()
+    out = Path(cfg.out)
+    ckpt_dir = out.with_name(out.name + ".ckpt")
+    if cfg.method == "ensemble":
+        members, summaries = [], []
+        for m in range(cfg.ensemble_size):
+            member_cfg = TrainConfig(**{**asdict(cfg), "method": "lora", "out": str(out) + f".member{m}"})
+            mm, s = train_one(member_cfg, cfg.seed + 1000 * m, ckpt_dir / f"member{m}.pt", resume, rank, world)
+            members.append(mm)
+            summaries.append(s)
+        model = _merge_ensemble(members, cfg)
+        summary = {**summaries[0], "train_seconds": sum(s["train_seconds"] for s in summaries),
+                   "members": len(members), "history": summaries[0]["history"]}
+    else:
+        model, summary = train_one(cfg, cfg.seed, ckpt_dir / "state.pt", resume, rank, world)
+    if rank != 0:
+        torch.distributed.barrier()  # rank 0 calibrates and writes the adapter
+        return {}
+    _, val, calib = load_splits(cfg)
+    calib_logits = predict_logits(model, calib, cfg.eval_samples, seed=0, progress=cfg.progress, desc="calibrate")
+    calib_labels = np.array([it.label for it in calib])
+    decision = calibrate_decisions(calib_logits, calib_labels, cfg.target_error, cfg.target_delta,
+                                   cfg.conformal_alpha)
+    record = {"training": {**summary, "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}},
+              "calibration": {"split": cfg.calibration or f"{cfg.calib_fraction:.0%} of {cfg.train}",
+                              "metrics": evaluate_logits(calib_logits, calib_labels, decision)},
+              "decision": decision, "default_samples": cfg.eval_samples}
+    if val is not None:
+        record["validation"] = evaluate_logits(predict_logits(model, val, cfg.eval_samples, seed=0,
+                                                              progress=cfg.progress, desc="validate"),
+                                               np.array([it.label for it in val]), decision)
+    save_adapter(model, out, extra=record)
+    if ckpt_dir.exists():
+        write_json_atomic(ckpt_dir / "done.json", {"adapter": str(out)})
+    if world > 1:
+        torch.distributed.barrier()
+    return record
+
+
+def keep_histogram(model: DalorraModel, bins: int = 10) -> dict[str, list[int]]:
+    """Histogram of σ(φ) per module kind on [0, 1] (the method's own evidence that φ moved)."""
+    return {k: np.histogram(v, bins=bins, range=(0, 1))[0].tolist() for k, v in model.keep_probabilities().items()}
+

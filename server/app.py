@@ -1,0 +1,159 @@
+"""FastAPI glue: create_app(settings) builds the app; routes only translate HTTP to Service calls."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .backend import Backend, make_backend
+from .errors import ApiError
+from .metrics import Metrics
+from .protocol import (
+    AdapterInfo, AdapterList, ErrorResponse, FeedbackRequest, FeedbackResponse, PredictItem, PredictResponse,
+)
+from .service import Service
+from .settings import Settings
+
+log = logging.getLogger("dalorra.app")
+STATIC = Path(__file__).parent / "static"
+ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+          404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+          429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}}
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+Svc = Annotated[Service, Depends(_service)]
+
+
+def _error(status: int, type_: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+
+
+def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        be = backend or make_backend(settings)
+        app.state.service = Service(settings, be, metrics)
+        await app.state.service.start()
+        try:
+            yield
+        finally:  # SIGTERM: readiness false, no new work, in-flight finishes, then exit
+            await app.state.service.stop()
+
+    app = FastAPI(title="dalorra", version="0.1.0", lifespan=lifespan,
+                  description="Calibrated multiple-choice answers with epistemic uncertainty (DALorRA).")
+
+    def _check_token(request: Request, expected: str | None) -> None:
+        if not expected:
+            return
+        got = request.headers.get("authorization", "")
+        token = got[7:] if got.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), expected.encode()):  # constant time; never logged
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+
+    def user(request: Request) -> None:
+        _check_token(request, settings.api_token)
+
+    def admin(request: Request) -> None:
+        _check_token(request, settings.admin_token or settings.api_token)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        return _error(exc.status, exc.type, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in errs[:5])
+        kind = "malformed_json" if any(e.get("type") == "json_invalid" for e in errs) else "invalid_request"
+        return _error(400 if kind == "malformed_json" else 422, kind, msg or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, "http_error", str(exc.detail))
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > settings.max_body_bytes:
+            return _error(413, "too_large", f"body exceeds {settings.max_body_bytes} bytes")
+        return await call_next(request)
+
+    @app.post("/predict", response_model=PredictResponse | list[PredictResponse], responses=ERRORS,
+              dependencies=[Depends(user)])
+    async def predict(body: PredictItem | list[PredictItem], svc: Svc):
+        """One item → one response; a list → a list, in order."""
+        if isinstance(body, list):
+            return await svc.predict(body)
+        return (await svc.predict([body]))[0]
+
+    @app.post("/feedback", response_model=FeedbackResponse, responses=ERRORS, dependencies=[Depends(user)])
+    async def feedback(body: FeedbackRequest, svc: Svc):
+        """The true label of an earlier prediction (by its receipt); feeds the calibration counters."""
+        return svc.feedback(body)
+
+    @app.get("/v1/adapters", response_model=AdapterList)
+    async def list_adapters(svc: Svc):
+        return AdapterList(default=settings.default_adapter, adapters=[svc.describe(n) for n in svc.available()])
+
+    @app.get("/v1/adapters/{name}", response_model=AdapterInfo, responses=ERRORS)
+    async def describe_adapter(name: str, svc: Svc):
+        if name not in svc.records:
+            svc.adapter_path(name)  # 404 / 422 when it does not exist at all
+        return svc.describe(name)
+
+    @app.post("/v1/adapters/{name}/load", response_model=AdapterInfo, responses=ERRORS,
+              dependencies=[Depends(admin)])
+    async def load_adapter(name: str, svc: Svc):
+        await svc.load(name)
+        return svc.describe(name)
+
+    @app.post("/v1/adapters/{name}/unload", response_model=AdapterInfo, responses=ERRORS,
+              dependencies=[Depends(admin)])
+    async def unload_adapter(name: str, svc: Svc):
+        await svc.unload(name)
+        return svc.describe(name)
+
+    @app.get("/health/live")
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/health/ready", responses={503: {"model": ErrorResponse}})
+    @app.get("/v2/health/ready", responses={503: {"model": ErrorResponse}})
+    async def ready(svc: Svc):
+        if not svc.ready():
+            return _error(503, "not_ready", "model or adapter not loaded, or draining", {"Retry-After": "5"})
+        return {"ready": True}
+
+    @app.get("/v2/models/{adapter}/ready", responses={404: {"model": ErrorResponse}})
+    async def model_ready(adapter: str, svc: Svc):
+        if adapter not in svc.records or not svc.ready():
+            return _error(404 if adapter not in svc.records else 503, "not_ready", f"adapter {adapter!r} not ready")
+        return {"name": adapter, "ready": True}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    app.state.settings, app.state.metrics = settings, metrics
+    return app

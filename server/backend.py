@@ -1,0 +1,62 @@
+"""The one backend interface. Routes and the batcher use only this; torch and vllm live in the backends."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    adapter: str
+    question: str
+    choices: tuple[str, ...]
+    context: str | None
+    samples: int
+    seed: int
+
+    @property
+    def rows(self) -> int:
+        return self.samples
+
+
+class BackendError(RuntimeError):
+    """A request the backend cannot score (e.g. too long for the model); maps to a 4xx."""
+
+
+class Backend(abc.ABC):
+    name = "abstract"
+
+    @abc.abstractmethod
+    def load_adapter(self, name: str, path: str) -> dict:
+        """Load an adapter directory under `name`; returns its JSON record. Raises on a bad adapter."""
+
+    @abc.abstractmethod
+    def unload_adapter(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def adapter_names(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def score(self, requests: list[ScoreRequest]) -> list[np.ndarray | Exception]:
+        """Choice logits (S_i, K_i) for every request, in order, or that request's own exception.
+
+        All rows (Σ S_i) of one adapter go through one forward."""
+
+    def ready(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        return None
+
+
+def make_backend(settings) -> Backend:
+    if settings.backend == "vllm":
+        from .vllm_backend import VllmBackend  # optional extra, imported only when chosen
+
+        return VllmBackend(settings)
+    from .hf_backend import HFBackend
+
+    return HFBackend(settings)

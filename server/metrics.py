@@ -1,0 +1,63 @@
+"""Every Prometheus metric of the server, declared here once (prefix dalorra_, base units, bounded labels).
+
+Ratios (ECE, accuracy, abstain rate) are left to PromQL: we export numerators and denominators as counters.
+ECE over a window, exact:  Σ_bin |Δ confidence_total − Δ correct_total| / Σ_bin Δ predictions_total.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from adapters.calibration import N_BINS, confidence_bin
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+UNIT_BUCKETS = tuple(i / 20 for i in range(1, 21))
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("dalorra_requests_total", "Prediction items by outcome.",
+                                ["adapter", "outcome"], registry=r)
+        self.latency = Histogram("dalorra_request_latency_seconds", "End-to-end latency of one item.",
+                                 ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("dalorra_queue_wait_seconds", "Time from enqueue to scored.",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_rows = Histogram("dalorra_batch_rows", "Rows (requests × samples) per backend call.",
+                                    buckets=(1, 2, 5, 10, 20, 40, 80, 160, 320, 640), registry=r)
+        self.batch_requests = Histogram("dalorra_batch_requests", "Requests per backend call.",
+                                        buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.backend_calls = Counter("dalorra_backend_calls_total", "Backend scoring calls.", registry=r)
+        self.backend_seconds = Counter("dalorra_backend_seconds_total", "Time spent in backend calls.",
+                                       registry=r)
+        self.queue_depth = Gauge("dalorra_queue_depth_rows", "Rows waiting in the batcher queue.", registry=r)
+        self.samples = Counter("dalorra_samples_total", "Mask samples scored.", ["adapter"], registry=r)
+        self.confidence = Histogram("dalorra_confidence", "Top-1 probability of answered items.", ["adapter"],
+                                    buckets=UNIT_BUCKETS, registry=r)
+        self.entropy = Histogram("dalorra_entropy_normalized", "Predictive entropy / log K.", ["adapter"],
+                                 buckets=UNIT_BUCKETS, registry=r)
+        self.epistemic = Histogram("dalorra_epistemic_normalized", "Mutual information / log K.", ["adapter"],
+                                   buckets=UNIT_BUCKETS, registry=r)
+        self.abstentions = Counter("dalorra_abstentions_total", "Abstain decisions by reason.",
+                                   ["adapter", "reason"], registry=r)
+        self.feedback = Counter("dalorra_feedback_total", "Feedback by outcome.", ["outcome"], registry=r)
+        self.cal_n = Counter("dalorra_calibration_predictions_total", "Labelled predictions per confidence bin.",
+                             ["adapter", "bin"], registry=r)
+        self.cal_conf = Counter("dalorra_calibration_confidence_total", "Σ confidence per bin (labelled).",
+                                ["adapter", "bin"], registry=r)
+        self.cal_correct = Counter("dalorra_calibration_correct_total", "Correct labelled predictions per bin.",
+                                   ["adapter", "bin"], registry=r)
+        self.adapters_loaded = Gauge("dalorra_adapters_loaded", "Adapters currently loaded.", registry=r)
+        self.ready = Gauge("dalorra_ready", "1 when the server is ready.", registry=r)
+
+    def observe_batch(self, requests: int, rows: int, seconds: float) -> None:
+        self.backend_calls.inc()
+        self.backend_seconds.inc(seconds)
+        self.batch_rows.observe(rows)
+        self.batch_requests.observe(requests)
+
+    def observe_feedback(self, adapter: str, confidence: float, correct: bool) -> None:
+        b = str(confidence_bin(confidence, N_BINS))
+        self.cal_n.labels(adapter, b).inc()
+        self.cal_conf.labels(adapter, b).inc(confidence)
+        self.cal_correct.labels(adapter, b).inc(1.0 if correct else 0.0)

@@ -1,0 +1,45 @@
+"""Server settings: environment variables with the DALORRA_ prefix, validated at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DALORRA_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    backend: str = Field("hf", description="hf (transformers, CPU/GPU) or vllm (GPU, optional extra)")
+    base_model: str | None = Field(None, description="HF id or directory; default the embedded SmolLM2")
+    device: str = "cpu"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    adapters_dir: Path = Field(REPO / "adapters" / "default", description="adapters load by name from here")
+    default_adapter: str = "arc-easy-dalorra"
+    preload: list[str] = Field(default_factory=list, description="more adapters to load at start")
+    default_samples: int = Field(10, ge=1)
+    max_samples: int = Field(64, ge=1)
+    max_items: int = Field(64, ge=1, description="items per /predict request")
+    max_question_chars: int = Field(4000, ge=1)
+    max_choice_chars: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_batch_rows: int = Field(160, ge=1, description="rows (Σ requests × S) per backend call")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
+    max_queue_rows: int = Field(4000, ge=1, description="queued rows beyond which requests get 429")
+    request_timeout_s: float = Field(60.0, gt=0)
+    feedback_key: str = Field("dev-only-change-me", min_length=8, description="HMAC key shared by replicas")
+    receipt_ttl_s: float = Field(7 * 24 * 3600, gt=0)
+    api_token: str | None = None
+    admin_token: str | None = None
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in ("hf", "vllm"):
+            raise ValueError(f"backend={v!r}: use hf or vllm")
+        return v
