@@ -1,0 +1,194 @@
+"""Integration: real uvicorn processes on loopback with the real SmolLM2 and an exported adapter."""
+
+import asyncio
+import base64
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from adapters.adapter_io import save_adapter
+from adapters.basemodel import load_base
+from adapters.calibration import metrics as offline_metrics
+from adapters.config import AdapterConfig, PromptFormat
+from adapters.data import Item, load_jsonl
+from adapters.model import DalorraModel
+from adapters.scoring import score
+from adapters.uncertainty import summarize
+from tests.conftest import randomize_lora
+from tests.server_utils import ServerProcess
+
+pytestmark = pytest.mark.smollm
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tmp_path_factory, smollm_path):
+    d = tmp_path_factory.mktemp("adapters")
+    base, tok = load_base(None)
+    model = DalorraModel(base, tok, AdapterConfig(), PromptFormat(mode="cloze"), seed=0)
+    randomize_lora(model, std=0.01)
+    save_adapter(model, d / "test-ad", extra={"default_samples": 4})
+    (d / "corrupt").mkdir()
+    (d / "corrupt" / "adapter_config.json").write_text("{not json")
+    return d
+
+
+@pytest.fixture(scope="module")
+def servers(adapters_dir, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    a = ServerProcess(adapters_dir, "test-ad", logs / "a.log", DALORRA_MAX_WAIT_MS="20")
+    b = ServerProcess(adapters_dir, "test-ad", logs / "b.log")
+    a.wait_ready()
+    b.wait_ready()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def items(data_dir):
+    return load_jsonl(data_dir / "arc_easy" / "validation.jsonl", limit=6)
+
+
+def _body(it: Item, **kw):
+    return {"question": it.question, "choices": list(it.choices), **kw}
+
+
+def test_predict_equals_core_score(servers, items, adapters_dir):
+    a, _ = servers
+    r = httpx.post(a.url + "/predict", json=[_body(it, samples=4, seed=3) for it in items[:3]], timeout=120)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    from adapters.adapter_io import load_adapter
+
+    base, tok = load_base(None)
+    model = load_adapter(adapters_dir / "test-ad", base, tok)
+    ref = summarize(score(model, items[:3], samples=4, seed=3))
+    for i, g in enumerate(got):
+        k = len(items[i].choices)
+        assert sum(g["probabilities"]) == pytest.approx(1.0, abs=1e-9)
+        np.testing.assert_allclose(g["probabilities"], ref["probabilities"][i, :k], atol=1e-5)
+        assert g["epistemic"] == pytest.approx(ref["epistemic"][i], abs=1e-5)
+        assert g["decision"] in ("answer", "abstain") and g["samples"] == 4
+    # Default (fixed) draws are reproducible; fresh draws are allowed.
+    one = httpx.post(a.url + "/predict", json=_body(items[0]), timeout=60).json()
+    two = httpx.post(a.url + "/predict", json=_body(items[0]), timeout=60).json()
+    assert one["probabilities"] == two["probabilities"]
+    assert httpx.post(a.url + "/predict", json=_body(items[0], fresh=True), timeout=60).status_code == 200
+
+
+def test_concurrent_requests_share_backend_calls(servers, items):
+    a, _ = servers
+    before = a.metric("dalorra_backend_calls_total")
+
+    async def go():
+        async with httpx.AsyncClient(timeout=300) as c:
+            return await asyncio.gather(*[c.post(a.url + "/predict", json=_body(items[i % 6], samples=2))
+                                          for i in range(32)])
+    rs = asyncio.run(go())
+    assert all(r.status_code == 200 for r in rs)
+    for i, r in enumerate(rs):
+        assert r.json()["answer"] in items[i % 6].choices
+    calls = a.metric("dalorra_backend_calls_total") - before
+    assert 1 <= calls < 32
+
+
+@pytest.mark.parametrize("body,status", [
+    ({"question": "", "choices": ["a", "b"]}, 422),
+    ({"question": "q", "choices": ["a"]}, 422),
+    ({"question": "q", "choices": [str(i) for i in range(27)]}, 422),
+    ({"question": "q", "choices": ["a", "b"], "samples": 0}, 422),
+    ({"question": "q", "choices": ["a", "b"], "samples": 10_000}, 422),
+    ({"question": "q", "choices": ["a", "b"], "adapter": "nope"}, 404),
+    ({"question": "q" * 5000, "choices": ["a", "b"]}, 413),
+    ({"question": 5, "choices": "ab"}, 422),
+    ({"question": "q", "choices": ["a", "  "]}, 422),
+])
+def test_bad_inputs_4xx_and_change_nothing(servers, body, status):
+    a, _ = servers
+    before = a.metric("dalorra_requests_total")
+    r = httpx.post(a.url + "/predict", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert set(r.json()["error"]) == {"type", "message"}
+    assert a.metric("dalorra_requests_total") == before
+
+
+def test_malformed_json(servers):
+    a, _ = servers
+    r = httpx.post(a.url + "/predict", content=b'{"question": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "malformed_json"
+
+
+def test_feedback_ecE_from_metrics_equals_offline(servers, items):
+    a, b = servers
+    # Predictions on server B; feedback to server A (another replica, same key).
+    preds = httpx.post(b.url + "/predict", json=[_body(it, samples=3) for it in items], timeout=120).json()
+    for p, it in zip(preds, items, strict=True):
+        r = httpx.post(a.url + "/feedback", json={"receipt": p["receipt"], "label": it.label})
+        assert r.status_code == 200 and r.json()["duplicate"] is False
+    again = httpx.post(a.url + "/feedback", json={"receipt": preds[0]["receipt"], "label": items[0].label})
+    assert again.json()["duplicate"] is True
+    n = np.array([a.metric("dalorra_calibration_predictions_total", {"bin": str(i)}) for i in range(15)])
+    c = np.array([a.metric("dalorra_calibration_confidence_total", {"bin": str(i)}) for i in range(15)])
+    k = np.array([a.metric("dalorra_calibration_correct_total", {"bin": str(i)}) for i in range(15)])
+    assert n.sum() == len(items)  # the repeat counted once
+    probs = np.zeros((len(items), 5))
+    for i, p in enumerate(preds):
+        probs[i, : len(p["probabilities"])] = p["probabilities"]
+    offline = offline_metrics(probs, np.array([it.label for it in items]))["ece"]
+    assert np.abs(c - k).sum() / n.sum() == pytest.approx(offline, abs=1e-9)
+
+
+def test_forged_or_bad_feedback_refused(servers, items):
+    a, _ = servers
+    p = httpx.post(a.url + "/predict", json=_body(items[0]), timeout=60).json()
+    body, sig = p["receipt"].split(".")
+    payload = json.loads(base64.urlsafe_b64decode(body + "=="))
+    payload["p"] = (payload["p"] + 1) % 4  # claim another predicted answer
+    forged = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=") + "." + sig
+    before = a.metric("dalorra_calibration_predictions_total")
+    assert httpx.post(a.url + "/feedback", json={"receipt": forged, "label": 0}).status_code == 403
+    assert httpx.post(a.url + "/feedback", json={"receipt": "garbage", "label": 0}).status_code == 403
+    assert httpx.post(a.url + "/feedback", json={"receipt": p["receipt"], "label": 9}).status_code == 422
+    assert httpx.post(a.url + "/feedback", json={"receipt": p["receipt"], "label": -1}).status_code == 422
+    assert a.metric("dalorra_calibration_predictions_total") == before
+
+
+def test_adapters_health_and_loading(servers):
+    a, _ = servers
+    j = httpx.get(a.url + "/v1/adapters").json()
+    names = {x["name"]: x for x in j["adapters"]}
+    assert j["default"] == "test-ad" and names["test-ad"]["loaded"] and names["test-ad"]["rank"] == 8
+    assert set(names["test-ad"]["keep_probability"]) == {"q_proj", "v_proj", "lm_head"}
+    for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/v2/models/test-ad/ready"):
+        assert httpx.get(a.url + path).status_code == 200, path
+    assert httpx.get(a.url + "/v2/models/nope/ready").status_code == 404
+    r = httpx.post(a.url + "/v1/adapters/corrupt/load", timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["type"] == "bad_adapter"
+    assert httpx.post(a.url + "/v1/adapters/..%2Fetc/load").status_code in (404, 422)
+    assert httpx.post(a.url + "/predict", json={"question": "q?", "choices": ["a", "b"]}, timeout=60).status_code == 200
+
+
+def test_web_page_shows_api_probabilities(servers, tmp_path):
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian chromium is required (scripts/test.sh installs it)"
+    a, _ = servers
+    # Drive the page with a tiny script injected through the DevTools-free path: --dump-dom after a
+    # virtual-time budget, with the form auto-submitted by a query flag.
+    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tmp_path}", "--virtual-time-budget=60000", "--run-all-compositor-stages-before-draw",
+                        "--dump-dom", a.url + "/?autosubmit=1"], capture_output=True, text=True, timeout=180)
+    dom = r.stdout
+    assert 'data-prob="' in dom, r.stderr[-2000:]
+    import re
+
+    shown = [float(x) for x in re.findall(r'data-prob="([0-9.]+)"', dom)]
+    api = httpx.post(a.url + "/predict", json={"question": "Which of these is a source of light?",
+                                               "choices": ["the Sun", "the Moon", "a mirror", "a rock"],
+                                               "adapter": "test-ad", "samples": 10}, timeout=60).json()
+    np.testing.assert_allclose(shown, api["probabilities"], atol=1e-6)
