@@ -36,6 +36,7 @@ TRAIN_HELP = {
     "train_limit": "use only the first N training items", "target_error": "abstention: selective error target",
     "target_delta": "abstention: the target holds with confidence 1 − delta",
     "conformal_alpha": "prediction sets aim at coverage 1 − alpha", "progress": "show a progress bar",
+    "stop_at": "stop after this step (time-boxed jobs); continue later with --resume",
 }
 
 

@@ -73,6 +73,7 @@ class TrainConfig:
     target_error: float = 0.2  # abstention: selective error target on the calibration split
     target_delta: float = 0.1  # … held with confidence 1 − delta
     conformal_alpha: float = 0.1
+    stop_at: int | None = None  # stop after this step without finishing (time-boxed jobs; resume later)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -95,6 +96,10 @@ class TrainConfig:
 
     def prompt_format(self) -> PromptFormat:
         return PromptFormat(mode=self.mode, normalize=self.normalize, max_length=self.max_length)
+
+
+class Interrupted(RuntimeError):
+    """Training stopped early on purpose (--stop-at); the checkpoint allows --resume."""
 
 
 def _dist():
@@ -175,6 +180,8 @@ def train_one(cfg: TrainConfig, seed: int, ckpt_path: Path, resume: bool, rank: 
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", disable=not cfg.progress or rank != 0,
                dynamic_ncols=True)
     while step < cfg.steps:
+        if cfg.stop_at is not None and step >= cfg.stop_at:
+            raise Interrupted(f"stopped at step {step} (--stop-at); continue with --resume")
         t0 = time.perf_counter()
         idx = _batch_indices(N, cfg.batch_size, step, seed)
         opt.zero_grad(set_to_none=True)
@@ -190,6 +197,7 @@ def train_one(cfg: TrainConfig, seed: int, ckpt_path: Path, resume: bool, rank: 
             nll.backward()
             nll_sum += float(nll.detach())
         kl = model.kl()
+        kl_value = float(kl.detach())
         if kl.requires_grad:  # KL/N per example; every rank adds 1/world of it, the all-reduce sums
             (lam * kl / N / world).backward()
         if world > 1:
@@ -203,9 +211,9 @@ def train_one(cfg: TrainConfig, seed: int, ckpt_path: Path, resume: bool, rank: 
         step += 1
         t_train += time.perf_counter() - t0
         keep = float(torch.cat([lay.keep_prob.detach() for lay in model.adapted.values()]).mean())
-        history.append({"step": step, "nll": nll_sum * world, "kl_per_n": float(kl) / N, "keep": keep})
-        bar.set_postfix(loss=f"{nll_sum * world + lam * float(kl) / N:.3f}", nll=f"{nll_sum * world:.3f}",
-                        kl=f"{float(kl) / N:.1e}", keep=f"{keep:.2f}")
+        history.append({"step": step, "nll": nll_sum * world, "kl_per_n": kl_value / N, "keep": keep})
+        bar.set_postfix(loss=f"{nll_sum * world + lam * kl_value / N:.3f}", nll=f"{nll_sum * world:.3f}",
+                        kl=f"{kl_value / N:.1e}", keep=f"{keep:.2f}")
         bar.update(1)
         if val is not None and rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
             m = evaluate_logits(predict_logits(model, val, cfg.eval_samples, seed=seed, progress=False),
@@ -233,7 +241,8 @@ def _merge_ensemble(members: list[DalorraModel], cfg: TrainConfig) -> DalorraMod
     """N rank-r LoRAs = one rank N·r LoRA whose sample s keeps only member (s mod N)'s block of components."""
     n, r = len(members), cfg.r
     base, tok = load_base(cfg.base_model)
-    acfg = AdapterConfig(**{**members[0].cfg.to_dict(), "r": n * r, "alpha": n * cfg.alpha, "stochastic": False})
+    acfg = AdapterConfig(**{**members[0].cfg.to_dict(), "r": n * r, "alpha": n * cfg.alpha, "stochastic": False,
+                                   "method": "ensemble"})
     merged = DalorraModel(base, tok, acfg, members[0].fmt, base_name=members[0].base_name)
     blocks = torch.zeros(n, n * r)
     for m in range(n):

@@ -18,7 +18,13 @@ from .backend import Backend, make_backend
 from .errors import ApiError
 from .metrics import Metrics
 from .protocol import (
-    AdapterInfo, AdapterList, ErrorResponse, FeedbackRequest, FeedbackResponse, PredictItem, PredictResponse,
+    AdapterInfo,
+    AdapterList,
+    ErrorResponse,
+    FeedbackRequest,
+    FeedbackResponse,
+    PredictItem,
+    PredictResponse,
 )
 from .service import Service
 from .settings import Settings

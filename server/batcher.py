@@ -84,7 +84,7 @@ class Batcher:
             timeout = deadline - time.perf_counter()
             try:
                 nxt = self.queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self.queue.get(), timeout)
-            except (asyncio.TimeoutError, asyncio.QueueEmpty):
+            except (TimeoutError, asyncio.QueueEmpty):
                 break
             if rows + nxt.req.rows > self.max_batch_rows:
                 self._carry = nxt  # starts the next batch; never dropped

@@ -158,7 +158,7 @@ class Service:
             raise ApiError(429, "overloaded", str(exc), {"Retry-After": str(int(np.ceil(exc.retry_after)))}) from None
         except ShuttingDown:
             raise ApiError(503, "unavailable", "server is shutting down", {"Retry-After": "5"}) from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             for r in reqs:
                 self.metrics.requests.labels(r.adapter, "timeout").inc()
             raise ApiError(504, "timeout", f"not answered within {self.s.request_timeout_s} s") from None

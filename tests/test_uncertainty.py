@@ -3,7 +3,11 @@ import pytest
 import torch
 
 from adapters.calibration import (
-    clopper_pearson_upper, conformal_quantile, fit_threshold, metrics, prediction_set,
+    clopper_pearson_upper,
+    conformal_quantile,
+    fit_threshold,
+    metrics,
+    prediction_set,
 )
 from adapters.uncertainty import concat_items, summarize
 

@@ -1,0 +1,105 @@
+"""Trainer tests on a tiny random Llama saved to disk (fast), plus the real CLI under torchrun."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adapters.adapter_io import load_adapter
+from adapters.data import DataError
+from adapters.train import Interrupted, TrainConfig, run
+from tests.conftest import make_tiny
+from tests.server_utils import free_port
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("tiny")
+    make_tiny(seed=1).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """A learnable toy task: the answer is always the choice 'yes'."""
+    d = tmp_path_factory.mktemp("data")
+    rows = [{"id": str(i), "question": f"Is {i} a number?", "choices": ["no", "yes", "maybe"][: 2 + i % 2],
+             "label": 1} for i in range(48)]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d / "train.jsonl"
+
+
+def _cfg(tmp_path, tiny_dir, data, **kw):
+    base = dict(out=str(tmp_path / "ad"), train=str(data), base_model=str(tiny_dir), steps=12, batch_size=8,
+                lr=3e-3, lr_mask=0.1, mask_schedule="constant", eval_samples=3, save_every=4, progress=False,
+                calib_fraction=0.25)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_lowers_loss_and_moves_phi(tmp_path, tiny_dir, small_data, tokenizer):
+    rec = run(_cfg(tmp_path, tiny_dir, small_data, steps=20))
+    h = rec["training"]["history"]
+    first, last = sum(x["nll"] for x in h[:3]) / 3, sum(x["nll"] for x in h[-3:]) / 3
+    assert last < first
+    assert h[-1]["kl_per_n"] > 0  # the KL gradient moved φ away from the prior
+    phi = load_file(str(tmp_path / "ad" / "dalorra_masks.safetensors"))
+    assert any(not torch.allclose(v, torch.zeros_like(v)) for v in phi.values())  # logit(0.5) = 0 at init
+    assert {"confidence", "epistemic", "conformal"} <= set(rec["decision"])
+    model = load_adapter(tmp_path / "ad", make_tiny(seed=1), tokenizer)
+    assert model.cfg.method == "dalorra"
+
+
+def test_resume_after_interruption_is_identical(tmp_path, tiny_dir, small_data):
+    run(_cfg(tmp_path / "a", tiny_dir, small_data))
+    with pytest.raises(Interrupted):
+        run(_cfg(tmp_path / "b", tiny_dir, small_data, stop_at=7))  # last checkpoint: step 4
+    assert not (tmp_path / "b" / "ad").exists()  # nothing half-written
+    run(_cfg(tmp_path / "b", tiny_dir, small_data), resume=True)
+    for f in ("adapter_model.safetensors", "dalorra_masks.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / "ad" / f)), load_file(str(tmp_path / "b" / "ad" / f))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "map", "mcdropout", "ensemble"])
+def test_baselines_train_and_load(tmp_path, tiny_dir, small_data, tokenizer, method):
+    run(_cfg(tmp_path, tiny_dir, small_data, method=method, steps=4, ensemble_size=2))
+    model = load_adapter(tmp_path / "ad", make_tiny(seed=1), tokenizer)
+    assert model.cfg.method == method and not model.cfg.stochastic
+    if method == "ensemble":
+        assert model.cfg.r == 16 and model.fixed_masks
+
+
+@pytest.mark.parametrize("content,match", [("", "no items"), ("{oops\n", "not valid JSON"),
+                                           ('{"question": "q", "choices": ["a", "b"], "label": 2}\n', "label 2")])
+def test_bad_data_writes_nothing(tmp_path, tiny_dir, content, match):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    with pytest.raises(DataError, match=match):
+        run(_cfg(tmp_path, tiny_dir, bad))
+    assert not (tmp_path / "ad").exists() and not (tmp_path / "ad.ckpt").exists()
+
+
+def test_cli_two_processes_with_torchrun(tmp_path, tiny_dir, small_data, tokenizer):
+    out = tmp_path / "dist"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "adapters.cli", "train", "--out", str(out), "--train", str(small_data), "--base-model",
+           str(tiny_dir), "--steps", "4", "--batch-size", "8", "--eval-samples", "2", "--progress", "false",
+           "--calib-fraction", "0.25"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((out / "dalorra.json").read_text())
+    assert rec["training"]["world_size"] == 2
+    load_adapter(out, make_tiny(seed=1), tokenizer)
+
+
+def test_cli_help_documents_every_option():
+    r = subprocess.run([sys.executable, "-m", "adapters.cli", "train", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for opt in ("--method", "--p0", "--tau", "--lr-mask", "--kl-warmup", "--resume", "--top-layers", "--grad-accum"):
+        assert opt in r.stdout
