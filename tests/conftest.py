@@ -71,3 +71,23 @@ def randomize_lora(model, seed: int = 0, std: float = 0.05):
         for layer in model.adapted.values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
             layer.mask_logits.copy_(torch.randn(layer.r, generator=g))
+
+
+@pytest.fixture(scope="session")
+def adapters_dir(tmp_path_factory, smollm_path):
+    """An adapters directory with a DALorRA adapter on the real SmolLM2 (random, small B) and a corrupt one."""
+    from adapters.adapter_io import save_adapter
+    from adapters.basemodel import load_base
+    from adapters.config import AdapterConfig, PromptFormat
+    from adapters.model import DalorraModel
+
+    d = tmp_path_factory.mktemp("adapters")
+    base, tok = load_base(None)
+    model = DalorraModel(base, tok, AdapterConfig(), PromptFormat(mode="cloze"), seed=0)
+    randomize_lora(model, std=0.01)
+    decision = {"confidence": {"valid": True, "threshold": 0.5}, "epistemic": {"valid": False},
+                "conformal": {"valid": True, "qhat": 0.8}}
+    save_adapter(model, d / "test-ad", extra={"default_samples": 4, "decision": decision})
+    (d / "corrupt").mkdir()
+    (d / "corrupt" / "adapter_config.json").write_text("{not json")
+    return d

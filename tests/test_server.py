@@ -8,30 +8,14 @@ import httpx
 import numpy as np
 import pytest
 
-from adapters.adapter_io import save_adapter
 from adapters.basemodel import load_base
 from adapters.calibration import metrics as offline_metrics
-from adapters.config import AdapterConfig, PromptFormat
 from adapters.data import Item, load_jsonl
-from adapters.model import DalorraModel
 from adapters.scoring import score
 from adapters.uncertainty import summarize
-from tests.conftest import randomize_lora
 from tests.server_utils import ServerProcess
 
 pytestmark = pytest.mark.smollm
-
-
-@pytest.fixture(scope="module")
-def adapters_dir(tmp_path_factory, smollm_path):
-    d = tmp_path_factory.mktemp("adapters")
-    base, tok = load_base(None)
-    model = DalorraModel(base, tok, AdapterConfig(), PromptFormat(mode="cloze"), seed=0)
-    randomize_lora(model, std=0.01)
-    save_adapter(model, d / "test-ad", extra={"default_samples": 4})
-    (d / "corrupt").mkdir()
-    (d / "corrupt" / "adapter_config.json").write_text("{not json")
-    return d
 
 
 @pytest.fixture(scope="module")

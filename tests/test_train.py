@@ -1,6 +1,8 @@
 """Trainer tests on a tiny random Llama saved to disk (fast), plus the real CLI under torchrun."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -91,8 +93,13 @@ def test_cli_two_processes_with_torchrun(tmp_path, tiny_dir, small_data, tokeniz
            "-m", "adapters.cli", "train", "--out", str(out), "--train", str(small_data), "--base-model",
            str(tiny_dir), "--steps", "4", "--batch-size", "8", "--eval-samples", "2", "--progress", "false",
            "--calib-fraction", "0.25"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
+        raise
+    assert proc.returncode == 0, err[-3000:]
     rec = json.loads((out / "dalorra.json").read_text())
     assert rec["training"]["world_size"] == 2
     load_adapter(out, make_tiny(seed=1), tokenizer)

@@ -1,0 +1,52 @@
+"""Shared by the benchmark scripts: machine/version info and writing results (JSON + markdown), atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def command() -> str:
+    return " ".join([Path(sys.executable).name, *sys.argv])
+
+
+def write(name: str, data: dict, table: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = {"machine": machine(), "command": command(), **data}
+    out = RESULTS / f"{name}.json"
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, out)
+    m = data["machine"]
+    md = (f"# {name}\n\nCommand: `{data['command']}`\n\nMachine: {m['cpu']}, {m['cores']} cores, "
+          f"torch {m['torch']} ({m['torch_threads']} threads), transformers {m['transformers']}, {m['date']}\n\n"
+          + table + "\n")
+    tmp = RESULTS / f".{name}.md.tmp"
+    tmp.write_text(md)
+    os.replace(tmp, RESULTS / f"{name}.md")
+    return out

@@ -1,0 +1,98 @@
+"""`dalorra predict`: one question (a readable table or JSON) or a JSONL batch with a progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="ask a running server (one question, or a JSONL file)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--url", default=os.environ.get("DALORRA_URL", "http://127.0.0.1:8000"), help="server URL")
+    p.add_argument("--token", default=os.environ.get("DALORRA_API_TOKEN"), help="bearer token")
+    p.add_argument("--question", help="the question")
+    p.add_argument("--choice", action="append", default=[], help="an answer choice (repeat 2-26 times)")
+    p.add_argument("--context", default=None, help="optional passage")
+    p.add_argument("--adapter", default=None, help="adapter name (default: the server's)")
+    p.add_argument("--samples", type=int, default=None, help="mask samples S")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--file", default=None, help="JSONL of items (question, choices, optional label)")
+    p.add_argument("--out", default=None, help="write one JSON result per line here (with --file)")
+    p.add_argument("--batch", type=int, default=8, help="items per request (with --file)")
+    p.set_defaults(func=_predict)
+
+
+def _bar(p: float, width: int = 30) -> str:
+    n = round(p * width)
+    return "█" * n + "·" * (width - n)
+
+
+def render(r, choices: list[str]) -> str:
+    lines = []
+    for i, (c, p) in enumerate(zip(choices, r.probabilities, strict=True)):
+        mark = "→" if i == r.answer_index else " "
+        lines.append(f"{mark} {chr(65 + i)}. {c[:40]:<40} {_bar(p)} {p:6.1%}")
+    lines.append(f"confidence {r.confidence:.3f}   entropy {r.entropy_norm:.3f}   "
+                 f"epistemic {r.epistemic_norm:.3f}   (normalised by log K; S = {r.samples})")
+    reason = f" ({r.abstain_reason})" if r.abstain_reason else ""
+    lines.append(f"decision: {r.decision.upper()}{reason}   answer: {r.answer}")
+    return "\n".join(lines)
+
+
+def _predict(a) -> int:
+    from .client import Client, DalorraError
+
+    with Client(a.url, token=a.token) as c:
+        try:
+            if a.file:
+                return _batch(c, a)
+            if not a.question or len(a.choice) < 2:
+                print("dalorra predict: give --question and at least two --choice (or --file)", file=sys.stderr)
+                return 2
+            kw = {k: v for k, v in (("context", a.context), ("adapter", a.adapter), ("samples", a.samples)) if v}
+            r = c.predict(a.question, a.choice, **kw)
+        except DalorraError as exc:
+            print(f"dalorra predict: {exc}", file=sys.stderr)
+            return 1
+    print(r.model_dump_json(indent=2) if a.json else render(r, a.choice))
+    return 0
+
+
+def _batch(c, a) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from adapters.calibration import metrics
+    from adapters.data import load_jsonl
+
+    items = load_jsonl(a.file, require_labels=False)
+    out = open(a.out + ".tmp", "w") if a.out else None
+    probs, labels, answered = [], [], 0
+    try:
+        for i in tqdm(range(0, len(items), a.batch), desc="predict", unit="batch"):
+            chunk = items[i:i + a.batch]
+            body = [{"question": it.question, "choices": list(it.choices), "context": it.context, "id": it.id,
+                     "adapter": a.adapter, "samples": a.samples} for it in chunk]
+            for it, r in zip(chunk, c.predict_many(body), strict=True):
+                answered += r.decision == "answer"
+                if it.label is not None:
+                    p = np.zeros(26)
+                    p[: len(r.probabilities)] = r.probabilities
+                    probs.append(p)
+                    labels.append(it.label)
+                if out:
+                    out.write(json.dumps({**r.model_dump(exclude={"receipt"}), "label": it.label}) + "\n")
+    finally:
+        if out:
+            out.close()
+    if a.out:
+        os.replace(a.out + ".tmp", a.out)
+    summary = {"items": len(items), "answered": answered, "abstained": len(items) - answered}
+    if labels:
+        m = metrics(np.array(probs), np.array(labels))
+        summary.update(accuracy=m["acc"], ece=m["ece"], labelled=len(labels))
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,78 @@
+"""Abstain routing: use the model's answer when it is sure, otherwise ask a fallback (a bigger model, a person).
+
+    router = AbstainRouter(Client(url), fallback=ask_a_human)
+    result = router.route("Which is a mammal?", ["whale", "shark"])
+    result.answer, result.path        # "whale", "model"  (or the fallback's answer, "fallback")
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from server.protocol import PredictResponse
+
+Fallback = Callable[[str, list[str], PredictResponse], "int | Awaitable[int]"]
+
+
+@dataclass
+class Routed:
+    answer: str
+    answer_index: int
+    path: str  # "model" or "fallback"
+    prediction: PredictResponse
+    feedback_sent: bool = False
+
+
+class AbstainRouter:
+    """Sync router over `clients.client.Client`. The fallback returns the index of its chosen answer."""
+
+    def __init__(self, client, fallback: Callable[[str, list[str], PredictResponse], int],
+                 send_feedback: bool = True, **predict_kw):
+        self.client, self.fallback, self.send_feedback = client, fallback, send_feedback
+        self.predict_kw = predict_kw
+        self.counts: Counter[str] = Counter()
+
+    def route(self, question: str, choices: list[str]) -> Routed:
+        pred = self.client.predict(question, choices, **self.predict_kw)
+        if pred.decision == "answer":
+            self.counts["model"] += 1
+            return Routed(pred.answer, pred.answer_index, "model", pred)
+        k = int(self.fallback(question, choices, pred))
+        self.counts["fallback"] += 1
+        sent = False
+        if self.send_feedback:  # the fallback's answer is a label for the model's prediction
+            self.client.feedback(pred.receipt, k)
+            sent = True
+        return Routed(choices[k], k, "fallback", pred, sent)
+
+    def record_truth(self, routed: Routed, label: int) -> None:
+        """When the true answer becomes known later (e.g. a user confirms it), send it as feedback."""
+        if not routed.feedback_sent:
+            self.client.feedback(routed.prediction.receipt, label)
+            routed.feedback_sent = True
+
+
+class AsyncAbstainRouter:
+    """Async router over `clients.client.AsyncClient`; the fallback may be sync or async."""
+
+    def __init__(self, client, fallback: Fallback, send_feedback: bool = True, **predict_kw):
+        self.client, self.fallback, self.send_feedback = client, fallback, send_feedback
+        self.predict_kw = predict_kw
+        self.counts: Counter[str] = Counter()
+
+    async def route(self, question: str, choices: list[str]) -> Routed:
+        pred = await self.client.predict(question, choices, **self.predict_kw)
+        if pred.decision == "answer":
+            self.counts["model"] += 1
+            return Routed(pred.answer, pred.answer_index, "model", pred)
+        k = self.fallback(question, choices, pred)
+        if inspect.isawaitable(k):
+            k = await k
+        k = int(k)
+        self.counts["fallback"] += 1
+        if self.send_feedback:
+            await self.client.feedback(pred.receipt, k)
+        return Routed(choices[k], k, "fallback", pred, self.send_feedback)
