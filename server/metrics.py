@@ -50,6 +50,13 @@ class Metrics:
         self.adapters_loaded = Gauge("dalorra_adapters_loaded", "Adapters currently loaded.", registry=r)
         self.ready = Gauge("dalorra_ready", "1 when the server is ready.", registry=r)
 
+    def init_adapter(self, adapter: str) -> None:
+        """Create the per-bin counters at 0, so increase() in PromQL sees every labelled prediction
+        (a counter series that first appears already at 1 loses that first increment)."""
+        for b in range(N_BINS):
+            for c in (self.cal_n, self.cal_conf, self.cal_correct):
+                c.labels(adapter, str(b))
+
     def observe_batch(self, requests: int, rows: int, seconds: float) -> None:
         self.backend_calls.inc()
         self.backend_seconds.inc(seconds)

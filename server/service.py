@@ -80,6 +80,7 @@ class Service:
                 raise ApiError(422, "bad_adapter", f"adapter {name!r} could not be loaded: {exc}") from None
             self.records[name] = rec
             self.metrics.adapters_loaded.set(len(self.records))
+            self.metrics.init_adapter(name)
         log.info("loaded adapter %s from %s", name, path)
         return rec
 

@@ -1,0 +1,91 @@
+"""Server throughput and latency at S = 10 with 1 and 16 concurrent clients (real server process, loopback).
+
+    python bench/serve_latency.py [--adapters-dir adapters/default --adapter arc-easy-dalorra]
+        [--samples 10] [--concurrency 1 16] [--requests 16 64]
+Writes bench/results/serve.json and serve.md. Bounded: each level sends a fixed number of requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from adapters.data import load_jsonl  # noqa: E402
+from bench.common import write  # noqa: E402
+from tests.server_utils import ServerProcess  # noqa: E402
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+async def level(url: str, items, samples: int, concurrency: int, n: int) -> dict:
+    lat: list[float] = []
+    errors = 0
+    queue = list(range(n))
+
+    async def worker(c: httpx.AsyncClient):
+        nonlocal errors
+        while queue:
+            i = queue.pop()
+            it = items[i % len(items)]
+            t = time.perf_counter()
+            r = await c.post(url + "/predict", json={"question": it.question, "choices": list(it.choices),
+                                                     "samples": samples})
+            if r.status_code == 200:
+                lat.append(time.perf_counter() - t)
+            else:
+                errors += 1
+
+    async with httpx.AsyncClient(timeout=600) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker(c) for _ in range(concurrency)])
+        wall = time.perf_counter() - t0
+    return {"samples": samples, "concurrency": concurrency, "requests": n, "errors": errors,
+            "throughput_qps": len(lat) / wall, "p50_s": statistics.median(lat), "p99_s": pct(lat, 0.99),
+            "mean_s": statistics.mean(lat), "wall_s": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--adapters-dir", default=str(Path(__file__).resolve().parents[1] / "adapters" / "default"))
+    ap.add_argument("--adapter", default="arc-easy-dalorra")
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--requests", type=int, nargs="+", default=[16, 64])
+    a = ap.parse_args()
+    items = load_jsonl("arc_easy/validation", limit=64)
+    log = Path(tempfile.mkdtemp()) / "server.log"
+    srv = ServerProcess(Path(a.adapters_dir), a.adapter, log).wait_ready()
+    try:
+        asyncio.run(level(srv.url, items, a.samples, 2, 4))  # warm-up
+        runs = []
+        for conc, n in zip(a.concurrency, a.requests, strict=True):
+            r = asyncio.run(level(srv.url, items, a.samples, conc, n))
+            r["backend_calls"] = srv.metric("dalorra_backend_calls_total")
+            runs.append(r)
+            print(r, flush=True)
+    finally:
+        srv.stop()
+    table = ["| S | concurrency | requests | throughput (q/s) | p50 (s) | p99 (s) | errors |",
+             "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        table.append(f"| {r['samples']} | {r['concurrency']} | {r['requests']} | {r['throughput_qps']:.2f} | "
+                     f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['errors']} |")
+    table.append("\nARC-Easy validation questions (cloze scoring, 4 choices), default adapter, HF backend on CPU.")
+    write("serve", {"runs": runs, "adapter": a.adapter}, "\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
