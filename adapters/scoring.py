@@ -51,16 +51,22 @@ def letter_token_ids(tokenizer, fmt: PromptFormat, k: int) -> list[int]:
     return ids
 
 
-def encode(items: list[Item], tokenizer, fmt: PromptFormat) -> list[Encoded]:
+def encode(items: list[Item], tokenizer, fmt: PromptFormat, strict: bool = False) -> list[Encoded]:
+    """Token ids per item. strict=True refuses an over-long prompt instead of left-truncating it."""
     out = []
     for item in items:
         if len(item.choices) > len(fmt.letters) and fmt.mode == "letter":
             raise ValueError(f"item {item.id!r} has {len(item.choices)} choices; at most {len(fmt.letters)}")
-        prompt = tokenizer(render_prompt(item, fmt), add_special_tokens=True).input_ids[-fmt.max_length:]
+        prompt = tokenizer(render_prompt(item, fmt), add_special_tokens=True).input_ids
+        if strict and len(prompt) > fmt.max_length:
+            raise ValueError(f"prompt is {len(prompt)} tokens; this adapter accepts at most {fmt.max_length}")
+        prompt = prompt[-fmt.max_length:]
         conts, norms = (), ()
         if fmt.mode == "cloze":
-            toks = [tokenizer(" " + c, add_special_tokens=False).input_ids[:MAX_CONTINUATION_TOKENS]
-                    for c in item.choices]
+            toks = [tokenizer(" " + c, add_special_tokens=False).input_ids for c in item.choices]
+            if strict and max(len(t) for t in toks) > MAX_CONTINUATION_TOKENS:
+                raise ValueError(f"a choice exceeds {MAX_CONTINUATION_TOKENS} tokens")
+            toks = [t[:MAX_CONTINUATION_TOKENS] for t in toks]
             if any(len(t) == 0 for t in toks):
                 raise ValueError(f"item {item.id!r}: a choice tokenises to nothing")
             conts = tuple(tuple(t) for t in toks)

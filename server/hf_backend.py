@@ -66,8 +66,21 @@ class HFBackend(Backend):
         return out  # type: ignore[return-value]
 
     def _score_group(self, model, reqs: list[ScoreRequest]) -> list[np.ndarray]:
-        items = [Item(r.question, r.choices, None, context=r.context) for r in reqs]
-        enc = encode(items, model.tokenizer, model.fmt)
+        enc: list = []
+        bad: dict[int, Exception] = {}
+        for i, r in enumerate(reqs):  # a too-long request fails alone, with a 4xx
+            try:
+                enc += encode([Item(r.question, r.choices, None, context=r.context)], model.tokenizer, model.fmt,
+                              strict=True)
+            except ValueError as exc:
+                bad[i] = BackendError(str(exc))
+        if bad:
+            good = [i for i in range(len(reqs)) if i not in bad]
+            res = self._score_group(model, [reqs[i] for i in good]) if good else []
+            merged: list = [bad.get(i) for i in range(len(reqs))]
+            for i, x in zip(good, res, strict=True):
+                merged[i] = x
+            return merged
         # Rows: request i contributes S_i rows, each under its own mask draw z_s(seed_i).
         row_items, row_samples, parts = [], [], {}
         offset = 0
