@@ -36,6 +36,7 @@ TRAIN_HELP = {
     "train_limit": "use only the first N training items", "target_error": "abstention: selective error target",
     "target_delta": "abstention: the target holds with confidence 1 − delta",
     "conformal_alpha": "prediction sets aim at coverage 1 − alpha", "progress": "show a progress bar",
+    "calibrate": "fit abstention thresholds and the conformal quantile on the calibration split (true/false)",
     "stop_at": "stop after this step (time-boxed jobs); continue later with --resume",
 }
 
@@ -74,8 +75,8 @@ def _cmd_train(a) -> int:
     kw["targets"] = tuple(t.strip() for t in kw["targets"].split(",") if t.strip())
     rec = run(TrainConfig(**kw), resume=a.resume)
     if rec:
-        v = rec.get("validation") or rec["calibration"]["metrics"]
-        print(json.dumps({"adapter": a.out, "acc": v["acc"], "ece": v["ece"], "nll": v["nll"]}))
+        v = rec.get("validation") or (rec.get("calibration") or {}).get("metrics") or {}
+        print(json.dumps({"adapter": a.out, **{k: v.get(k) for k in ("acc", "ece", "nll")}}))
     return 0
 
 

@@ -73,6 +73,7 @@ class TrainConfig:
     target_error: float = 0.2  # abstention: selective error target on the calibration split
     target_delta: float = 0.1  # … held with confidence 1 − delta
     conformal_alpha: float = 0.1
+    calibrate: bool = True  # fit abstention thresholds and the conformal quantile after training
     stop_at: int | None = None  # stop after this step without finishing (time-boxed jobs; resume later)
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -276,14 +277,18 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
         torch.distributed.barrier()  # rank 0 calibrates and writes the adapter
         return {}
     _, val, calib = load_splits(cfg)
-    calib_logits = predict_logits(model, calib, cfg.eval_samples, seed=0, progress=cfg.progress, desc="calibrate")
-    calib_labels = np.array([it.label for it in calib])
-    decision = calibrate_decisions(calib_logits, calib_labels, cfg.target_error, cfg.target_delta,
-                                   cfg.conformal_alpha)
     record = {"training": {**summary, "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}},
-              "calibration": {"split": cfg.calibration or f"{cfg.calib_fraction:.0%} of {cfg.train}",
-                              "metrics": evaluate_logits(calib_logits, calib_labels, decision)},
-              "decision": decision, "default_samples": cfg.eval_samples}
+              "default_samples": cfg.eval_samples, "keep_histogram": keep_histogram(model)}
+    decision = None
+    if cfg.calibrate:
+        calib_logits = predict_logits(model, calib, cfg.eval_samples, seed=0, progress=cfg.progress,
+                                      desc="calibrate")
+        calib_labels = np.array([it.label for it in calib])
+        decision = calibrate_decisions(calib_logits, calib_labels, cfg.target_error, cfg.target_delta,
+                                       cfg.conformal_alpha)
+        record["decision"] = decision
+        record["calibration"] = {"split": cfg.calibration or f"{cfg.calib_fraction:.0%} of {cfg.train}",
+                                 "metrics": evaluate_logits(calib_logits, calib_labels, decision)}
     if val is not None:
         record["validation"] = evaluate_logits(predict_logits(model, val, cfg.eval_samples, seed=0,
                                                               progress=cfg.progress, desc="validate"),

@@ -1,0 +1,105 @@
+"""Calibration benchmark: every method with an identical budget, side by side (issue: Trainer).
+
+    python bench/calibration.py [--datasets arc_easy ...] [--methods dalorra lora map mcdropout ensemble]
+        [--seeds 0 1] [--steps 150] [--eval-limit 200]
+Resumable per (method, dataset, seed): finished rows are kept in bench/results/calibration.json and
+skipped; adapters go to runs/bench/. Writes calibration.json (all rows) and calibration.md (mean ± std).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from adapters.adapter_io import load_adapter  # noqa: E402
+from adapters.basemodel import load_base  # noqa: E402
+from adapters.data import load_jsonl  # noqa: E402
+from adapters.evaluate import evaluate_logits, predict_logits  # noqa: E402
+from adapters.train import TrainConfig, run  # noqa: E402
+from bench.common import RESULTS, write  # noqa: E402
+
+SPLITS = {"arc_easy": ("arc_easy/train", "arc_easy/validation"),
+          "arc_challenge": ("arc_challenge/train", "arc_challenge/validation"),
+          "openbookqa": ("openbookqa/train", "openbookqa/dev"),
+          "winogrande_s": ("winogrande/train_s", "winogrande/dev")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--datasets", nargs="+", default=list(SPLITS))
+    ap.add_argument("--methods", nargs="+", default=["lora", "dalorra", "map", "mcdropout", "ensemble"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr-mask", type=float, default=0.05)
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--eval-limit", type=int, default=200)
+    ap.add_argument("--max-length", type=int, default=160)
+    a = ap.parse_args()
+    out_json = RESULTS / "calibration.json"
+    rows = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []
+    done = {(r["method"], r["dataset"], r["seed"]) for r in rows}
+    budget = {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "lr_mask": a.lr_mask,
+              "mask_schedule": "constant", "r": 8, "alpha": 16, "targets": "q_proj,v_proj,lm_head",
+              "mode": "cloze", "normalize": "tokens", "max_length": a.max_length, "samples": a.samples,
+              "eval_limit": a.eval_limit}
+    for ds in a.datasets:
+        train, test = SPLITS[ds]
+        items = load_jsonl(test, limit=a.eval_limit)
+        labels = np.array([it.label for it in items])
+        kmax = max(len(it.choices) for it in items)
+        for seed in a.seeds:
+            for method in a.methods:
+                if (method, ds, seed) in done:
+                    continue
+                out = Path("runs/bench") / ds / f"{method}-s{seed}"
+                cfg = TrainConfig(out=str(out), train=train, method=method, steps=a.steps, batch_size=a.batch_size,
+                                  lr=a.lr, lr_mask=a.lr_mask, mask_schedule="constant", max_length=a.max_length,
+                                  seed=seed, eval_samples=a.samples, calibrate=False, save_every=25,
+                                  progress=False)
+                t0 = time.perf_counter()
+                rec = run(cfg, resume=True)
+                base, tok = load_base(None)
+                model = load_adapter(out, base, tok)
+                m = evaluate_logits(predict_logits(model, items, a.samples, seed=0, progress=False), labels)
+                row = {"method": method, "dataset": ds, "seed": seed, "chance": float(np.mean(
+                    [1 / len(it.choices) for it in items])), **{k: m[k] for k in
+                    ("acc", "ece", "nll", "brier", "aurc", "mean_entropy", "mean_epistemic", "n")},
+                    "train_seconds": rec["training"]["train_seconds"],
+                    "seconds_per_step": rec["training"]["seconds_per_step"],
+                    "keep_probability": {k: float(np.mean(v)) for k, v in model.keep_probabilities().items()},
+                    "keep_histogram": rec.get("keep_histogram"), "wall_seconds": time.perf_counter() - t0}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                _write(rows, budget, kmax)
+    _write(rows, budget, None)
+
+
+def _write(rows, budget, _kmax) -> None:
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["method"]), []).append(r)
+    table = [f"Budget (identical for every method): {json.dumps(budget)}", "",
+             "| dataset | method | seeds | acc | chance | ECE | NLL | Brier | AURC | s/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ms(vals):
+        return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+    for (ds, method), rs in sorted(groups.items()):
+        table.append(f"| {ds} | {method} | {len(rs)} | {ms([r['acc'] for r in rs])} | {rs[0]['chance']:.2f} | "
+                     f"{ms([r['ece'] for r in rs])} | {ms([r['nll'] for r in rs])} | {ms([r['brier'] for r in rs])} | "
+                     f"{ms([r['aurc'] for r in rs])} | {np.mean([r['seconds_per_step'] for r in rs]):.2f} |")
+    write("calibration", {"budget": budget, "rows": rows}, "\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
