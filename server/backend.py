@@ -53,10 +53,6 @@ class Backend(abc.ABC):
 
 
 def make_backend(settings) -> Backend:
-    if settings.backend == "vllm":
-        from .vllm_backend import VllmBackend  # optional extra, imported only when chosen
-
-        return VllmBackend(settings)
-    from .hf_backend import HFBackend
+    from .hf_backend import HFBackend  # torch is imported here, never by routes or the batcher
 
     return HFBackend(settings)

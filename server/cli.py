@@ -14,7 +14,7 @@ def add_serve(sub) -> None:
     p.add_argument("--adapters-dir", default=None, help="directory adapters load from by name")
     p.add_argument("--adapter", default=None, help="default adapter name (DALORRA_DEFAULT_ADAPTER)")
     p.add_argument("--base-model", default=None, help="HF id or directory (default: embedded SmolLM2)")
-    p.add_argument("--backend", choices=["hf", "vllm"], default=None, help="scoring backend")
+    p.add_argument("--backend", choices=["hf"], default=None, help="scoring backend (hf; vLLM not built yet)")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     p.set_defaults(func=_serve)
 

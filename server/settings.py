@@ -15,7 +15,7 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    backend: str = Field("hf", description="hf (transformers, CPU/GPU) or vllm (GPU, optional extra)")
+    backend: str = Field("hf", description="hf (transformers, CPU or GPU); the vLLM backend is not built yet")
     base_model: str | None = Field(None, description="HF id or directory; default the embedded SmolLM2")
     device: str = "cpu"
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
-        if v not in ("hf", "vllm"):
-            raise ValueError(f"backend={v!r}: use hf or vllm")
+        if v != "hf":
+            raise ValueError(f"backend={v!r}: only 'hf' is available in this version (the vLLM mask-bank "
+                             "backend is not built yet)")
         return v
