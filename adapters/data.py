@@ -37,9 +37,12 @@ class Item:
 
 
 def default_data_dir() -> Path:
-    """$DALORRA_DATA_DIR, else ../shared/datasets next to the repository."""
+    """$DALORRA_DATA_DIR, else ../shared/datasets next to the repository (else /work/shared/datasets)."""
     env = os.environ.get("DALORRA_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
+    if env:
+        return Path(env)
+    beside = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
+    return beside if beside.is_dir() or not Path("/work/shared/datasets").is_dir() else Path("/work/shared/datasets")
 
 
 def resolve_path(path: str | os.PathLike) -> Path:

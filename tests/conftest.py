@@ -10,7 +10,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-DATA = Path(os.environ.get("DALORRA_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+from adapters.data import default_data_dir  # noqa: E402
+
+DATA = default_data_dir()
 
 
 @pytest.fixture(scope="session")

@@ -110,3 +110,21 @@ def test_cli_help_documents_every_option():
     assert r.returncode == 0
     for opt in ("--method", "--p0", "--tau", "--lr-mask", "--kl-warmup", "--resume", "--top-layers", "--grad-accum"):
         assert opt in r.stdout
+
+
+def test_eval_cli_writes_metrics_predictions_and_plots(tmp_path, tiny_dir, small_data):
+    run(_cfg(tmp_path, tiny_dir, small_data, steps=4))
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, "-m", "adapters.cli", "eval", str(tmp_path / "ad"), "--data", str(small_data),
+                        "--base-model", str(tiny_dir), "--samples", "3", "--out-dir", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())[0]
+    assert {"acc", "ece", "nll", "brier", "aurc", "mean_entropy", "mean_epistemic", "coverage"} <= set(m)
+    assert m["n"] == 48
+    pngs = list(out.glob("*.png"))
+    assert pngs and pngs[0].read_bytes()[:4] == b"\x89PNG"
+    assert len(next(out.glob("*.predictions.jsonl")).read_text().splitlines()) == 48
+    bad = subprocess.run([sys.executable, "-m", "adapters.cli", "eval", str(tmp_path / "nope"), "--data",
+                          str(small_data), "--base-model", str(tiny_dir)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not an adapter directory" in bad.stderr
