@@ -24,6 +24,15 @@ def main() -> None:
     d = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "adapters" / "default"
              / "arc-easy-dalorra")
     rec = json.loads((d / "dalorra.json").read_text())
+    if not rec.get("keep_histogram"):  # older records: compute it from the mask logits
+        import numpy as np
+        from safetensors.numpy import load_file
+
+        kinds: dict[str, list] = {}
+        for k, phi in load_file(str(d / "dalorra_masks.safetensors")).items():
+            if k.endswith(".mask_logits"):
+                kinds.setdefault(k[: -len(".mask_logits")].rsplit(".", 1)[-1], []).extend(1 / (1 + np.exp(-phi)))
+        rec["keep_histogram"] = {k: np.histogram(v, bins=10, range=(0, 1))[0].tolist() for k, v in kinds.items()}
     v, c = rec["validation"], rec["calibration"]["metrics"]
     t = rec["training"]
     vals = [h for h in t["history"] if "val" in h]
