@@ -57,13 +57,30 @@ class HFBackend(Backend):
                         out[i] = BackendError(f"adapter {name!r} is not loaded")
                     continue
                 try:
-                    for i, res in zip(idx, self._score_group(model, [requests[i] for i in idx]), strict=True):
-                        out[i] = res
+                    for chunk in self._chunks(idx, requests):
+                        for i, res in zip(chunk, self._score_group(model, [requests[i] for i in chunk]), strict=True):
+                            out[i] = res
                 except Exception as exc:  # one bad group fails only its own requests
                     log.exception("scoring failed for adapter %s", name)
                     for i in idx:
                         out[i] = exc
         return out  # type: ignore[return-value]
+
+    def _chunks(self, idx: list[int], requests: list[ScoreRequest]) -> list[list[int]]:
+        """Split one adapter's requests into forwards of at most max_forward_rows rows (a request is never split).
+
+        Measured on a 2-core CPU (bench/results/serve.md): per-row cost grows with the batch (the cloze KV
+        cache is copied K times per row), so very large forwards lose; on a GPU raise the setting.
+        """
+        limit = self.settings.max_forward_rows
+        chunks, cur, rows = [], [], 0
+        for i in idx:
+            if cur and rows + requests[i].rows > limit:
+                chunks.append(cur)
+                cur, rows = [], 0
+            cur.append(i)
+            rows += requests[i].rows
+        return chunks + ([cur] if cur else [])
 
     def _score_group(self, model, reqs: list[ScoreRequest]) -> list[np.ndarray]:
         enc: list = []

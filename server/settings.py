@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     max_choice_chars: int = Field(1000, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_batch_rows: int = Field(160, ge=1, description="rows (Σ requests × S) per backend call")
+    max_forward_rows: int = Field(20, ge=1, description="rows per model forward (HF backend splits larger batches)")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
     max_queue_rows: int = Field(4000, ge=1, description="queued rows beyond which requests get 429")
     request_timeout_s: float = Field(60.0, gt=0)
