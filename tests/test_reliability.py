@@ -57,10 +57,18 @@ def test_limits_give_clear_4xx(server):
     assert many.status_code == 413
 
 
-def test_path_traversal_and_corrupt_adapter_hot_load(server):
+def test_path_traversal_and_corrupt_adapter_hot_load(server, adapters_dir, tmp_path):
     for name in ("..", "../etc", "a/b", ".hidden"):
         r = httpx.post(server.url + f"/v1/adapters/{name}/load", headers=ADMIN)
         assert r.status_code in (404, 422), (name, r.status_code)
+    outside = tmp_path / "outside"
+    shutil.copytree(adapters_dir / "test-ad", outside)
+    (adapters_dir / "escape").symlink_to(outside, target_is_directory=True)
+    try:
+        r = httpx.post(server.url + "/v1/adapters/escape/load", headers=ADMIN)
+        assert r.status_code == 403 and r.json()["error"]["type"] == "forbidden"
+    finally:
+        (adapters_dir / "escape").unlink()
 
     async def go():
         async with httpx.AsyncClient(timeout=300, headers=AUTH) as c:

@@ -128,3 +128,29 @@ def test_eval_cli_writes_metrics_predictions_and_plots(tmp_path, tiny_dir, small
     bad = subprocess.run([sys.executable, "-m", "adapters.cli", "eval", str(tmp_path / "nope"), "--data",
                           str(small_data), "--base-model", str(tiny_dir)], capture_output=True, text=True)
     assert bad.returncode == 2 and "not an adapter directory" in bad.stderr
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_dir, small_data):
+    """A real SIGKILL mid-training (no clean-up code runs), then --resume: same final adapter."""
+    import time
+
+    args = ["--train", str(small_data), "--base-model", str(tiny_dir), "--steps", "120", "--batch-size", "8",
+            "--lr", "3e-3", "--save-every", "5", "--eval-samples", "2", "--progress", "false",
+            "--calib-fraction", "0.25", "--calibrate", "false"]
+    cli = [sys.executable, "-m", "adapters.cli", "train"]
+    subprocess.run(cli + ["--out", str(tmp_path / "a" / "ad")] + args, check=True, capture_output=True, timeout=600)
+    out_b = tmp_path / "b" / "ad"
+    proc = subprocess.Popen(cli + ["--out", str(out_b)] + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "b" / "ad.ckpt" / "state.pt"
+    end = time.time() + 300
+    while time.time() < end and not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not out_b.exists(), "killed too late to test anything"
+    subprocess.run(cli + ["--out", str(out_b), "--resume"] + args, check=True, capture_output=True, timeout=600)
+    for f in ("adapter_model.safetensors", "dalorra_masks.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / "ad" / f)), load_file(str(out_b / f))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
