@@ -55,14 +55,18 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def submit(self, req: ScoreRequest):
-        """Queue one request; returns its (S, K) logits or raises its own error."""
+    def admit(self, rows: int) -> None:
+        """Raise unless `rows` more rows fit in the queue (checked for a whole request before any item queues)."""
         if self.closing:
             raise ShuttingDown("server is shutting down")
-        if self.queued_rows + req.rows > self.max_queue_rows:
+        if self.queued_rows + rows > self.max_queue_rows:
             # Time to drain what is queued, at the last batch's speed: a fair Retry-After.
             per_row = self._last_batch_seconds / max(1, self.max_batch_rows)
             raise Overloaded(max(1.0, self.queued_rows * per_row))
+
+    async def submit(self, req: ScoreRequest):
+        """Queue one request; returns its (S, K) logits or raises its own error."""
+        self.admit(req.rows)
         fut = asyncio.get_running_loop().create_future()
         self.queued_rows += req.rows
         self._report_queue()

@@ -150,8 +150,13 @@ class Service:
         t0 = time.perf_counter()
         reqs = [ScoreRequest(name, it.question, tuple(it.choices), it.context, samples, seed)
                 for it, (name, samples, seed) in zip(items, plans, strict=True)]
-        tasks = [self.batcher.submit(r) for r in reqs]
+        rows = sum(r.rows for r in reqs)
+        if rows > self.s.max_queue_rows:
+            raise ApiError(413, "too_large", f"request needs {rows} rows (items × samples); this server queues "
+                                             f"at most {self.s.max_queue_rows}: split it or lower samples")
         try:
+            self.batcher.admit(rows)  # all items of a request, or none
+            tasks = [self.batcher.submit(r) for r in reqs]
             logits = await asyncio.wait_for(asyncio.gather(*tasks), self.s.request_timeout_s)
         except Overloaded as exc:
             for r in reqs:
