@@ -147,6 +147,7 @@ def _cmd_convert(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     ap = argparse.ArgumentParser(prog="dalorra", description="DALorRA: calibrated LoRA adapters and their server")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_train(sub)
