@@ -87,17 +87,26 @@ def main() -> None:
 def _write(rows, budget, _kmax) -> None:
     groups: dict = {}
     for r in rows:
+        if r["method"] != "dalorra":  # φ is not trained (masks all on): no keep-probabilities to report
+            r["keep_probability"] = r["keep_histogram"] = None
         groups.setdefault((r["dataset"], r["method"]), []).append(r)
     table = [f"Budget (identical for every method): {json.dumps(budget)}", "",
-             "| dataset | method | seeds | acc | chance | ECE | NLL | Brier | AURC | s/step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| dataset | method | seeds | acc | chance | ECE | NLL | Brier | AURC | mean MI | s/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(vals):
         return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
     for (ds, method), rs in sorted(groups.items()):
         table.append(f"| {ds} | {method} | {len(rs)} | {ms([r['acc'] for r in rs])} | {rs[0]['chance']:.2f} | "
                      f"{ms([r['ece'] for r in rs])} | {ms([r['nll'] for r in rs])} | {ms([r['brier'] for r in rs])} | "
-                     f"{ms([r['aurc'] for r in rs])} | {np.mean([r['seconds_per_step'] for r in rs]):.2f} |")
+                     f"{ms([r['aurc'] for r in rs])} | {np.mean([r['mean_epistemic'] for r in rs]):.4f} | "
+                     f"{np.mean([r['seconds_per_step'] for r in rs]):.2f} |")
+    keep = [r for r in rows if r["method"] == "dalorra" and r.get("keep_probability")]
+    if keep:
+        table += ["", "DALorRA mean keep-probability σ(φ) per module kind: " + "; ".join(
+            f"{r['dataset']} seed {r['seed']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["keep_probability"].items())
+            for r in keep)]
+    table += ["", "s/step was measured while other jobs shared the 2 cores: compare methods only within one run."]
     write("calibration", {"budget": budget, "rows": rows}, "\n".join(table))
 
 
