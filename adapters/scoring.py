@@ -11,6 +11,7 @@ Items with different K share a batch: missing choices get logit −inf, so each 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,7 +117,7 @@ def choice_logits(model, enc: list[Encoded], row_items: list[int], masks: dict |
 
     def masked(index):
         if masks is None:
-            return _nullcontext()
+            return nullcontext()
         return model.row_masks(masks, row_samples[index] if index is not None else row_samples)
 
     if fmt.mode == "letter":
@@ -131,14 +132,6 @@ def choice_logits(model, enc: list[Encoded], row_items: list[int], masks: dict |
     else:
         logits = _cloze_full(model, enc, row_items, kmax, device, masked)
     return logits.masked_fill(~valid, float("-inf"))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _cont_table(enc, row_items, kmax, device):
