@@ -206,7 +206,6 @@ def train_one(cfg: TrainConfig, seed: int, ckpt_path: Path, resume: bool, rank: 
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad)
-            nll_sum = float(torch.tensor(nll_sum))  # rank 0 reports its own share × world below
         opt.step()
         sched.step()
         step += 1
@@ -216,7 +215,8 @@ def train_one(cfg: TrainConfig, seed: int, ckpt_path: Path, resume: bool, rank: 
         bar.set_postfix(loss=f"{nll_sum * world + lam * kl_value / N:.3f}", nll=f"{nll_sum * world:.3f}",
                         kl=f"{kl_value / N:.1e}", keep=f"{keep:.2f}")
         bar.update(1)
-        if val is not None and rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+        # The final step's validation is run() 's own, after calibration: not done twice.
+        if val is not None and rank == 0 and step % cfg.eval_every == 0 and step < cfg.steps:
             m = evaluate_logits(predict_logits(model, val, cfg.eval_samples, seed=seed, progress=False),
                                 np.array([it.label for it in val]))
             history[-1]["val"] = {k: m[k] for k in ("acc", "ece", "nll")}

@@ -56,7 +56,6 @@ def main() -> None:
         train, test = SPLITS[ds]
         items = load_jsonl(test, limit=a.eval_limit)
         labels = np.array([it.label for it in items])
-        kmax = max(len(it.choices) for it in items)
         for seed in a.seeds:
             for method in a.methods:
                 if (method, ds, seed) in done:
@@ -80,11 +79,11 @@ def main() -> None:
                     "keep_histogram": rec.get("keep_histogram"), "wall_seconds": time.perf_counter() - t0}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                _write(rows, budget, kmax)
-    _write(rows, budget, None)
+                _write(rows, budget)
+    _write(rows, budget)
 
 
-def _write(rows, budget, _kmax) -> None:
+def _write(rows, budget) -> None:
     groups: dict = {}
     for r in rows:
         if r["method"] != "dalorra":  # φ is not trained (masks all on): no keep-probabilities to report

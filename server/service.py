@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from adapters.calibration import prediction_set
-from adapters.uncertainty import summarize
+from adapters.uncertainty import softmax, summarize
 
 from .backend import Backend, BackendError, ScoreRequest
 from .batcher import Batcher, Overloaded, ShuttingDown
@@ -207,8 +207,6 @@ class Service:
                                       "k": len(req.choices), "t": time.time()})
         sample_probs = None
         if item.return_samples:
-            from adapters.uncertainty import softmax
-
             sample_probs = softmax(logits).round(6).tolist()
         return PredictResponse(
             id=rid, adapter=req.adapter, answer=req.choices[k], answer_index=k,
