@@ -104,6 +104,15 @@ class DalorraModel(nn.Module):
             out[name] = out[name].to(layer.lora_A.device)
         return out
 
+    def distinct_draws(self) -> int | None:
+        """How many different predictions S draws can give: 1 for a deterministic adapter, M for an M-member
+        ensemble, None when every draw is new (DALorRA masks, MC dropout). Scoring more is wasted work."""
+        if self.cfg.method == "mcdropout" or (self.cfg.stochastic and not self.fixed_masks):
+            return None
+        if self.fixed_masks:
+            return max(int(b.shape[0]) for b in self.fixed_masks.values())
+        return 1
+
     def concrete_masks(self, rows: int) -> dict[str, torch.Tensor]:
         """Training: one relaxed (straight-through) mask per row and module, differentiable in φ."""
         if not self.cfg.stochastic:

@@ -218,13 +218,16 @@ def rows_for(batch: int, samples: int) -> tuple[list[int], torch.Tensor]:
 @torch.no_grad()
 def score(model, items: list[Item], samples: int = 10, seed: int = 0, batched: bool = True,
           cloze_cache: bool = True, encoded: list[Encoded] | None = None) -> np.ndarray:
-    """Choice logits of shape (S, B, K) (float64, −inf for a missing choice) under S hard mask draws.
+    """Choice logits of shape (S', B, K) (float64, −inf for a missing choice) under S' hard mask draws.
 
+    S' = min(S, model.distinct_draws()): a deterministic adapter is scored once and an M-member ensemble
+    M times (each member weighted equally), since more draws would only repeat those rows.
     Mask draws depend only on (seed, s), so an item gets the same answer whatever else is in its batch.
     batched=False runs the S samples as S separate forwards (the reference the one-forward path must equal).
     """
     if samples < 1:
         raise ValueError(f"samples={samples} must be >= 1")
+    samples = min(samples, model.distinct_draws() or samples)
     enc = encoded if encoded is not None else encode(items, model.tokenizer, model.fmt)
     B = len(enc)
     masks = model.draw_masks(samples, seed)

@@ -1,7 +1,7 @@
 """Calibration benchmark: every method with an identical budget, side by side (issue: Trainer).
 
     python bench/calibration.py [--datasets arc_easy ...] [--methods dalorra lora map mcdropout ensemble]
-        [--seeds 0 1] [--steps 150] [--eval-limit 200]
+        [--seeds 0 1] [--steps 120] [--eval-limit 150]
 Resumable per (method, dataset, seed): finished rows are kept in bench/results/calibration.json and
 skipped; adapters go to runs/bench/. Writes calibration.json (all rows) and calibration.md (mean ± std).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,12 +38,12 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=list(SPLITS))
     ap.add_argument("--methods", nargs="+", default=["lora", "dalorra", "map", "mcdropout", "ensemble"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--lr-mask", type=float, default=0.05)
     ap.add_argument("--samples", type=int, default=10)
-    ap.add_argument("--eval-limit", type=int, default=200)
+    ap.add_argument("--eval-limit", type=int, default=150)
     ap.add_argument("--max-length", type=int, default=160)
     a = ap.parse_args()
     out_json = RESULTS / "calibration.json"
@@ -52,15 +53,17 @@ def main() -> None:
               "mask_schedule": "constant", "r": 8, "alpha": 16, "targets": "q_proj,v_proj,lm_head",
               "mode": "cloze", "normalize": "tokens", "max_length": a.max_length, "samples": a.samples,
               "eval_limit": a.eval_limit}
-    for ds in a.datasets:
-        train, test = SPLITS[ds]
-        items = load_jsonl(test, limit=a.eval_limit)
-        labels = np.array([it.label for it in items])
-        for seed in a.seeds:
+    for seed in a.seeds:  # every dataset at the first seed before any second seed
+        for ds in a.datasets:
+            train, test = SPLITS[ds]
+            items = load_jsonl(test, limit=a.eval_limit)
+            labels = np.array([it.label for it in items])
             for method in a.methods:
                 if (method, ds, seed) in done:
                     continue
                 out = Path("runs/bench") / ds / f"{method}-s{seed}"
+                if method == "ensemble":
+                    _reuse_lora_as_member0(out, Path("runs/bench") / ds / f"lora-s{seed}")
                 cfg = TrainConfig(out=str(out), train=train, method=method, steps=a.steps, batch_size=a.batch_size,
                                   lr=a.lr, lr_mask=a.lr_mask, mask_schedule="constant", max_length=a.max_length,
                                   seed=seed, eval_samples=a.samples, calibrate=False, save_every=25,
@@ -69,18 +72,31 @@ def main() -> None:
                 rec = run(cfg, resume=True)
                 base, tok = load_base(None)
                 model = load_adapter(out, base, tok)
-                m = evaluate_logits(predict_logits(model, items, a.samples, seed=0, progress=False), labels)
+                logits = predict_logits(model, items, a.samples, seed=0, progress=False)
+                m = evaluate_logits(logits, labels)
                 row = {"method": method, "dataset": ds, "seed": seed, "chance": float(np.mean(
                     [1 / len(it.choices) for it in items])), **{k: m[k] for k in
                     ("acc", "ece", "nll", "brier", "aurc", "mean_entropy", "mean_epistemic", "n")},
                     "train_seconds": rec["training"]["train_seconds"],
                     "seconds_per_step": rec["training"]["seconds_per_step"],
                     "keep_probability": {k: float(np.mean(v)) for k, v in model.keep_probabilities().items()},
-                    "keep_histogram": rec.get("keep_histogram"), "wall_seconds": time.perf_counter() - t0}
+                    "keep_histogram": rec.get("keep_histogram"), "wall_seconds": time.perf_counter() - t0,
+                    "eval_samples": int(logits.shape[0])}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 _write(rows, budget)
     _write(rows, budget)
+
+
+def _reuse_lora_as_member0(ensemble_out: Path, lora_out: Path) -> None:
+    """Ensemble member 0 trains with the LoRA run's exact config and seed (bit-identical, checked on
+    ARC-Easy seed 0), so its finished checkpoint is copied instead of retrained; its t_train comes along."""
+    src = lora_out.with_name(lora_out.name + ".ckpt") / "state.pt"
+    dst = ensemble_out.with_name(ensemble_out.name + ".ckpt") / "member0.pt"
+    if src.is_file() and not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst.with_name(dst.name + ".tmp"))
+        os.replace(dst.with_name(dst.name + ".tmp"), dst)
 
 
 def _write(rows, budget) -> None:

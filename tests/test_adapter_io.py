@@ -54,7 +54,7 @@ def test_plain_peft_adapter_loads_with_all_masks_on(tmp_path, tokenizer):
     loaded = load_adapter(tmp_path / "plain", make_tiny(), tokenizer)
     assert loaded.cfg.stochastic is False and loaded.cfg.r == 4
     s = score(loaded, MIXED, samples=3, seed=0)
-    np.testing.assert_allclose(s[0], s[2])  # all masks on: every sample is the same
+    assert s.shape[0] == 1  # all masks on: every sample would be the same, so one is scored
     ids = torch.randint(0, 49152, (2, 9))
     loaded.set_mask_mode("all")
     torch.testing.assert_close(peft(input_ids=ids).logits, loaded.base(input_ids=ids).logits, atol=1e-5, rtol=0)

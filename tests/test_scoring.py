@@ -71,3 +71,25 @@ def test_real_smollm_zero_shot_cloze_above_chance(smollm, data_dir):
         logits = concat_items([score(model, items[i:i + 16], samples=1) for i in range(0, 48, 16)])
     acc = (logits[0].argmax(-1) == np.array([it.label for it in items])).mean()
     assert acc > 0.33  # chance is 0.25; 46% measured on 200 items
+
+
+def test_deterministic_and_ensemble_adapters_score_only_distinct_draws(tiny, tokenizer):
+    """S draws of a deterministic adapter are one row; an M-member ensemble gives M equally weighted rows."""
+    model = DalorraModel(tiny(), tokenizer, AdapterConfig(), PromptFormat(mode="cloze"), seed=0)
+    randomize_lora(model, std=0.5)
+    assert score(model, MIXED, samples=5, seed=0).shape[0] == 5  # DALorRA: every draw counts
+    det = DalorraModel(tiny(), tokenizer, AdapterConfig(stochastic=False, method="lora"), PromptFormat(mode="cloze"))
+    randomize_lora(det, std=0.5)
+    assert score(det, MIXED, samples=5, seed=0).shape[0] == 1
+    ens = DalorraModel(tiny(), tokenizer, AdapterConfig(stochastic=False, method="ensemble"),
+                       PromptFormat(mode="cloze"))
+    randomize_lora(ens, std=0.5)
+    for name, layer in ens.adapted.items():
+        bank = torch.zeros(2, layer.r)
+        bank[0, : layer.r // 2] = 1
+        bank[1, layer.r // 2:] = 1
+        ens.fixed_masks[name] = bank
+    full = score(ens, MIXED, samples=10, seed=0)
+    assert full.shape[0] == 2
+    np.testing.assert_allclose(full, score(ens, MIXED, samples=2, seed=0, batched=False), atol=1e-4)
+    assert np.abs(full[0] - full[1])[np.isfinite(full[0])].max() > 1e-3  # the members really differ
