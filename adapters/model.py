@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import AdapterConfig, PromptFormat
 from .layer import MASK_MODES, MaskedLoraLinear
+from .maskbank import draw_masks_from
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
@@ -89,20 +90,10 @@ class DalorraModel(nn.Module):
 
     def draw_masks(self, samples: int, seed: int) -> dict[str, torch.Tensor]:
         """S hard masks per module, z_s ~ Bernoulli(σ(φ)), reproducible from `seed`: name → (S, r)."""
-        g = torch.Generator().manual_seed(int(seed))
-        out = {}
-        for name in sorted(self.adapted):
-            layer = self.adapted[name]
-            u = torch.rand(samples, layer.r, generator=g)  # drawn for every module so seeds stay aligned
-            if name in self.fixed_masks:
-                bank = self.fixed_masks[name]
-                out[name] = bank[torch.arange(samples) % bank.shape[0]].to(layer.lora_A)
-            elif not self.cfg.stochastic:
-                out[name] = torch.ones(samples, layer.r, dtype=layer.lora_A.dtype)
-            else:
-                out[name] = (u < layer.keep_prob.detach().cpu()).to(layer.lora_A.dtype)
-            out[name] = out[name].to(layer.lora_A.device)
-        return out
+        ranks = {n: lay.r for n, lay in self.adapted.items()}
+        keep = {n: lay.keep_prob for n, lay in self.adapted.items()} if self.cfg.stochastic else None
+        drawn = draw_masks_from(ranks, keep, self.fixed_masks, samples, seed)
+        return {n: m.to(self.adapted[n].lora_A) for n, m in drawn.items()}
 
     def distinct_draws(self) -> int | None:
         """How many different predictions S draws can give: 1 for a deterministic adapter, M for an M-member
