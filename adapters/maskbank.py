@@ -21,24 +21,28 @@ from safetensors.torch import load_file, save_file
 
 
 def draw_masks_from(ranks: dict[str, int], keep: dict[str, torch.Tensor] | None,
-                    fixed: dict[str, torch.Tensor], samples: int, seed: int) -> dict[str, torch.Tensor]:
-    """S hard masks per module, name → (S, r) float32 on the CPU, reproducible from `seed`.
+                    fixed: dict[str, torch.Tensor], samples: int, seed: int, first: int = 0) -> dict[str, torch.Tensor]:
+    """Hard masks z_first .. z_{first+S-1} per module, name → (S, r) float32 on the CPU.
 
+    Sample s depends only on (seed, s), so draws are prefix-consistent: the first 4 of 10 draws are the 4
+    draws, and adaptive sampling can add rounds (first = samples so far) without changing earlier ones.
     ranks: module → r. keep: module → σ(φ) of shape (r,) for a stochastic adapter, None for a deterministic
     one (all components on). fixed: module → (M, r) member blocks (ensembles); sample s uses row s mod M.
-    Uniforms are drawn for every module in name order whatever the kind, so seeds stay aligned.
     """
-    g = torch.Generator().manual_seed(int(seed))
-    out = {}
-    for name in sorted(ranks):
-        u = torch.rand(samples, ranks[name], generator=g)
-        if name in fixed:
-            bank = fixed[name]
-            out[name] = bank[torch.arange(samples) % bank.shape[0]].float()
-        elif keep is None:
-            out[name] = torch.ones(samples, ranks[name])
-        else:
-            out[name] = (u < keep[name].detach().float().cpu()).float()
+    names = sorted(ranks)
+    idx = torch.arange(first, first + samples)
+    out = {n: torch.ones(samples, ranks[n]) for n in names}
+    for n in names:
+        if n in fixed:
+            out[n] = fixed[n][idx % fixed[n].shape[0]].float()
+    if keep is None:
+        return out
+    for row, s in enumerate(idx.tolist()):
+        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + s) % (2**63))
+        for n in names:  # every module draws, in name order, so a module's draw never depends on others' kinds
+            u = torch.rand(ranks[n], generator=g)
+            if n not in fixed:
+                out[n][row] = (u < keep[n].detach().float().cpu()).float()
     return out
 
 

@@ -88,11 +88,11 @@ class DalorraModel(nn.Module):
         for layer in self.adapted.values():
             layer.mask_mode, layer.row_masks = mode, None
 
-    def draw_masks(self, samples: int, seed: int) -> dict[str, torch.Tensor]:
-        """S hard masks per module, z_s ~ Bernoulli(σ(φ)), reproducible from `seed`: name → (S, r)."""
+    def draw_masks(self, samples: int, seed: int, first: int = 0) -> dict[str, torch.Tensor]:
+        """Hard masks z_first..z_{first+S-1} per module, z_s ~ Bernoulli(σ(φ)) from (seed, s): name → (S, r)."""
         ranks = {n: lay.r for n, lay in self.adapted.items()}
         keep = {n: lay.keep_prob for n, lay in self.adapted.items()} if self.cfg.stochastic else None
-        drawn = draw_masks_from(ranks, keep, self.fixed_masks, samples, seed)
+        drawn = draw_masks_from(ranks, keep, self.fixed_masks, samples, seed, first)
         return {n: m.to(self.adapted[n].lora_A) for n, m in drawn.items()}
 
     def distinct_draws(self) -> int | None:

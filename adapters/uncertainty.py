@@ -64,3 +64,46 @@ def concat_items(chunks: list[np.ndarray]) -> np.ndarray:
     kmax = max(c.shape[2] for c in chunks)
     padded = [np.pad(c, ((0, 0), (0, 0), (0, kmax - c.shape[2])), constant_values=-np.inf) for c in chunks]
     return np.concatenate(padded, axis=1)
+
+
+def sampling_settled(logits: np.ndarray, min_confidence: float | None = None, max_epistemic: float | None = None,
+                     tol: float = 0.02, z: float = 2.0) -> bool:
+    """Adaptive sampling's stopping rule for one item's (n, K) logits: True when more samples are unlikely
+    to change anything that matters.
+
+    With p_s = softmax(logits_s) and Monte Carlo standard errors over the n samples (jackknife for the
+    normalised MI), it asks for all of:
+      * the answer cannot flip: mean(p_top − p_second) > z · se of that difference;
+      * the top probability is known to ± tol: z · se(p_top) ≤ tol, and so is the normalised MI;
+      * neither abstention threshold lies within z · se of its signal (confidence; normalised MI).
+    n < 2 never settles (no error estimate). z = 2 is a two-sided ≈95% band.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    n = logits.shape[0]
+    if n < 2:
+        return False
+    p = softmax(logits)
+    pbar = p.mean(0)
+    order = np.argsort(-pbar)
+    top, second = order[0], order[1]
+    d = p[:, top] - p[:, second]
+    if d.mean() <= z * d.std(ddof=1) / np.sqrt(n):
+        return False
+    se_top = p[:, top].std(ddof=1) / np.sqrt(n)
+    if z * se_top > tol:
+        return False
+    if min_confidence is not None and abs(pbar[top] - min_confidence) <= z * se_top:
+        return False
+    logk = np.log(np.isfinite(logits).any(0).sum())
+
+    def mi(ps: np.ndarray) -> float:
+        return max(0.0, float(entropy(ps.mean(0)) - entropy(ps).mean())) / logk
+
+    full = mi(p)
+    loo = np.array([mi(np.delete(p, i, axis=0)) for i in range(n)])
+    se_mi = np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum())
+    if z * se_mi > tol:
+        return False
+    if max_epistemic is not None and abs(full - max_epistemic) <= z * se_mi:
+        return False
+    return True

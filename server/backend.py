@@ -16,6 +16,7 @@ class ScoreRequest:
     context: str | None
     samples: int
     seed: int
+    first: int = 0  # sample index of the first draw: adaptive rounds continue where the last one stopped
 
     @property
     def rows(self) -> int:
@@ -40,8 +41,8 @@ class Backend(abc.ABC):
     def adapter_names(self) -> list[str]: ...
 
     @abc.abstractmethod
-    def score(self, requests: list[ScoreRequest]) -> list[np.ndarray | Exception]:
-        """Choice logits (S_i, K_i) for every request, in order, or that request's own exception.
+    def score(self, requests: list[ScoreRequest]) -> list[np.ndarray | Scored | Exception]:
+        """Choice logits (S_i, K_i) for every request (or a Scored), in order, or that request's own exception.
 
         All rows (Σ S_i) of one adapter go through one forward."""
 
@@ -52,7 +53,20 @@ class Backend(abc.ABC):
         return None
 
 
+@dataclass(frozen=True)
+class Scored:
+    """A backend's answer for one request when it knows more than the logits."""
+
+    logits: np.ndarray  # (S, K)
+    choice_mass: float | None = None  # probability the unrestricted next-token distribution put on the K choices
+
+
 def make_backend(settings) -> Backend:
-    from .hf_backend import HFBackend  # torch is imported here, never by routes or the batcher
+    # torch and vllm are imported here, never by routes or the batcher
+    if settings.backend == "vllm":
+        from .vllm_backend import VLLMBackend
+
+        return VLLMBackend(settings)
+    from .hf_backend import HFBackend
 
     return HFBackend(settings)

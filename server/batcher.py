@@ -64,9 +64,12 @@ class Batcher:
             per_row = self._last_batch_seconds / max(1, self.max_batch_rows)
             raise Overloaded(max(1.0, self.queued_rows * per_row))
 
-    async def submit(self, req: ScoreRequest):
-        """Queue one request; returns its (S, K) logits or raises its own error."""
-        self.admit(req.rows)
+    async def submit(self, req: ScoreRequest, admitted: bool = False):
+        """Queue one request; returns its (S, K) logits or raises its own error.
+
+        admitted=True: part of a request already admitted (a later adaptive round), never refused."""
+        if not admitted:
+            self.admit(req.rows)
         fut = asyncio.get_running_loop().create_future()
         self.queued_rows += req.rows
         self._report_queue()

@@ -101,19 +101,26 @@ class HFBackend(Backend):
         # Rows: request i contributes S_i rows, each under its own mask draw z_s(seed_i).
         row_items, row_samples, parts = [], [], {}
         offset = 0
-        for i, r in enumerate(reqs):
-            draws = model.draw_masks(r.samples, r.seed)
+        distinct = model.distinct_draws()  # deterministic adapter: 1 row; ensemble: one per member
+        counts = [r.samples if distinct is None else max(0, min(r.first + r.samples, distinct) - r.first)
+                  for r in reqs]
+        for i, (r, n) in enumerate(zip(reqs, counts, strict=True)):
+            if n == 0:  # an adaptive round past the last distinct draw: nothing new to score
+                continue
+            draws = model.draw_masks(n, r.seed, first=r.first)
             for name, m in draws.items():
                 parts.setdefault(name, []).append(m)
-            row_items += [i] * r.samples
-            row_samples += list(range(offset, offset + r.samples))
-            offset += r.samples
+            row_items += [i] * n
+            row_samples += list(range(offset, offset + n))
+            offset += n
+        if not row_items:
+            return [np.zeros((0, len(r.choices))) for r in reqs]
         masks = {n: torch.cat(ms, 0) for n, ms in parts.items()}  # name → (Σ S_i, r)
         with model.mc_dropout(model.cfg.method == "mcdropout"):
             logits = choice_logits(model, enc, row_items, masks, torch.tensor(row_samples))  # (R, Kmax)
         logits = logits.double().cpu().numpy()
         res, start = [], 0
-        for r in reqs:
-            res.append(logits[start:start + r.samples, : len(r.choices)])
-            start += r.samples
+        for r, n in zip(reqs, counts, strict=True):
+            res.append(logits[start:start + n, : len(r.choices)])
+            start += n
         return res

@@ -21,6 +21,9 @@ class PredictItem(BaseModel):
     seed: int | None = Field(None, ge=0, description="Mask seed; omit for the adapter's fixed draws.")
     fresh: bool = Field(False, description="Fresh random mask draws instead of the adapter's fixed ones.")
     return_samples: bool = Field(False, description="Include each sample's probabilities.")
+    adaptive: bool | None = Field(None, description="Draw samples in rounds and stop once more cannot change the "
+                                  "answer, the decision, or p_top / MI beyond the tolerance (samples is then the "
+                                  "maximum). Default: the server's setting.")
     min_confidence: float | None = Field(None, ge=0, le=1, description="Override: abstain below this confidence.")
     max_epistemic: float | None = Field(None, ge=0, le=1,
                                         description="Override: abstain above this normalised mutual information.")
@@ -43,7 +46,9 @@ class PredictResponse(BaseModel):
     decision: Literal["answer", "abstain"]
     abstain_reason: Literal["low_confidence", "high_epistemic", "ambiguous_set"] | None
     prediction_set: list[int]
-    samples: int
+    samples: int = Field(..., description="Mask draws actually scored (1 for a deterministic adapter).")
+    choice_mass: float | None = Field(None, description="Probability the unrestricted model put on the choices "
+                                      "(mean over samples); vLLM backend only.")
     sample_probabilities: list[list[float]] | None = None
     latency_ms: float
     receipt: str = Field(..., description="Signed receipt; send it back to /feedback with the true label.")

@@ -7,14 +7,15 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from adapters.calibration import prediction_set
-from adapters.uncertainty import softmax, summarize
+from adapters.uncertainty import sampling_settled, softmax, summarize
 
-from .backend import Backend, BackendError, ScoreRequest
+from .backend import Backend, BackendError, Scored, ScoreRequest
 from .batcher import Batcher, Overloaded, ShuttingDown
 from .errors import ApiError
 from .metrics import Metrics
@@ -156,7 +157,7 @@ class Service:
                                              f"at most {self.s.max_queue_rows}: split it or lower samples")
         try:
             self.batcher.admit(rows)  # all items of a request, or none
-            tasks = [self.batcher.submit(r) for r in reqs]
+            tasks = [self._score(it, r) for it, r in zip(items, reqs, strict=True)]
             logits = await asyncio.wait_for(asyncio.gather(*tasks), self.s.request_timeout_s)
         except Overloaded as exc:
             for r in reqs:
@@ -173,16 +174,49 @@ class Service:
         wait = time.perf_counter() - t0
         return [self._respond(it, r, lg, t0, wait) for it, r, lg in zip(items, reqs, logits, strict=True)]
 
-    def _respond(self, item: PredictItem, req: ScoreRequest, logits: np.ndarray, t0: float,
-                 wait: float) -> PredictResponse:
-        s = summarize(logits[:, None, :])  # (S, 1, K)
-        one = {k: v[0] for k, v in s.items()}
-        rec = self.records.get(req.adapter, {})
-        decision = rec.get("decision") or {}
+    async def _score(self, item: PredictItem, req: ScoreRequest):
+        """All S draws in one go, or (adaptive) rounds of draws until sampling_settled() says more cannot
+        change the outcome. Later rounds skip admission: an accepted request is never refused half-way."""
+        adaptive = item.adaptive if item.adaptive is not None else self.s.adaptive
+        if not adaptive or req.samples <= self.s.adaptive_first:
+            return await self.batcher.submit(req)
+        conf_t, epi_t = self._thresholds(item, req.adapter)
+        parts, mass, n = [], [], 0
+        while n < req.samples:
+            size = self.s.adaptive_first if n == 0 else min(self.s.adaptive_step, req.samples - n)
+            got = await self.batcher.submit(replace(req, samples=size, first=n), admitted=n > 0)
+            lg, m = (got.logits, got.choice_mass) if isinstance(got, Scored) else (got, None)
+            parts.append(lg)
+            if m is not None:
+                mass.append((m, len(lg)))
+            n += size
+            if len(lg) < size:  # the adapter has no more distinct draws (deterministic, ensemble)
+                break
+            if sampling_settled(np.concatenate(parts), conf_t, epi_t, self.s.adaptive_tolerance, self.s.adaptive_z):
+                break
+        logits = np.concatenate(parts)
+        if mass:
+            return Scored(logits, sum(m * k for m, k in mass) / max(1, sum(k for _, k in mass)))
+        return logits
+
+    def _thresholds(self, item: PredictItem, adapter: str) -> tuple[float | None, float | None]:
+        """The abstention thresholds in force: the request's overrides, else the adapter's valid fitted ones."""
+        decision = self.records.get(adapter, {}).get("decision") or {}
         conf_t = item.min_confidence if item.min_confidence is not None else (
             decision.get("confidence", {}).get("threshold") if decision.get("confidence", {}).get("valid") else None)
         epi_t = item.max_epistemic if item.max_epistemic is not None else (
             decision.get("epistemic", {}).get("threshold") if decision.get("epistemic", {}).get("valid") else None)
+        return conf_t, epi_t
+
+    def _respond(self, item: PredictItem, req: ScoreRequest, logits: np.ndarray | Scored, t0: float,
+                 wait: float) -> PredictResponse:
+        mass = None
+        if isinstance(logits, Scored):
+            logits, mass = logits.logits, logits.choice_mass
+        s = summarize(logits[:, None, :])  # (S, 1, K)
+        one = {k: v[0] for k, v in s.items()}
+        decision = self.records.get(req.adapter, {}).get("decision") or {}
+        conf_t, epi_t = self._thresholds(item, req.adapter)
         reason = None
         if conf_t is not None and one["confidence"] < conf_t:
             reason = "low_confidence"
@@ -197,7 +231,7 @@ class Service:
         m.requests.labels(req.adapter, "ok").inc()
         m.latency.labels(req.adapter).observe(latency)
         m.queue_wait.observe(wait)
-        m.samples.labels(req.adapter).inc(req.samples)
+        m.samples.labels(req.adapter).inc(len(logits))
         m.confidence.labels(req.adapter).observe(conf)
         m.entropy.labels(req.adapter).observe(float(one["entropy_norm"]))
         m.epistemic.labels(req.adapter).observe(float(one["epistemic_norm"]))
@@ -215,7 +249,7 @@ class Service:
             aleatoric=float(one["aleatoric"]), aleatoric_norm=float(one["aleatoric_norm"]),
             epistemic=float(one["epistemic"]), epistemic_norm=float(one["epistemic_norm"]),
             decision="abstain" if reason else "answer", abstain_reason=reason,
-            prediction_set=prediction_set(one["probabilities"], qhat), samples=req.samples,
+            prediction_set=prediction_set(one["probabilities"], qhat), samples=len(logits), choice_mass=mass,
             sample_probabilities=sample_probs, latency_ms=latency * 1000, receipt=receipt)
 
     # ---- feedback -------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    backend: str = Field("hf", description="hf (transformers, CPU or GPU); the vLLM backend is not built yet")
+    backend: str = Field("hf", description="hf (transformers, CPU or GPU) or vllm (mask bank; pip extra [vllm])")
     base_model: str | None = Field(None, description="HF id or directory; default the embedded SmolLM2")
     device: str = "cpu"
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
@@ -35,13 +35,27 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0)
     feedback_key: str = Field("dev-only-change-me", min_length=8, description="HMAC key shared by replicas")
     receipt_ttl_s: float = Field(7 * 24 * 3600, gt=0)
+    adaptive: bool = Field(False, description="adaptive sampling by default (a request's `adaptive` overrides)")
+    adaptive_first: int = Field(4, ge=2, description="adaptive sampling: draws in the first round")
+    adaptive_step: int = Field(3, ge=1, description="adaptive sampling: draws added per further round")
+    adaptive_tolerance: float = Field(0.02, gt=0, description="Monte Carlo error allowed on p_top and normalised MI")
+    adaptive_z: float = Field(2.0, gt=0, description="error bands are z standard errors wide")
+    # vLLM backend only (README "GPU serving with vLLM"): each adapter becomes a bank of pre-masked LoRAs.
+    vllm_bank_size: int = Field(32, ge=1, description="mask draws M per DALorRA adapter; a request's S must be <= M")
+    vllm_bank_seed: int = Field(0, description="seed of the bank's mask draws (recorded in the adapter's info)")
+    vllm_max_loras: int = Field(16, ge=1, description="distinct LoRAs in one vLLM batch; set it >= S")
+    vllm_max_cpu_loras: int = Field(128, ge=1, description="LoRAs vLLM keeps in host memory (all banks)")
+    vllm_max_lora_rank: int = Field(32, description="largest adapter rank (1, 8, 16, 32, 64, ...; ensembles: N·r)")
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    vllm_dtype: str = Field("auto", description="auto, float32, bfloat16, float16")
+    vllm_max_model_len: int = Field(2048, ge=16)
+    vllm_bank_dir: Path | None = Field(None, description="where bank members are written (default: /dev/shm)")
     api_token: str | None = None
     admin_token: str | None = None
 
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
-        if v != "hf":
-            raise ValueError(f"backend={v!r}: only 'hf' is available in this version (the vLLM mask-bank "
-                             "backend is not built yet)")
+        if v not in ("hf", "vllm"):
+            raise ValueError(f"backend={v!r}: one of 'hf' (transformers) or 'vllm' (mask bank)")
         return v

@@ -84,3 +84,19 @@ def test_draw_masks_reproducible_and_follow_keep_prob(tiny, tokenizer):
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         AdapterConfig(**bad)
+
+
+def test_mask_draws_are_prefix_consistent_and_seeded():
+    from adapters.maskbank import draw_masks_from
+
+    ranks = {"a": 8, "b": 4}
+    keep = {"a": torch.full((8,), 0.5), "b": torch.full((4,), 0.3)}
+    ten = draw_masks_from(ranks, keep, {}, 10, seed=3)
+    four = draw_masks_from(ranks, keep, {}, 4, seed=3)
+    rest = draw_masks_from(ranks, keep, {}, 6, seed=3, first=4)
+    for n in ranks:
+        torch.testing.assert_close(ten[n][:4], four[n])
+        torch.testing.assert_close(ten[n][4:], rest[n])
+    other = draw_masks_from(ranks, keep, {}, 10, seed=4)
+    assert not torch.equal(ten["a"], other["a"])
+    assert 0.3 < float(ten["a"].mean()) < 0.7  # Bernoulli(0.5), 80 draws

@@ -62,6 +62,27 @@ def test_predict_equals_core_score(servers, items, adapters_dir):
     assert httpx.post(a.url + "/predict", json=_body(items[0], fresh=True), timeout=60).status_code == 200
 
 
+def test_adaptive_sampling_equals_core_score_at_the_samples_it_used(servers, items, adapters_dir):
+    """Adaptive rounds continue the same seeded draws, so its answer is exactly S = n of plain scoring."""
+    from adapters.adapter_io import load_adapter
+    from adapters.uncertainty import sampling_settled
+
+    a, _ = servers
+    body = [_body(it, samples=10, seed=11, adaptive=True, return_samples=True) for it in items[:4]]
+    r = httpx.post(a.url + "/predict", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    base, tok = load_base(None)
+    model = load_adapter(adapters_dir / "test-ad", base, tok)
+    for it, g in zip(items[:4], r.json(), strict=True):
+        n = g["samples"]
+        assert n in (4, 7, 10) and len(g["sample_probabilities"]) == n
+        full = score(model, [it], samples=10, seed=11)[:, 0]
+        ref = summarize(full[:n, None])
+        np.testing.assert_allclose(g["probabilities"], ref["probabilities"][0], atol=1e-5)
+        if n < 10:  # it stopped because the rule said so, and not before
+            assert sampling_settled(full[:n]) and not (n > 4 and sampling_settled(full[:n - 3]))
+
+
 def test_concurrent_requests_share_backend_calls(servers, items):
     a, _ = servers
     before = a.metric("dalorra_backend_calls_total")

@@ -110,3 +110,21 @@ def test_conformal_coverage_on_synthetic_data():
     covered = [labels[i] in prediction_set(probs[i], q["qhat"]) for i in range(2000, 4000)]
     assert np.mean(covered) >= 0.88
     assert conformal_quantile(probs[:5], labels[:5], alpha=0.1)["valid"] is False
+
+
+def test_sampling_settled_stops_only_when_nothing_can_change():
+    from adapters.uncertainty import sampling_settled
+
+    same = np.tile(np.log([[0.7, 0.2, 0.1]]), (4, 1))
+    assert sampling_settled(same)  # identical samples: zero Monte Carlo error
+    assert not sampling_settled(same[:1])  # one sample: no error estimate
+    rng = np.random.default_rng(0)
+    split = np.log(np.stack([[0.6, 0.4], [0.4, 0.6]] * 2))  # samples disagree on the answer
+    assert not sampling_settled(split)
+    noisy = np.log(np.clip(0.8 + rng.normal(0, 0.1, (4, 1)), 0.01, 0.99) * [1, 0] + [0, 1] * (
+        1 - np.clip(0.8 + rng.normal(0, 0.1, (4, 1)), 0.01, 0.99)))
+    assert not sampling_settled(noisy, tol=0.02)  # top probability known only to about ±0.1
+    near = np.log(np.stack([[0.90, 0.10], [0.91, 0.09], [0.90, 0.10], [0.91, 0.09]]))
+    assert sampling_settled(near, tol=0.02)
+    assert not sampling_settled(near, min_confidence=0.904)  # the threshold lies inside the error band
+    assert sampling_settled(near, min_confidence=0.8)

