@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what the tests need (into ./.venv) and run them. This is the README's test command.
+# Install what the tests need (into ./.venv, and vLLM's CPU build into ./.venv-vllm) and run them all.
+# This is the README's test command; .ci/run calls it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh dev
@@ -12,4 +13,6 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/python -m ruff check adapters server clients tests bench
-exec .venv/bin/python -m pytest -q --ignore=tests/vllm_backend "$@"
+.venv/bin/python -m pytest -q --ignore=tests/vllm_backend "$@"
+# The vLLM backend's tests need vLLM's CPU build, which lives in its own venv (.venv-vllm, ~3.5 GB).
+exec scripts/test_vllm.sh

@@ -73,6 +73,8 @@ class HFBackend(Backend):
         cache is copied K times per row), so very large forwards lose; on a GPU raise the setting.
         """
         limit = self.settings.max_forward_rows
+        if self.settings.length_bucketing:  # similar lengths share a forward: less padding, same math
+            idx = sorted(idx, key=lambda i: _length(requests[i]))
         chunks, cur, rows = [], [], 0
         for i in idx:
             if cur and rows + requests[i].rows > limit:
@@ -124,3 +126,8 @@ class HFBackend(Backend):
             res.append(logits[start:start + n, : len(r.choices)])
             start += n
         return res
+
+
+def _length(r: ScoreRequest) -> int:
+    """Characters of prompt plus the longest choice: a tokenizer-free proxy for the padded row length."""
+    return len(r.question) + len(r.context or "") + sum(map(len, r.choices)) + max(map(len, r.choices))

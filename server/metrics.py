@@ -31,7 +31,10 @@ class Metrics:
         self.backend_seconds = Counter("dalorra_backend_seconds_total", "Time spent in backend calls.",
                                        registry=r)
         self.queue_depth = Gauge("dalorra_queue_depth_rows", "Rows waiting in the batcher queue.", registry=r)
-        self.samples = Counter("dalorra_samples_total", "Mask samples scored.", ["adapter"], registry=r)
+        self.samples = Counter("dalorra_samples_total", "Mask samples in answers (cache hits included).", ["adapter"],
+                               registry=r)
+        self.cache_hits = Counter("dalorra_cache_hits_total", "Requests answered from the seeded-result cache.",
+                                  ["adapter"], registry=r)
         self.confidence = Histogram("dalorra_confidence", "Top-1 probability of answered items.", ["adapter"],
                                     buckets=UNIT_BUCKETS, registry=r)
         self.entropy = Histogram("dalorra_entropy_normalized", "Predictive entropy / log K.", ["adapter"],

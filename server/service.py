@@ -7,6 +7,7 @@ import logging
 import re
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +36,10 @@ class Service:
         self.batcher: Batcher | None = None
         self.accepting = False
         self._load_lock = asyncio.Lock()
+        # Results of seeded requests: (adapter, load generation, request fields) → logits. A reload bumps
+        # the generation, so stale entries are never served; LRU-bounded by RESULT_CACHE_SIZE.
+        self.cache: OrderedDict[tuple, object] = OrderedDict()
+        self.generation: dict[str, int] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -80,6 +85,7 @@ class Service:
             except Exception as exc:
                 raise ApiError(422, "bad_adapter", f"adapter {name!r} could not be loaded: {exc}") from None
             self.records[name] = rec
+            self.generation[name] = self.generation.get(name, 0) + 1
             self.metrics.adapters_loaded.set(len(self.records))
             self.metrics.init_adapter(name)
         log.info("loaded adapter %s from %s", name, path)
@@ -178,13 +184,14 @@ class Service:
         """All S draws in one go, or (adaptive) rounds of draws until sampling_settled() says more cannot
         change the outcome. Later rounds skip admission: an accepted request is never refused half-way."""
         adaptive = item.adaptive if item.adaptive is not None else self.s.adaptive
+        cacheable = not item.fresh
         if not adaptive or req.samples <= self.s.adaptive_first:
-            return await self.batcher.submit(req)
+            return await self._submit(req, cacheable)
         conf_t, epi_t = self._thresholds(item, req.adapter)
         parts, mass, n = [], [], 0
         while n < req.samples:
             size = self.s.adaptive_first if n == 0 else min(self.s.adaptive_step, req.samples - n)
-            got = await self.batcher.submit(replace(req, samples=size, first=n), admitted=n > 0)
+            got = await self._submit(replace(req, samples=size, first=n), cacheable, admitted=n > 0)
             lg, m = (got.logits, got.choice_mass) if isinstance(got, Scored) else (got, None)
             parts.append(lg)
             if m is not None:
@@ -198,6 +205,21 @@ class Service:
         if mass:
             return Scored(logits, sum(m * k for m, k in mass) / max(1, sum(k for _, k in mass)))
         return logits
+
+    async def _submit(self, req: ScoreRequest, cacheable: bool, admitted: bool = False):
+        """The batcher, behind a cache of seeded results: the same question, seed and draws give the same logits."""
+        size = self.s.result_cache_size
+        key = (req.adapter, self.generation.get(req.adapter, 0), req)
+        if cacheable and size and key in self.cache:
+            self.cache.move_to_end(key)
+            self.metrics.cache_hits.labels(req.adapter).inc()
+            return self.cache[key]
+        got = await self.batcher.submit(req, admitted=admitted)
+        if cacheable and size:
+            self.cache[key] = got
+            while len(self.cache) > size:
+                self.cache.popitem(last=False)
+        return got
 
     def _thresholds(self, item: PredictItem, adapter: str) -> tuple[float | None, float | None]:
         """The abstention thresholds in force: the request's overrides, else the adapter's valid fitted ones."""

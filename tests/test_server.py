@@ -99,6 +99,41 @@ def test_concurrent_requests_share_backend_calls(servers, items):
     assert 1 <= calls < 32
 
 
+def test_seeded_results_are_cached_until_the_adapter_reloads(servers, items):
+    a, _ = servers
+    body = _body(items[5], samples=3, seed=77)
+    first = httpx.post(a.url + "/predict", json=body, timeout=120).json()
+    calls, hits = a.metric("dalorra_backend_calls_total"), a.metric("dalorra_cache_hits_total")
+    again = httpx.post(a.url + "/predict", json=body, timeout=120).json()
+    assert again["probabilities"] == first["probabilities"]
+    assert a.metric("dalorra_cache_hits_total") == hits + 1 and a.metric("dalorra_backend_calls_total") == calls
+    httpx.post(a.url + "/predict", json=_body(items[5], samples=3, fresh=True), timeout=120)
+    assert a.metric("dalorra_cache_hits_total") == hits + 1  # fresh draws are never cached
+    assert httpx.post(a.url + "/v1/adapters/test-ad/load", timeout=120).status_code == 200  # reload
+    calls = a.metric("dalorra_backend_calls_total")
+    after = httpx.post(a.url + "/predict", json=body, timeout=120).json()
+    assert a.metric("dalorra_backend_calls_total") == calls + 1  # a reload invalidates the cache
+    np.testing.assert_allclose(after["probabilities"], first["probabilities"], atol=1e-6)
+
+
+def test_length_bucketing_changes_no_result(adapters_dir, items):
+    from server.backend import ScoreRequest
+    from server.hf_backend import HFBackend
+    from server.settings import Settings
+
+    reqs = [ScoreRequest("t", it.question * (1 + i % 3), it.choices, None, 2, i) for i, it in enumerate(items)]
+    out, chunks = {}, {}
+    for bucket in (False, True):
+        be = HFBackend(Settings(max_forward_rows=4, length_bucketing=bucket))
+        be.load_adapter("t", str(adapters_dir / "test-ad"))
+        chunks[bucket] = be._chunks(list(range(len(reqs))), reqs)
+        assert [len(c) for c in chunks[bucket]] == [2, 2, 2]
+        out[bucket] = be.score(reqs)
+    assert chunks[True] != chunks[False]  # bucketing really regrouped the forwards
+    for x, y in zip(out[False], out[True], strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-4)
+
+
 @pytest.mark.parametrize("body,status", [
     ({"question": "", "choices": ["a", "b"]}, 422),
     ({"question": "q", "choices": ["a"]}, 422),

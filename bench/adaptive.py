@@ -1,0 +1,112 @@
+"""Adaptive sampling on ARC-Easy validation: mean S used and decisions that differ from full S (issue: Efficiency).
+
+    python bench/adaptive.py [--adapter adapters/default/arc-easy-dalorra] [--limit 570] [--samples 10]
+Scores every question once at S draws (the server's fixed seed), then replays the server's rounds
+(first `adaptive_first` draws, then `adaptive_step` more) on prefixes of those same draws: mask draws are
+prefix-consistent, so this is exactly what the server answers (tests/test_server.py checks that).
+A decision is (answer index, answer/abstain) under the adapter's fitted thresholds.
+Logits are cached in runs/adaptive/ so a cut-off run resumes. Writes bench/results/adaptive.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from adapters.data import load_jsonl  # noqa: E402
+from adapters.uncertainty import sampling_settled, summarize  # noqa: E402
+from bench.common import write  # noqa: E402
+from server.settings import REPO, Settings  # noqa: E402
+
+FIXED_SEED = 0  # server/service.py's default draws
+
+
+def decisions(logits: np.ndarray, conf_t, epi_t) -> tuple[int, bool]:
+    s = summarize(logits[:, None, :])
+    abstain = (conf_t is not None and s["confidence"][0] < conf_t) or (
+        epi_t is not None and s["epistemic_norm"][0] > epi_t)
+    return int(s["answer_index"][0]), bool(abstain)
+
+
+def replay(full: np.ndarray, cfg: Settings, conf_t, epi_t) -> int:
+    """Samples the server's adaptive rounds would use for this item's (S, K) logits."""
+    S, n = len(full), 0
+    while n < S:
+        n += cfg.adaptive_first if n == 0 else min(cfg.adaptive_step, S - n)
+        if sampling_settled(full[:n], conf_t, epi_t, cfg.adaptive_tolerance, cfg.adaptive_z):
+            break
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--adapter", default=str(REPO / "adapters" / "default" / "arc-easy-dalorra"))
+    ap.add_argument("--data", default="arc_easy/validation")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--chunk", type=int, default=8)
+    a = ap.parse_args()
+    import torch
+
+    from adapters.adapter_io import load_adapter
+    from adapters.basemodel import load_base
+    from adapters.scoring import encode, score
+
+    items = load_jsonl(a.data, limit=a.limit)
+    base, tok = load_base(None)
+    model = load_adapter(a.adapter, base, tok)
+    cache = Path("runs/adaptive") / f"{Path(a.adapter).name}-S{a.samples}"
+    cache.mkdir(parents=True, exist_ok=True)
+    enc = encode(items, tok, model.fmt)
+    logits = []
+    for i in range(0, len(items), a.chunk):
+        f = cache / f"{i:05d}-{a.chunk}.npy"
+        if not f.is_file():
+            with torch.no_grad():
+                lg = score(model, items[i:i + a.chunk], samples=a.samples, seed=FIXED_SEED, encoded=enc[i:i + a.chunk])
+            np.save(f.with_suffix(".tmp.npy"), lg)
+            os.replace(f.with_suffix(".tmp.npy"), f)
+            print(f"scored {min(i + a.chunk, len(items))}/{len(items)}", flush=True)
+        lg = np.load(f)
+        logits += [lg[:, b, : len(items[i + b].choices)] for b in range(lg.shape[1])]
+    cfg = Settings()
+    rec = model.record
+    dec = rec.get("decision") or {}
+    conf_t = dec.get("confidence", {}).get("threshold") if dec.get("confidence", {}).get("valid") else None
+    epi_t = dec.get("epistemic", {}).get("threshold") if dec.get("epistemic", {}).get("valid") else None
+    used, differ, answer_differ = [], 0, 0
+    for full in logits:
+        n = replay(full, cfg, conf_t, epi_t)
+        used.append(n)
+        d_full, d_ad = decisions(full, conf_t, epi_t), decisions(full[:n], conf_t, epi_t)
+        differ += d_full != d_ad
+        answer_differ += d_full[0] != d_ad[0]
+    used = np.array(used)
+    N = len(logits)
+    hist = {int(k): int((used == k).sum()) for k in np.unique(used)}
+    res = {"adapter": a.adapter, "dataset": a.data, "items": N, "max_samples": a.samples, "seed": FIXED_SEED,
+           "rule": {"first": cfg.adaptive_first, "step": cfg.adaptive_step, "tolerance": cfg.adaptive_tolerance,
+                    "z": cfg.adaptive_z, "min_confidence": conf_t, "max_epistemic": epi_t},
+           "mean_samples": float(used.mean()), "samples_histogram": hist,
+           "decision_agreement": 1 - differ / N, "answer_agreement": 1 - answer_differ / N,
+           "decisions_differing": int(differ), "cost_vs_full": float(used.mean() / a.samples)}
+    table = "\n".join([
+        f"Adapter `{a.adapter}` on {N} {a.data} questions; full S = {a.samples}; rule: first {cfg.adaptive_first} "
+        f"draws, then +{cfg.adaptive_step}, stop when `sampling_settled` (tolerance {cfg.adaptive_tolerance}, "
+        f"z = {cfg.adaptive_z}, confidence threshold {conf_t}, MI threshold {epi_t}).", "",
+        "| mean S used | S histogram | decisions = full S | answers = full S | cost vs full S |",
+        "|---|---|---|---|---|",
+        f"| {used.mean():.2f} | {hist} | {1 - differ / N:.4f} ({differ} differ) | {1 - answer_differ / N:.4f} | "
+        f"{used.mean() / a.samples:.2f} |"])
+    write("adaptive", res, table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
