@@ -95,6 +95,14 @@ class DalorraModel(nn.Module):
         drawn = draw_masks_from(ranks, keep, self.fixed_masks, samples, seed, first)
         return {n: m.to(self.adapted[n].lora_A) for n, m in drawn.items()}
 
+    def first_adapted_layer(self) -> int:
+        """Index of the lowest decoder layer with an adapter (num layers if only lm_head is adapted).
+        Layers below it are identical under every mask: scoring runs them once per question (top-L path)."""
+        idx = [int(m.group(1)) for n in self.adapted if (m := _LAYER_INDEX.search("." + n + ".")) is not None]
+        if len(idx) != sum(1 for n in self.adapted if n != "lm_head" and not n.endswith(".lm_head")):
+            return 0  # an adapted module outside the decoder layers (other than lm_head): no shared prefix
+        return min(idx) if idx else len(self.decoder.layers)
+
     def distinct_draws(self) -> int | None:
         """How many different predictions S draws can give: 1 for a deterministic adapter, M for an M-member
         ensemble, None when every draw is new (DALorRA masks, MC dropout). Scoring more is wasted work."""

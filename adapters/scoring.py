@@ -104,10 +104,13 @@ def _head(model, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Ten
 
 
 def choice_logits(model, enc: list[Encoded], row_items: list[int], masks: dict | None,
-                  row_samples: torch.Tensor | None = None, cloze_cache: bool = True) -> torch.Tensor:
+                  row_samples: torch.Tensor | None = None, cloze_cache: bool = True,
+                  shared_lower: bool = True) -> torch.Tensor:
     """(R, Kmax) choice logits for rows R; row i scores item enc[row_items[i]] under masks[·][row_samples[i]].
 
     masks None: whatever mask mode the layers are in (all on, mean, concrete for training, off).
+    shared_lower: for a top-L adapter (no adapter below layer `lo`), run layers < lo once per distinct item
+    instead of once per row (inference only; False gives the plain path the tests compare against).
     """
     fmt = model.fmt
     device = next(model.base.parameters()).device
@@ -120,7 +123,10 @@ def choice_logits(model, enc: list[Encoded], row_items: list[int], masks: dict |
             return nullcontext()
         return model.row_masks(masks, row_samples[index] if index is not None else row_samples)
 
-    if fmt.mode == "letter":
+    lo = model.first_adapted_layer() if shared_lower and masks is not None and not torch.is_grad_enabled() else 0
+    if lo > 0:  # top-L adapter: layers below `lo` run once per question, S rows only above
+        logits = _split_logits(model, enc, row_items, masks, row_samples, kmax, device, masked, lo)
+    elif fmt.mode == "letter":
         ids, attn, pos = _left_pad([enc[i].prompt for i in row_items], pad_id, device)
         with masked(None):
             h = model.decoder(input_ids=ids, attention_mask=attn, position_ids=pos,
@@ -243,3 +249,80 @@ def score(model, items: list[Item], samples: int = 10, seed: int = 0, batched: b
             per.append(choice_logits(model, enc, list(range(B)), one, torch.zeros(B, dtype=torch.long),
                                      cloze_cache))
         return torch.stack(per).double().cpu().numpy()
+
+
+# ---- top-L adapters: shared lower layers ---------------------------------------------------------------
+class _StageCache:
+    """Keys/values per decoder layer for one stage; `frozen` passes read the cache without growing it."""
+
+    def __init__(self):
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.frozen = False
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        if layer_idx in self.kv:
+            pk, pv = self.kv[layer_idx]
+            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+        if not self.frozen:
+            self.kv[layer_idx] = (k, v)
+        return k, v
+
+    def select(self, index: torch.Tensor) -> _StageCache:
+        out = _StageCache()
+        out.kv = {i: (k[index], v[index]) for i, (k, v) in self.kv.items()}
+        return out
+
+
+def _run_layers(model, hidden, attn2d, pos, layers, cache: _StageCache | None, past: int):
+    """hidden (R, Lq, d) through `layers`; attn2d (R, past + Lq) marks real tokens, causal within the new ones."""
+    R, Lq, _ = hidden.shape
+    q = torch.arange(Lq, device=hidden.device)[:, None] + past
+    k = torch.arange(attn2d.shape[1], device=hidden.device)[None, :]
+    allowed = (k <= q)[None] & attn2d.bool()[:, None, :]  # (R, Lq, Lkv)
+    allowed = allowed | (~allowed.any(-1, keepdim=True))  # fully padded query rows: attend anywhere (ignored)
+    mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(~allowed, float("-inf"))
+    mask = mask[:, None]  # (R, 1, Lq, Lkv), additive
+    cos_sin = model.decoder.rotary_emb(hidden, position_ids=pos)
+    for layer in layers:
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=pos,
+                       past_key_values=cache, use_cache=cache is not None)
+        if isinstance(hidden, tuple):
+            hidden = hidden[0]
+    return hidden
+
+
+def _split_logits(model, enc, row_items, masks, row_samples, kmax, device, masked, lo):
+    dec = model.decoder
+    lower, upper = dec.layers[:lo], dec.layers[lo:]
+    uniq = sorted(set(row_items))
+    u_of = torch.tensor([uniq.index(i) for i in row_items], device=device)  # row → its distinct item
+    U, R = len(uniq), len(row_items)
+    ids, attn, pos = _left_pad([enc[i].prompt for i in uniq], model.tokenizer.pad_token_id, device)
+    low_cache = _StageCache()
+    h = _run_layers(model, dec.embed_tokens(ids), attn, pos, lower, low_cache, 0)  # (U, Lp, d), once per item
+    up_cache = _StageCache()
+    with masked(None):
+        h = _run_layers(model, h[u_of], attn[u_of], pos[u_of], upper, up_cache, 0)  # (R, Lp, d)
+        last = dec.norm(h[:, -1])
+        if model.fmt.mode == "letter":
+            rows = torch.tensor(letter_token_ids(model.tokenizer, model.fmt, kmax), device=device)
+            return _head(model, last, rows)
+        first_lp = torch.log_softmax(_head(model, last), -1)  # (R, V)
+    # Cloze: continuations of the U items through the lower layers once (K each), then R·K rows above.
+    cids, lens, norms_u = _cont_table(enc, uniq, kmax, device)  # (U·K, Lc)
+    uk_item = torch.arange(U, device=device).repeat_interleave(kmax)
+    cattn = (torch.arange(cids.shape[1], device=device)[None, :] < lens[:, None]).long()
+    Lp = attn.shape[1]
+    attn_uk = torch.cat([attn[uk_item], cattn], 1)
+    pos_uk = attn.sum(1)[uk_item][:, None] + torch.arange(cids.shape[1], device=device)[None]
+    low = low_cache.select(uk_item)
+    low.frozen = True
+    hc = _run_layers(model, dec.embed_tokens(cids), attn_uk, pos_uk, lower, low, Lp)  # (U·K, Lc, d)
+    rk = (u_of[:, None] * kmax + torch.arange(kmax, device=device)[None]).reshape(-1)  # row-choice → U·K index
+    rk_row = torch.arange(R, device=device).repeat_interleave(kmax)
+    up = up_cache.select(rk_row)
+    up.frozen = True
+    with masked(rk_row):
+        hidden = dec.norm(_run_layers(model, hc[rk], attn_uk[rk], pos_uk[rk], upper, up, Lp))  # (R·K, Lc, d)
+    total = _gather_cont_logprobs(model, hidden, first_lp[rk_row], cids[rk], lens[rk], masked, rk_row)
+    return (total / norms_u[rk]).view(R, kmax)

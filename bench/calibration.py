@@ -1,6 +1,7 @@
 """Calibration benchmark: every method with an identical budget, side by side (issue: Trainer).
 
     python bench/calibration.py [--datasets arc_easy ...] [--methods dalorra lora map mcdropout ensemble]
+        (a method "dalorra@top8" trains DALorRA on the top 8 decoder layers only, same budget otherwise)
         [--seeds 0 1] [--steps 120] [--eval-limit 150]
 Resumable per (method, dataset, seed): finished rows are kept in bench/results/calibration.json and
 skipped; adapters go to runs/bench/. Writes calibration.json (all rows) and calibration.md (mean ± std).
@@ -64,7 +65,9 @@ def main() -> None:
                 out = Path("runs/bench") / ds / f"{method}-s{seed}"
                 if method == "ensemble":
                     _reuse_lora_as_member0(out, Path("runs/bench") / ds / f"lora-s{seed}")
-                cfg = TrainConfig(out=str(out), train=train, method=method, steps=a.steps, batch_size=a.batch_size,
+                base_method, _, top = method.partition("@top")  # e.g. dalorra@top8: only the top 8 layers
+                cfg = TrainConfig(out=str(out), train=train, method=base_method, steps=a.steps,
+                                  batch_size=a.batch_size, top_layers=int(top) if top else None,
                                   lr=a.lr, lr_mask=a.lr_mask, mask_schedule="constant", max_length=a.max_length,
                                   seed=seed, eval_samples=a.samples, calibrate=False, save_every=25,
                                   progress=False)
@@ -72,7 +75,9 @@ def main() -> None:
                 rec = run(cfg, resume=True)
                 base, tok = load_base(None)
                 model = load_adapter(out, base, tok)
+                t_eval = time.perf_counter()
                 logits = predict_logits(model, items, a.samples, seed=0, progress=False)
+                t_eval = time.perf_counter() - t_eval
                 m = evaluate_logits(logits, labels)
                 row = {"method": method, "dataset": ds, "seed": seed, "chance": float(np.mean(
                     [1 / len(it.choices) for it in items])), **{k: m[k] for k in
@@ -81,7 +86,7 @@ def main() -> None:
                     "seconds_per_step": rec["training"]["seconds_per_step"],
                     "keep_probability": {k: float(np.mean(v)) for k, v in model.keep_probabilities().items()},
                     "keep_histogram": rec.get("keep_histogram"), "wall_seconds": time.perf_counter() - t0,
-                    "eval_samples": int(logits.shape[0])}
+                    "eval_samples": int(logits.shape[0]), "eval_seconds": t_eval}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 _write(rows, budget)

@@ -90,7 +90,7 @@ def make_variants(root: Path) -> None:
     letter = root / "letter"
     shutil.copytree(DEFAULT, letter)
     rec = json.loads((letter / "dalorra.json").read_text())
-    rec["prompt"]["mode"] = "letter"
+    rec["prompt"].update(mode="letter", template="")  # the letter mode's default template
     rec.pop("decision", None)
     (letter / "dalorra.json").write_text(json.dumps(rec))
     src = BankSource(DEFAULT)
@@ -115,7 +115,7 @@ def naive_loop(items, samples: int, mode: str) -> tuple[float, list[np.ndarray]]
     from adapters.scoring import encode, letter_token_ids
 
     src = BankSource(DEFAULT)
-    fmt = PromptFormat.from_dict({**src.record["prompt"], "mode": mode})
+    fmt = PromptFormat.from_dict({**src.record["prompt"], "mode": mode, **({"template": ""} if mode == "letter" else {})})
     base = AutoModelForCausalLM.from_pretrained(local_path(None), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(local_path(None))
     model = PeftModel.from_pretrained(base, str(DEFAULT)).eval()

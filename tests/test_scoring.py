@@ -5,7 +5,7 @@ import torch
 from adapters.config import AdapterConfig, PromptFormat
 from adapters.data import Item, load_jsonl
 from adapters.model import DalorraModel
-from adapters.scoring import letter_token_ids, score
+from adapters.scoring import choice_logits, letter_token_ids, score
 from adapters.uncertainty import concat_items
 from tests.conftest import randomize_lora
 
@@ -93,3 +93,27 @@ def test_deterministic_and_ensemble_adapters_score_only_distinct_draws(tiny, tok
     assert full.shape[0] == 2
     np.testing.assert_allclose(full, score(ens, MIXED, samples=2, seed=0, batched=False), atol=1e-4)
     assert np.abs(full[0] - full[1])[np.isfinite(full[0])].max() > 1e-3  # the members really differ
+
+
+@pytest.mark.parametrize("mode", ["letter", "cloze"])
+def test_top_layer_adapter_shares_lower_layers_with_same_result(tiny, tokenizer, mode):
+    """Top-L path: layers below the first adapted one run once per item; results equal the plain path."""
+    from adapters.scoring import encode, rows_for
+
+    cfg = AdapterConfig(layers=(1,))  # the tiny model's top layer (plus lm_head)
+    model = DalorraModel(tiny(), tokenizer, cfg, PromptFormat(mode=mode), seed=0)
+    randomize_lora(model, std=0.5)
+    assert model.first_adapted_layer() == 1
+    assert DalorraModel(tiny(), tokenizer, AdapterConfig(), PromptFormat()).first_adapted_layer() == 0
+    assert DalorraModel(tiny(), tokenizer, AdapterConfig(targets=("lm_head",)),
+                        PromptFormat()).first_adapted_layer() == 2
+    enc = encode(MIXED, tokenizer, model.fmt)
+    masks = model.draw_masks(3, seed=4)
+    items, samples = rows_for(len(MIXED), 3)
+    with torch.no_grad():
+        fast = choice_logits(model, enc, items, masks, samples)
+        plain = choice_logits(model, enc, items, masks, samples, shared_lower=False)
+    finite = torch.isfinite(plain)
+    assert torch.equal(finite, torch.isfinite(fast))
+    torch.testing.assert_close(fast[finite], plain[finite], atol=1e-4, rtol=0)
+    assert (plain[finite].view(-1)[:4] != plain[finite].view(-1)[4:8]).any()

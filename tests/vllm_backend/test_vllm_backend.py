@@ -44,7 +44,7 @@ def letter_adapter(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("letter") / "arc-easy-letter"
     shutil.copytree(DEFAULT, d)
     rec = json.loads((d / "dalorra.json").read_text())
-    rec["prompt"]["mode"] = "letter"
+    rec["prompt"].update(mode="letter", template="")  # the letter mode's default template
     rec.pop("decision", None)
     (d / "dalorra.json").write_text(json.dumps(rec))
     return d
