@@ -80,7 +80,7 @@ async def level(url: str, items, adapter: str, samples: int, concurrency: int, n
             "mean_samples_used": statistics.mean(used) if used else None, **extra, "_answers": answers}
 
 
-def make_variants(root: Path) -> None:
+def make_variants(root: Path, top: str | None) -> None:
     """letter-mode copy, and the deterministic mean-mask adapter, beside the default adapter."""
     import torch
 
@@ -101,6 +101,8 @@ def make_variants(root: Path) -> None:
     rec["method"] = "lora"
     rec.pop("decision", None)
     (out / "dalorra.json").write_text(json.dumps(rec))
+    if top:
+        shutil.copytree(top, root / "top")
 
 
 def naive_loop(items, samples: int, mode: str) -> tuple[float, list[np.ndarray]]:
@@ -179,15 +181,17 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["cloze", "letter"])
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default max(8, 2·c))")
     ap.add_argument("--naive-questions", type=int, default=8)
+    ap.add_argument("--top-adapter", default=None, help="a top-L DALorRA adapter to measure beside the default")
     ap.add_argument("--quick", action="store_true", help="S 10, concurrency 8, cloze only (smoke run)")
     a = ap.parse_args()
     if a.quick:
         a.samples, a.concurrency, a.modes = [10], [8], ["cloze"]
     items = load_jsonl("arc_easy/validation", limit=64)
     root = Path(tempfile.mkdtemp(prefix="dalorra-bench-"))
-    make_variants(root)
+    make_variants(root, a.top_adapter)
     runs: list[dict] = []
-    srv = ServerProcess(root, "default", root / "server.log", DALORRA_PRELOAD='["letter","mean"]').wait_ready()
+    preload = ["letter", "mean"] + (["top"] if a.top_adapter else [])
+    srv = ServerProcess(root, "default", root / "server.log", DALORRA_PRELOAD=json.dumps(preload)).wait_ready()
     try:
         asyncio.run(level(srv.url, items, "default", 4, 2, 4))  # warm-up
         for mode in a.modes:
@@ -211,6 +215,13 @@ def main() -> None:
             full["mode"] = "cloze"
             runs.append(full)
         runs += [det, ada]
+        top = top_ada = None
+        if a.top_adapter:
+            top = asyncio.run(level(srv.url, items, "top", 10, c8, n))
+            top_ada = asyncio.run(level(srv.url, items, "top", 10, c8, n, adaptive=True))
+            top["mode"] = top_ada["mode"] = "cloze"
+            top["reference"], top_ada["reference"] = "top-L, S=10", "top-L, adaptive ≤ 10"
+            runs += [top, top_ada]
         print(json.dumps({k: v for k, v in ada.items() if k != "_answers"}), flush=True)
     finally:
         srv.stop()
@@ -227,6 +238,9 @@ def main() -> None:
     ratios = {"s10_vs_naive_throughput": full["throughput_qps"] / naive["throughput_qps"],
               "s10_vs_deterministic_cost": det["throughput_qps"] / full["throughput_qps"],
               "adaptive_vs_deterministic_cost": det["throughput_qps"] / ada["throughput_qps"]}
+    if top is not None:
+        ratios["topL_s10_vs_deterministic_cost"] = det["throughput_qps"] / top["throughput_qps"]
+        ratios["topL_adaptive_vs_deterministic_cost"] = det["throughput_qps"] / top_ada["throughput_qps"]
     offline = RESULTS / "adaptive.json"
     adaptive_agreement = {"this_run": {"questions": len(same), "agreement": agree}}
     if offline.is_file():
@@ -235,7 +249,7 @@ def main() -> None:
                                                      "mean_samples": o["mean_samples"], "source": "adaptive.json"}
     for r in runs:
         r.pop("_answers", None)
-    data = {"runs": runs, "naive": naive, "ratios": ratios, "adaptive_decision_agreement": adaptive_agreement,
+    data = {"top_adapter": a.top_adapter, "runs": runs, "naive": naive, "ratios": ratios, "adaptive_decision_agreement": adaptive_agreement,
             "profile_top_ops": prof, "concurrency_for_ratios": c8}
     table = ["| mode | S | concurrency | requests | q/s | p50 (s) | p95 (s) | p99 (s) | mean S used | errors |",
              "|---|---|---|---|---|---|---|---|---|---|"]
