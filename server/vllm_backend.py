@@ -31,7 +31,7 @@ from adapters.basemodel import config_hash, local_path
 from adapters.config import PromptFormat
 from adapters.data import Item
 from adapters.maskbank import BankSource
-from adapters.scoring import encode, letter_token_ids
+from adapters.scoring import MAX_CONTINUATION_TOKENS, encode, letter_token_ids
 
 from .backend import Backend, BackendError, Scored, ScoreRequest
 
@@ -91,6 +91,10 @@ class VLLMBackend(Backend):
         if rec.get("method") == "mcdropout":
             raise AdapterError(f"{path}: MC-dropout adapters sample activations, which a LoRA bank cannot "
                                "represent; serve them with the hf backend")
+        fmt = PromptFormat.from_dict(rec["prompt"])
+        if fmt.max_length + MAX_CONTINUATION_TOKENS > self.settings.vllm_max_model_len:
+            raise AdapterError(f"{path}: prompts of up to {fmt.max_length} + {MAX_CONTINUATION_TOKENS} tokens do not "
+                               f"fit DALORRA_VLLM_MAX_MODEL_LEN={self.settings.vllm_max_model_len}")
         m = distinct or self.settings.vllm_bank_size
         seed = self.settings.vllm_bank_seed
         masks = src.draw(m, seed)
@@ -104,7 +108,6 @@ class VLLMBackend(Backend):
             for j in range(m):
                 out = src.write_member(masks, j, directory / f"m{j}")
                 members.append(LoRARequest(f"{name}#{uid}.{j}", next(self._ids), str(out)))
-            fmt = PromptFormat.from_dict(rec["prompt"])
             bank = Bank(name, {**rec, "mask_bank": {"members": m, "seed": seed, "uid": uid}}, fmt, directory,
                         members, distinct is None)
             if fmt.mode == "letter":
