@@ -191,7 +191,9 @@ def main() -> None:
     make_variants(root, a.top_adapter)
     runs: list[dict] = []
     preload = ["letter", "mean"] + (["top"] if a.top_adapter else [])
-    srv = ServerProcess(root, "default", root / "server.log", DALORRA_PRELOAD=json.dumps(preload)).wait_ready()
+    # The result cache is off: questions repeat across levels, and this measures scoring, not cache hits.
+    srv = ServerProcess(root, "default", root / "server.log", DALORRA_PRELOAD=json.dumps(preload),
+                        DALORRA_RESULT_CACHE_SIZE="0", DALORRA_REQUEST_TIMEOUT_S="900").wait_ready()
     try:
         asyncio.run(level(srv.url, items, "default", 4, 2, 4))  # warm-up
         for mode in a.modes:
