@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     feedback_key: str = Field("dev-only-change-me", min_length=8, description="HMAC key shared by replicas")
     receipt_ttl_s: float = Field(7 * 24 * 3600, gt=0)
     result_cache_size: int = Field(4096, ge=0, description="seeded results kept (LRU); 0 disables the cache")
-    length_bucketing: bool = Field(True, description="HF backend: group rows of similar length into a forward")
+    length_bucketing: bool = Field(False, description="HF backend: group rows of similar length into a forward "
+                                   "(measured 0.94× on the 2-core CPU: bench/results/optimisations.md)")
     adaptive: bool = Field(False, description="adaptive sampling by default (a request's `adaptive` overrides)")
     adaptive_first: int = Field(4, ge=2, description="adaptive sampling: draws in the first round")
     adaptive_step: int = Field(3, ge=1, description="adaptive sampling: draws added per further round")
