@@ -17,7 +17,9 @@ def add_predict(sub) -> None:
     p.add_argument("--choice", action="append", default=[], help="an answer choice (repeat 2-26 times)")
     p.add_argument("--context", default=None, help="optional passage")
     p.add_argument("--adapter", default=None, help="adapter name (default: the server's)")
-    p.add_argument("--samples", type=int, default=None, help="mask samples S")
+    p.add_argument("--samples", type=int, default=None, help="mask samples S (the maximum with --adaptive)")
+    p.add_argument("--adaptive", action="store_true", default=None,
+                   help="adaptive sampling: stop drawing once more samples cannot change the outcome")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--file", default=None, help="JSONL of items (question, choices, optional label)")
     p.add_argument("--out", default=None, help="write one JSON result per line here (with --file)")
@@ -52,7 +54,8 @@ def _predict(a) -> int:
             if not a.question or len(a.choice) < 2:
                 print("dalorra predict: give --question and at least two --choice (or --file)", file=sys.stderr)
                 return 2
-            kw = {k: v for k, v in (("context", a.context), ("adapter", a.adapter), ("samples", a.samples)) if v}
+            kw = {k: v for k, v in (("context", a.context), ("adapter", a.adapter), ("samples", a.samples),
+                                    ("adaptive", a.adaptive)) if v}
             r = c.predict(a.question, a.choice, **kw)
         except DalorraError as exc:
             print(f"dalorra predict: {exc}", file=sys.stderr)
@@ -75,7 +78,7 @@ def _batch(c, a) -> int:
         for i in tqdm(range(0, len(items), a.batch), desc="predict", unit="batch"):
             chunk = items[i:i + a.batch]
             body = [{"question": it.question, "choices": list(it.choices), "context": it.context, "id": it.id,
-                     "adapter": a.adapter, "samples": a.samples} for it in chunk]
+                     "adapter": a.adapter, "samples": a.samples, "adaptive": a.adaptive} for it in chunk]
             for it, r in zip(chunk, c.predict_many(body), strict=True):
                 answered += r.decision == "answer"
                 if it.label is not None:

@@ -113,6 +113,10 @@ def test_cli_table_json_and_batch(server, tmp_path):
     assert "decision:" in table.stdout and "the Sun" in table.stdout and "confidence" in table.stdout
     js = subprocess.run(base + args + ["--json"], capture_output=True, text=True, timeout=120)
     assert json.loads(js.stdout)["answer"] in CH
+    ada = subprocess.run(base + args + ["--json", "--adaptive", "--samples", "10"], capture_output=True, text=True,
+                         timeout=120)
+    assert ada.returncode == 0, ada.stderr
+    assert json.loads(ada.stdout)["samples"] in (4, 7, 10)  # the flag is accepted; semantics: test_server.py
     data = tmp_path / "items.jsonl"
     data.write_text("".join(json.dumps({"question": f"{Q} ({i})", "choices": CH, "label": 0}) + "\n" for i in range(5)))
     out = tmp_path / "out.jsonl"
