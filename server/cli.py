@@ -14,7 +14,10 @@ def add_serve(sub) -> None:
     p.add_argument("--adapters-dir", default=None, help="directory adapters load from by name")
     p.add_argument("--adapter", default=None, help="default adapter name (DALORRA_DEFAULT_ADAPTER)")
     p.add_argument("--base-model", default=None, help="HF id or directory (default: embedded SmolLM2)")
-    p.add_argument("--backend", choices=["hf"], default=None, help="scoring backend (hf; vLLM not built yet)")
+    p.add_argument("--backend", choices=["hf", "vllm"], default=None,
+                   help="scoring backend: hf (transformers, CPU/GPU) or vllm (mask bank; DALORRA_VLLM_* settings)")
+    p.add_argument("--adaptive", action="store_true", default=None,
+                   help="adaptive sampling for every request (DALORRA_ADAPTIVE; requests may override)")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     p.set_defaults(func=_serve)
 
@@ -26,7 +29,8 @@ def _serve(a) -> int:
     from .settings import Settings
 
     for key, val in (("HOST", a.host), ("PORT", a.port), ("ADAPTERS_DIR", a.adapters_dir),
-                     ("DEFAULT_ADAPTER", a.adapter), ("BASE_MODEL", a.base_model), ("BACKEND", a.backend)):
+                     ("DEFAULT_ADAPTER", a.adapter), ("BASE_MODEL", a.base_model), ("BACKEND", a.backend),
+                     ("ADAPTIVE", a.adaptive)):
         if val is not None:
             os.environ[f"DALORRA_{key}"] = str(val)
     settings = Settings()
