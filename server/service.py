@@ -40,6 +40,7 @@ class Service:
         # the generation, so stale entries are never served; LRU-bounded by RESULT_CACHE_SIZE.
         self.cache: OrderedDict[tuple, object] = OrderedDict()
         self.generation: dict[str, int] = {}
+        self.active = 0  # /predict calls in progress (stop() waits for them)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -59,7 +60,12 @@ class Service:
         self.accepting = False
         self.metrics.ready.set(0)
         if self.batcher:
-            await self.batcher.drain(drain_s)
+            # Accepted requests finish first: an adaptive request is between rounds (neither queued nor in
+            # flight) for a moment, so the batcher's own counters alone could look idle too early.
+            end = time.perf_counter() + drain_s
+            while self.active > 0 and time.perf_counter() < end:
+                await asyncio.sleep(0.05)
+            await self.batcher.drain(max(0.0, end - time.perf_counter()))
             await self.batcher.close()
         self.backend.shutdown()
 
@@ -146,6 +152,13 @@ class Service:
         return name, samples, seed
 
     async def predict(self, items: list[PredictItem]) -> list[PredictResponse]:
+        self.active += 1
+        try:
+            return await self._predict(items)
+        finally:
+            self.active -= 1
+
+    async def _predict(self, items: list[PredictItem]) -> list[PredictResponse]:
         if not self.accepting:
             raise ApiError(503, "unavailable", "server is not accepting requests (starting or draining)",
                            {"Retry-After": "5"})

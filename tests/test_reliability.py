@@ -117,7 +117,9 @@ def test_sigterm_drains_in_flight(adapters_dir, tmp_path):
 
     async def go():
         async with httpx.AsyncClient(timeout=300) as c:
-            tasks = [asyncio.create_task(c.post(s.url + "/predict", json={**BODY, "samples": 16})) for _ in range(4)]
+            tasks = [asyncio.create_task(c.post(s.url + "/predict", json={**BODY, "samples": 16, "seed": i,
+                                                                          "adaptive": i % 2 == 1}))
+                     for i in range(4)]  # adaptive ones are between rounds at times: they must finish too
             await asyncio.sleep(1.0)  # requests are in flight
             s.proc.send_signal(signal.SIGTERM)
             return await asyncio.gather(*tasks, return_exceptions=True)
