@@ -10,51 +10,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adapters.data import load_jsonl  # noqa: E402
 from bench.common import write  # noqa: E402
+from bench.serve import level  # noqa: E402  (the one load generator)
 from tests.server_utils import ServerProcess  # noqa: E402
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
-async def level(url: str, items, samples: int, concurrency: int, n: int) -> dict:
-    lat: list[float] = []
-    errors = 0
-    queue = list(range(n))
-
-    async def worker(c: httpx.AsyncClient):
-        nonlocal errors
-        while queue:
-            i = queue.pop()
-            it = items[i % len(items)]
-            t = time.perf_counter()
-            r = await c.post(url + "/predict", json={"question": it.question, "choices": list(it.choices),
-                                                     "samples": samples})
-            if r.status_code == 200:
-                lat.append(time.perf_counter() - t)
-            else:
-                errors += 1
-
-    async with httpx.AsyncClient(timeout=600) as c:
-        t0 = time.perf_counter()
-        await asyncio.gather(*[worker(c) for _ in range(concurrency)])
-        wall = time.perf_counter() - t0
-    return {"samples": samples, "concurrency": concurrency, "requests": n, "errors": errors,
-            "throughput_qps": len(lat) / wall, "p50_s": statistics.median(lat), "p99_s": pct(lat, 0.99),
-            "mean_s": statistics.mean(lat), "wall_s": wall}
 
 
 def main() -> None:
@@ -69,10 +34,11 @@ def main() -> None:
     log = Path(tempfile.mkdtemp()) / "server.log"
     srv = ServerProcess(Path(a.adapters_dir), a.adapter, log).wait_ready()
     try:
-        asyncio.run(level(srv.url, items, a.samples, 2, 4))  # warm-up
+        asyncio.run(level(srv.url, items, a.adapter, a.samples, 2, 4))  # warm-up
         runs = []
         for conc, n in zip(a.concurrency, a.requests, strict=True):
-            r = asyncio.run(level(srv.url, items, a.samples, conc, n))
+            r = asyncio.run(level(srv.url, items, a.adapter, a.samples, conc, n))
+            r.pop("_answers")
             r["backend_calls"] = srv.metric("dalorra_backend_calls_total")
             runs.append(r)
             print(r, flush=True)

@@ -199,8 +199,7 @@ class VLLMBackend(Backend):
     def _prompts(self, bank: Bank, members: list[int], enc) -> tuple[list, np.ndarray]:
         """One (prompt tokens, forced token, LoRA) per scored token; index rows = (sample, choice)."""
         e = enc[0]
-        steps = []  # (choice, prefix tokens, target)
-        if bank.fmt.mode == "letter":
+        if bank.fmt.mode == "letter":  # steps: (choice, prefix tokens, forced target token)
             steps = [(k, (), bank.letter_ids[k]) for k in range(e.k)]
         else:
             steps = [(k, cont[:t], cont[t]) for k, cont in enumerate(e.conts) for t in range(len(cont))]
