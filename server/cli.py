@@ -18,6 +18,8 @@ def add_serve(sub) -> None:
                    help="scoring backend: hf (transformers, CPU/GPU) or vllm (mask bank; DALORRA_VLLM_* settings)")
     p.add_argument("--adaptive", action="store_true", default=None,
                    help="adaptive sampling for every request (DALORRA_ADAPTIVE; requests may override)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="HF backend: torch.compile + warm-up at adapter load; ready only after it (DALORRA_COMPILE)")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     p.set_defaults(func=_serve)
 
@@ -30,7 +32,7 @@ def _serve(a) -> int:
 
     for key, val in (("HOST", a.host), ("PORT", a.port), ("ADAPTERS_DIR", a.adapters_dir),
                      ("DEFAULT_ADAPTER", a.adapter), ("BASE_MODEL", a.base_model), ("BACKEND", a.backend),
-                     ("ADAPTIVE", a.adaptive)):
+                     ("ADAPTIVE", a.adaptive), ("COMPILE", a.compile)):
         if val is not None:
             os.environ[f"DALORRA_{key}"] = str(val)
     settings = Settings()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import numpy as np
 import torch
@@ -27,14 +28,37 @@ class HFBackend(Backend):
             torch.set_num_threads(settings.threads)
         self.models: dict = {}  # adapter name → DalorraModel (each on its own copy of the base)
         self.lock = threading.Lock()  # scoring and (un)loading never overlap on one model
+        self.warmup_seconds: dict[str, float] = {}  # adapter → torch.compile + warm-up time (COMPILE=true)
 
     def load_adapter(self, name: str, path: str) -> dict:
         base, tok = load_base(self.settings.base_model, device=self.settings.device)
         model = load_adapter(path, base, tok, self.settings.base_model or "")
         model.eval()
-        with self.lock:
+        if self.settings.compile:
+            self.warmup_seconds[name] = self._compile(model, name)
+        with self.lock:  # only a warmed-up model becomes visible: readiness and hot loads wait for it
             self.models[name] = model
         return model.record
+
+    @torch.no_grad()
+    def _compile(self, model, name: str) -> float:
+        """torch.compile the graph-break-free parts of every decoder layer (MLP, RMSNorms; dynamic shapes) and
+        run warm-up batches so the compile cost is paid at load, not by the first user.
+
+        Attention stays eager: its KV-cache objects break graphs (a whole-layer compile hit dynamo's recompile
+        limit in a trial). Warm-up covers one row (a deterministic answer) and several rows, since dynamic
+        shapes still specialise a dimension of size 1."""
+        t0 = time.perf_counter()
+        for layer in model.decoder.layers:
+            for mod in (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
+                mod.compile(dynamic=True)
+        model.decoder.norm.compile(dynamic=True)
+        for rows in (1, max(2, self.settings.default_samples)):
+            self._score_group(model, [ScoreRequest(name, "Which warms the model up?", ("this one", "that one"),
+                                                   None, rows, 0)])
+        seconds = time.perf_counter() - t0
+        log.info("adapter %s: torch.compile + warm-up took %.1f s", name, seconds)
+        return seconds
 
     def unload_adapter(self, name: str) -> None:
         with self.lock:

@@ -134,6 +134,24 @@ def test_length_bucketing_changes_no_result(adapters_dir, items):
         np.testing.assert_allclose(x, y, atol=1e-4)
 
 
+def test_torch_compile_is_warmed_at_load_and_changes_no_result(adapters_dir, items):
+    from server.backend import ScoreRequest
+    from server.hf_backend import HFBackend
+    from server.settings import Settings
+
+    reqs = [ScoreRequest("t", it.question, it.choices, None, 3, i) for i, it in enumerate(items[:2])]
+    out = {}
+    for compiled in (False, True):
+        be = HFBackend(Settings(compile=compiled, default_samples=3))
+        be.load_adapter("t", str(adapters_dir / "test-ad"))
+        layer = be.models["t"].decoder.layers[0]
+        assert (layer.mlp._compiled_call_impl is not None) == compiled
+        assert ("t" in be.warmup_seconds) == compiled  # the warm-up ran inside load, before "t" could serve
+        out[compiled] = be.score(reqs)
+    for x, y in zip(out[False], out[True], strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-4)
+
+
 @pytest.mark.parametrize("body,status", [
     ({"question": "", "choices": ["a", "b"]}, 422),
     ({"question": "q", "choices": ["a"]}, 422),
