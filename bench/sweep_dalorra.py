@@ -97,8 +97,8 @@ def _write(rows: list[dict], setting: dict) -> None:
         table.append(f"| {r['dataset']} | {r['seed']} | {r['variant']} | {r['acc']:.3f} | {r['ece']:.3f} | {ratio} | "
                      f"{r['nll']:.3f} | {r['brier']:.3f} | {r['mean_epistemic']:.5f} | {keep} |")
     table += ["", f"Held-out split: {rows[0]['n'] if rows else 0} items from the training file; chance "
-              f"{rows[0]['chance'] if rows else 0:.2f}. One seed: differences of a few ECE points are within noise "
-              "at this size (see the calibration benchmark's seed spread)."]
+              f"{rows[0]['chance'] if rows else 0:.2f}. One seed and 150 items: ECE differences of a few points "
+              "can be noise; treat a variant as better only if it wins on accuracy, ECE and NLL together."]
     write("dalorra_sweep", {"setting": setting, "rows": rows}, "\n".join(table))
 
 
