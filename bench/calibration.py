@@ -39,13 +39,7 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=list(SPLITS))
     ap.add_argument("--methods", nargs="+", default=["lora", "dalorra", "map", "mcdropout", "ensemble"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--lr-mask", type=float, default=0.05)
-    ap.add_argument("--samples", type=int, default=10)
-    ap.add_argument("--eval-limit", type=int, default=150)
-    ap.add_argument("--max-length", type=int, default=160)
+    add_budget_args(ap)
     a = ap.parse_args()
     out_json = RESULTS / "calibration.json"
     rows = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []
@@ -66,19 +60,9 @@ def main() -> None:
                 if method == "ensemble":
                     _reuse_lora_as_member0(out, Path("runs/bench") / ds / f"lora-s{seed}")
                 base_method, _, top = method.partition("@top")  # e.g. dalorra@top8: only the top 8 layers
-                cfg = TrainConfig(out=str(out), train=train, method=base_method, steps=a.steps,
-                                  batch_size=a.batch_size, top_layers=int(top) if top else None,
-                                  lr=a.lr, lr_mask=a.lr_mask, mask_schedule="constant", max_length=a.max_length,
-                                  seed=seed, eval_samples=a.samples, calibrate=False, save_every=25,
-                                  progress=False)
+                cfg = budget_config(a, out, train, seed, method=base_method, top_layers=int(top) if top else None)
                 t0 = time.perf_counter()
-                rec = run(cfg, resume=True)
-                base, tok = load_base(None)
-                model = load_adapter(out, base, tok)
-                t_eval = time.perf_counter()
-                logits = predict_logits(model, items, a.samples, seed=0, progress=False)
-                t_eval = time.perf_counter() - t_eval
-                m = evaluate_logits(logits, labels)
+                rec, model, logits, m, t_eval = train_and_score(cfg, items, labels, a.samples)
                 row = {"method": method, "dataset": ds, "seed": seed, "chance": float(np.mean(
                     [1 / len(it.choices) for it in items])), **{k: m[k] for k in
                     ("acc", "ece", "nll", "brier", "aurc", "mean_entropy", "mean_epistemic", "n")},
@@ -91,6 +75,38 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 _write(rows, budget)
     _write(rows, budget)
+
+
+def add_budget_args(ap: argparse.ArgumentParser) -> None:
+    """The training and evaluation budget shared by every side-by-side comparison (this file, sweep_dalorra.py)."""
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr-mask", type=float, default=0.05)
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--eval-limit", type=int, default=150)
+    ap.add_argument("--max-length", type=int, default=160)
+
+
+def budget_config(a: argparse.Namespace, out: Path, train: str, seed: int, **knobs) -> TrainConfig:
+    """A TrainConfig at the shared budget; `knobs` (method, p0, lr_mask, ...) override it."""
+    return TrainConfig(**{"out": str(out), "train": train, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
+                          "lr_mask": a.lr_mask, "mask_schedule": "constant", "max_length": a.max_length,
+                          "seed": seed, "eval_samples": a.samples, "calibrate": False, "save_every": 25,
+                          "progress": False, **knobs})
+
+
+def train_and_score(cfg: TrainConfig, items, labels: np.ndarray, samples: int):
+    """Train (resuming), reload the written adapter, score `items` at S = samples with seed 0.
+
+    Returns (record, model, logits, metrics, eval seconds)."""
+    rec = run(cfg, resume=True)
+    base, tok = load_base(None)
+    model = load_adapter(cfg.out, base, tok)
+    t_eval = time.perf_counter()
+    logits = predict_logits(model, items, samples, seed=0, progress=False)
+    t_eval = time.perf_counter() - t_eval
+    return rec, model, logits, evaluate_logits(logits, labels), t_eval
 
 
 def _reuse_lora_as_member0(ensemble_out: Path, lora_out: Path) -> None:

@@ -23,11 +23,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adapters.adapter_io import load_adapter  # noqa: E402
-from adapters.basemodel import load_base  # noqa: E402
-from adapters.evaluate import evaluate_logits, predict_logits  # noqa: E402
-from adapters.train import TrainConfig, load_splits, run  # noqa: E402
-from bench.calibration import SPLITS  # noqa: E402
+from adapters.train import load_splits  # noqa: E402
+from bench.calibration import SPLITS, add_budget_args, budget_config, train_and_score  # noqa: E402
 from bench.common import RESULTS, write  # noqa: E402
 
 # One knob at a time, from the benchmark's DALorRA setting (p0 0.5, τ 2/3, no KL warm-up, φ lr 0.05 constant).
@@ -41,13 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="arc_easy", choices=list(SPLITS))
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--lr-mask", type=float, default=0.05)
-    ap.add_argument("--samples", type=int, default=10)
-    ap.add_argument("--eval-limit", type=int, default=150)
-    ap.add_argument("--max-length", type=int, default=160)
+    add_budget_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     out_json = RESULTS / "dalorra_sweep.json"
@@ -60,19 +51,11 @@ def main() -> None:
     for name in a.variants:
         if (name, a.dataset, a.seed) in done:
             continue
-        knobs = {"method": "dalorra", "lr_mask": a.lr_mask, **VARIANTS[name]}
-        cfg = TrainConfig(out=str(Path("runs/sweep") / a.dataset / f"{name}-s{a.seed}"), train=SPLITS[a.dataset][0],
-                          steps=a.steps, batch_size=a.batch_size, lr=a.lr, mask_schedule="constant",
-                          max_length=a.max_length, seed=a.seed, eval_samples=a.samples, calibrate=False,
-                          save_every=25, progress=False, **knobs)
+        cfg = budget_config(a, Path("runs/sweep") / a.dataset / f"{name}-s{a.seed}", SPLITS[a.dataset][0], a.seed,
+                            **{"method": "dalorra", **VARIANTS[name]})
         held_out = load_splits(cfg)[2][:a.eval_limit]
-        labels = np.array([it.label for it in held_out])
         t0 = time.perf_counter()
-        rec = run(cfg, resume=True)
-        base, tok = load_base(None)
-        model = load_adapter(cfg.out, base, tok)
-        logits = predict_logits(model, held_out, a.samples, seed=0, progress=False)
-        m = evaluate_logits(logits, labels)
+        rec, model, _, m, _ = train_and_score(cfg, held_out, np.array([it.label for it in held_out]), a.samples)
         keep = model.keep_probabilities() if cfg.method == "dalorra" else {}
         row = {"variant": name, "dataset": a.dataset, "seed": a.seed, "knobs": VARIANTS[name],
                **{k: m[k] for k in ("acc", "ece", "nll", "brier", "aurc", "mean_entropy", "mean_epistemic", "n")},
