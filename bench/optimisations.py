@@ -190,8 +190,9 @@ def main() -> None:
         for r in prev["rows"]:  # rows from before per-row provenance: the file's own command and date
             r.setdefault("command", prev["command"])
             r.setdefault("date", prev["machine"]["date"])
-        rows = [r for r in prev["rows"] if r.get("section", _section_of(r)) not in a.only] + rows
-        rows.sort(key=lambda r: SECTIONS.index(r.get("section") or _section_of(r)))
+            r.setdefault("section", _section_of(r))
+        rows = [r for r in prev["rows"] if r["section"] not in a.only] + rows
+        rows.sort(key=lambda r: SECTIONS.index(r["section"]))
     table = [f"{a.questions} ARC-Easy validation questions, S = {a.samples}, median of {a.repeats}; adapter "
              f"`{a.adapter}`.", "",
              "| optimisation | on (s) | off (s) | speed-up | max abs diff | note |", "|---|---|---|---|---|---|"]

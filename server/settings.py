@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     length_bucketing: bool = Field(False, description="HF backend: group rows of similar length into a forward "
                                    "(measured 0.94× on the 2-core CPU: bench/results/optimisations.md)")
     compile: bool = Field(False, description="HF backend: torch.compile every decoder layer's MLP and norms at adapter "
-                          "load and warm them up before the adapter serves (readiness waits); measured no gain on "
+                          "load and warm them up before the adapter serves (readiness waits); measured 1.07×, within noise, on "
                           "the 2-core CPU (bench/results/optimisations.md)")
     adaptive: bool = Field(False, description="adaptive sampling by default (a request's `adaptive` overrides)")
     adaptive_first: int = Field(4, ge=2, description="adaptive sampling: draws in the first round")
