@@ -91,14 +91,17 @@ def test_real_prometheus_ece_equals_offline(adapters_dir, data_dir, tmp_path):
     api = f"http://127.0.0.1:{prom_port}/api/v1/query"
 
     def query(q):
+        # Until its TSDB is open Prometheus answers 503 "Service Unavailable" in plain text, not JSON.
         try:
-            r = httpx.get(api, params={"query": q}, timeout=5).json()
+            r = httpx.get(api, params={"query": q}, timeout=5)
         except httpx.HTTPError:
             return []
-        return r.get("data", {}).get("result", [])
+        if r.status_code != 200:
+            return []
+        return r.json().get("data", {}).get("result", [])
 
     try:
-        end = time.time() + 60
+        end = time.time() + 90
         while time.time() < end and not query('dalorra_calibration_predictions_total{adapter="test-ad"}'):
             time.sleep(0.5)  # the zero-initialised counters have been scraped at least once
         items = load_jsonl(data_dir / "arc_easy" / "validation.jsonl", limit=12)
