@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adapters.train import TrainConfig, train_one  # noqa: E402
+from adapters.train import train_one  # noqa: E402
+from bench.calibration import add_budget_args, budget_config  # noqa: E402
 from bench.common import write  # noqa: E402
 
 
@@ -28,20 +29,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["lora", "dalorra", "map", "mcdropout"],
                     choices=["lora", "dalorra", "map", "mcdropout"])
-    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dataset", default="arc_easy/train")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=160)
+    add_budget_args(ap)  # the calibration benchmark's budget, but few steps per round
+    ap.set_defaults(steps=8)
     a = ap.parse_args()
     per: dict[str, list[float]] = {m: [] for m in a.methods}
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(a.rounds):
             for method in a.methods:
-                cfg = TrainConfig(out=str(Path(tmp) / method), train=a.dataset, method=method, steps=a.steps,
-                                  batch_size=a.batch_size, lr=3e-4, lr_mask=0.05, mask_schedule="constant",
-                                  max_length=a.max_length, seed=0, calibrate=False, save_every=10**9,
-                                  progress=False)
+                cfg = budget_config(a, Path(tmp) / method, a.dataset, 0, method=method, save_every=10**9)
                 _, summary = train_one(cfg, 0, Path(tmp) / f"{method}-{rnd}.pt", resume=False)
                 per[method].append(summary["seconds_per_step"])
                 print(f"round {rnd} {method}: {summary['seconds_per_step']:.2f} s/step", flush=True)
