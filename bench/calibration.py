@@ -1,7 +1,8 @@
 """Calibration benchmark: every method with an identical budget, side by side (issue: Trainer).
 
     python bench/calibration.py [--datasets arc_easy ...] [--methods dalorra lora map mcdropout ensemble]
-        (a method "dalorra@top8" trains DALorRA on the top 8 decoder layers only, same budget otherwise)
+        (a method "dalorra@top8" trains DALorRA on the top 8 decoder layers only, "dalorra@p0=0.9" with one
+         knob changed, same budget otherwise)
         [--seeds 0 1] [--steps 120] [--eval-limit 150]
 Resumable per (method, dataset, seed): finished rows are kept in bench/results/calibration.json and
 skipped; adapters go to runs/bench/. Writes calibration.json (all rows) and calibration.md (mean ± std).
@@ -59,8 +60,7 @@ def main() -> None:
                 out = Path("runs/bench") / ds / f"{method}-s{seed}"
                 if method == "ensemble":
                     _reuse_lora_as_member0(out, Path("runs/bench") / ds / f"lora-s{seed}")
-                base_method, _, top = method.partition("@top")  # e.g. dalorra@top8: only the top 8 layers
-                cfg = budget_config(a, out, train, seed, method=base_method, top_layers=int(top) if top else None)
+                cfg = budget_config(a, out, train, seed, **method_knobs(method))
                 t0 = time.perf_counter()
                 rec, model, logits, m, t_eval = train_and_score(cfg, items, labels, a.samples)
                 row = {"method": method, "dataset": ds, "seed": seed, "chance": float(np.mean(
@@ -86,6 +86,19 @@ def add_budget_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--eval-limit", type=int, default=150)
     ap.add_argument("--max-length", type=int, default=160)
+
+
+def method_knobs(method: str) -> dict:
+    """"lora" → {method: lora}; "dalorra@top8" → also top_layers 8; "dalorra@p0=0.9" → also p0 0.9."""
+    base, _, spec = method.partition("@")
+    if not spec:
+        return {"method": base}
+    if spec.startswith("top") and spec[3:].isdigit():
+        return {"method": base, "top_layers": int(spec[3:])}
+    key, eq, value = spec.partition("=")
+    if not eq or key not in TrainConfig.__dataclass_fields__:
+        raise SystemExit(f"method {method!r}: expected METHOD, METHOD@topL or METHOD@KNOB=VALUE (a TrainConfig field)")
+    return {"method": base, key: float(value)}
 
 
 def budget_config(a: argparse.Namespace, out: Path, train: str, seed: int, **knobs) -> TrainConfig:
@@ -123,7 +136,7 @@ def _reuse_lora_as_member0(ensemble_out: Path, lora_out: Path) -> None:
 def _write(rows, budget) -> None:
     groups: dict = {}
     for r in rows:
-        if r["method"] != "dalorra":  # φ is not trained (masks all on): no keep-probabilities to report
+        if not r["method"].startswith("dalorra"):  # φ is not trained (masks all on): no keep-probabilities to report
             r["keep_probability"] = r["keep_histogram"] = None
         groups.setdefault((r["dataset"], r["method"]), []).append(r)
     table = [f"Budget (identical for every method): {json.dumps(budget)}", "",
@@ -137,10 +150,10 @@ def _write(rows, budget) -> None:
                      f"{ms([r['ece'] for r in rs])} | {ms([r['nll'] for r in rs])} | {ms([r['brier'] for r in rs])} | "
                      f"{ms([r['aurc'] for r in rs])} | {np.mean([r['mean_epistemic'] for r in rs]):.4f} | "
                      f"{np.mean([r['seconds_per_step'] for r in rs]):.2f} |")
-    keep = [r for r in rows if r["method"] == "dalorra" and r.get("keep_probability")]
+    keep = [r for r in rows if r["method"].startswith("dalorra") and r.get("keep_probability")]
     if keep:
         table += ["", "DALorRA mean keep-probability σ(φ) per module kind: " + "; ".join(
-            f"{r['dataset']} seed {r['seed']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["keep_probability"].items())
+            f"{r['dataset']} {r['method']} seed {r['seed']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["keep_probability"].items())
             for r in keep)]
     table += ["", "Mean ± sample standard deviation over the seeds counted in `seeds`. s/step was measured while other "
               "jobs shared the 2 cores: compare methods only within one run (`bench/train_step.py` measures it "
@@ -150,25 +163,30 @@ def _write(rows, budget) -> None:
 
 
 def _targets(groups: dict) -> list[str]:
-    """The issue's targets per dataset, computed from the seed means; n/a where MLE-LoRA is < 10 points above
-    chance (a model at chance is trivially calibrated)."""
-    out = ["Targets (seed means; apply where MLE-LoRA is at least 10 points above chance):", "",
-           "| dataset | LoRA − chance | DALorRA ECE / LoRA's (≤ 0.4) | ECE below MC dropout and ensemble | "
-           "NLL lowest | acc − LoRA's (≥ −0.01) |", "|---|---|---|---|---|---|"]
+    """The issue's targets per dataset, computed from the seed means, for DALorRA and each DALorRA variant
+    (dalorra@...) against the plain baselines; n/a where MLE-LoRA is < 10 points above chance (a model at chance
+    is trivially calibrated)."""
+    out = ["Targets (seed means; apply where MLE-LoRA is at least 10 points above chance; a variant row compares "
+           "dalorra@… with the same baselines, over the seeds it has):", "",
+           "| dataset | DALorRA | LoRA − chance | ECE / LoRA's (≤ 0.4) | ECE below MC dropout and ensemble | "
+           "NLL lowest | acc − LoRA's (≥ −0.01) |", "|---|---|---|---|---|---|---|"]
     for ds in sorted({d for d, _ in groups}):
         mean = {m: {k: float(np.mean([r[k] for r in rs])) for k in ("acc", "ece", "nll", "chance")}
-                for (d, m), rs in groups.items() if d == ds and "@" not in m}
-        if not {"lora", "dalorra"} <= mean.keys():
+                for (d, m), rs in groups.items() if d == ds}
+        plain = {m: v for m, v in mean.items() if "@" not in m}
+        if "lora" not in plain:
             continue
-        lo, da = mean["lora"], mean["dalorra"]
+        lo = plain["lora"]
         above = lo["acc"] - lo["chance"]
-        applies = above >= 0.10
-        others = [m for m in ("mcdropout", "ensemble") if m in mean]
-        cells = [f"{da['ece'] / lo['ece']:.2f}", "yes" if all(da["ece"] < mean[m]["ece"] for m in others) else "no",
-                 "yes" if da["nll"] <= min(v["nll"] for v in mean.values()) else "no", f"{da['acc'] - lo['acc']:+.3f}"]
-        if not applies:
-            cells = [c + " (n/a)" for c in cells]
-        out.append(f"| {ds} | {above:+.3f} | " + " | ".join(cells) + " |")
+        others = [m for m in ("mcdropout", "ensemble") if m in plain]
+        for name in sorted(m for m in mean if m == "dalorra" or m.startswith("dalorra@") and "@top" not in m):
+            da = mean[name]
+            cells = [f"{da['ece'] / lo['ece']:.2f}", "yes" if all(da["ece"] < plain[m]["ece"] for m in others)
+                     else "no", "yes" if da["nll"] <= min(v["nll"] for v in plain.values()) else "no",
+                     f"{da['acc'] - lo['acc']:+.3f}"]
+            if above < 0.10:
+                cells = [c + " (n/a)" for c in cells]
+            out.append(f"| {ds} | {name} | {above:+.3f} | " + " | ".join(cells) + " |")
     return out
 
 
