@@ -27,7 +27,7 @@ from adapters.basemodel import load_base  # noqa: E402
 from adapters.data import load_jsonl  # noqa: E402
 from adapters.evaluate import evaluate_logits, predict_logits  # noqa: E402
 from adapters.train import TrainConfig, run  # noqa: E402
-from bench.common import RESULTS, write  # noqa: E402
+from bench.common import RESULTS, command, write  # noqa: E402
 
 SPLITS = {"arc_easy": ("arc_easy/train", "arc_easy/validation"),
           "arc_challenge": ("arc_challenge/train", "arc_challenge/validation"),
@@ -43,7 +43,10 @@ def main() -> None:
     add_budget_args(ap)
     a = ap.parse_args()
     out_json = RESULTS / "calibration.json"
-    rows = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []
+    old = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    rows = old.get("rows", [])
+    # every invocation that added rows, oldest first (a row's own is in row["command"] from 2026-11-29 on)
+    commands = old.get("commands") or ([old["command"]] if old else [])
     done = {(r["method"], r["dataset"], r["seed"]) for r in rows}
     budget = {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "lr_mask": a.lr_mask,
               "mask_schedule": "constant", "r": 8, "alpha": 16, "targets": "q_proj,v_proj,lm_head",
@@ -71,10 +74,12 @@ def main() -> None:
                     "keep_probability": {k: float(np.mean(v)) for k, v in model.keep_probabilities().items()},
                     "keep_histogram": rec.get("keep_histogram"), "wall_seconds": time.perf_counter() - t0,
                     "eval_samples": int(logits.shape[0]), "eval_seconds": t_eval}
-                rows.append(row)
+                rows.append({**row, "command": command()})
+                if command() not in commands:
+                    commands.append(command())
                 print(json.dumps(row), flush=True)
-                _write(rows, budget)
-    _write(rows, budget)
+                _write(rows, budget, commands)
+    _write(rows, budget, commands)
 
 
 def add_budget_args(ap: argparse.ArgumentParser) -> None:
@@ -133,7 +138,7 @@ def _reuse_lora_as_member0(ensemble_out: Path, lora_out: Path) -> None:
         os.replace(dst.with_name(dst.name + ".tmp"), dst)
 
 
-def _write(rows, budget) -> None:
+def _write(rows, budget, commands) -> None:
     groups: dict = {}
     for r in rows:
         if not r["method"].startswith("dalorra"):  # φ is not trained (masks all on): no keep-probabilities to report
@@ -159,7 +164,9 @@ def _write(rows, budget) -> None:
               "jobs shared the 2 cores: compare methods only within one run (`bench/train_step.py` measures it "
               "interleaved)."]
     table += ["", *_targets(groups)]
-    write("calibration", {"budget": budget, "rows": rows}, "\n".join(table))
+    table += ["", "Rows were added by these invocations (resumable; the header's command is the latest):", "",
+              *[f"- `{c}`" for c in commands]]
+    write("calibration", {"budget": budget, "commands": commands, "rows": rows}, "\n".join(table))
 
 
 def _targets(groups: dict) -> list[str]:
