@@ -35,6 +35,7 @@ def evaluate_logits(logits: np.ndarray, labels: np.ndarray, decision: dict | Non
     """Metrics of DESIGN §1 plus mean entropy / MI and, given a decision record, coverage and risk."""
     s = summarize(logits)
     out = metrics(s["probabilities"], labels)
+    out["mean_confidence"] = float(s["confidence"].mean())  # minus acc: > 0 over-, < 0 under-confident
     out["mean_entropy"] = float(s["entropy"].mean())
     out["mean_epistemic"] = float(s["epistemic"].mean())
     if decision:

@@ -33,6 +33,7 @@ SPLITS = {"arc_easy": ("arc_easy/train", "arc_easy/validation"),
           "arc_challenge": ("arc_challenge/train", "arc_challenge/validation"),
           "openbookqa": ("openbookqa/train", "openbookqa/dev"),
           "winogrande_s": ("winogrande/train_s", "winogrande/dev")}
+METRICS = ("acc", "ece", "nll", "brier", "aurc", "mean_confidence", "mean_entropy", "mean_epistemic", "n")
 
 
 def main() -> None:
@@ -40,6 +41,9 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=list(SPLITS))
     ap.add_argument("--methods", nargs="+", default=["lora", "dalorra", "map", "mcdropout", "ensemble"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--backfill-confidence", action="store_true",
+                    help="re-score finished rows that lack mean_confidence from their saved adapters (same draws; "
+                         "fails if any other metric moves) instead of training")
     add_budget_args(ap)
     a = ap.parse_args()
     out_json = RESULTS / "calibration.json"
@@ -52,6 +56,9 @@ def main() -> None:
               "mask_schedule": "constant", "r": 8, "alpha": 16, "targets": "q_proj,v_proj,lm_head",
               "mode": "cloze", "normalize": "tokens", "max_length": a.max_length, "samples": a.samples,
               "eval_limit": a.eval_limit}
+    if a.backfill_confidence:
+        _backfill_confidence(a, rows, budget, commands)
+        return
     for seed in a.seeds:  # every dataset at the first seed before any second seed
         for ds in a.datasets:
             train, test = SPLITS[ds]
@@ -68,7 +75,7 @@ def main() -> None:
                 rec, model, logits, m, t_eval = train_and_score(cfg, items, labels, a.samples)
                 row = {"method": method, "dataset": ds, "seed": seed, "chance": float(np.mean(
                     [1 / len(it.choices) for it in items])), **{k: m[k] for k in
-                    ("acc", "ece", "nll", "brier", "aurc", "mean_entropy", "mean_epistemic", "n")},
+                    METRICS},
                     "train_seconds": rec["training"]["train_seconds"],
                     "seconds_per_step": rec["training"]["seconds_per_step"],
                     "keep_probability": {k: float(np.mean(v)) for k, v in model.keep_probabilities().items()},
@@ -80,6 +87,28 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 _write(rows, budget, commands)
     _write(rows, budget, commands)
+
+
+def _backfill_confidence(a: argparse.Namespace, rows: list[dict], budget: dict, commands: list[str]) -> None:
+    """Rows written before mean_confidence was recorded: score the saved adapter again with the same S and seed
+    and take mean_confidence; every metric the row already has must come out the same (checked to 1e-6)."""
+    base, tok = load_base(None)
+    for r in rows:
+        if "mean_confidence" in r or r["dataset"] not in a.datasets or r["method"] not in a.methods \
+                or r["seed"] not in a.seeds:
+            continue
+        items = load_jsonl(SPLITS[r["dataset"]][1], limit=a.eval_limit)
+        model = load_adapter(Path("runs/bench") / r["dataset"] / f"{r['method']}-s{r['seed']}", base, tok)
+        m = evaluate_logits(predict_logits(model, items, a.samples, seed=0, progress=False),
+                            np.array([it.label for it in items]))
+        moved = {k: (r[k], m[k]) for k in ("acc", "ece", "nll", "brier") if abs(r[k] - m[k]) > 1e-6}
+        if moved:
+            raise SystemExit(f"{r['dataset']} {r['method']} seed {r['seed']}: re-scoring moved {moved}")
+        r["mean_confidence"] = m["mean_confidence"]
+        print(r["dataset"], r["method"], r["seed"], f"conf {m['mean_confidence']:.3f} acc {m['acc']:.3f}", flush=True)
+        if command() not in commands:
+            commands.append(command())
+        _write(rows, budget, commands)
 
 
 def add_budget_args(ap: argparse.ArgumentParser) -> None:
@@ -145,14 +174,17 @@ def _write(rows, budget, commands) -> None:
             r["keep_probability"] = r["keep_histogram"] = None
         groups.setdefault((r["dataset"], r["method"]), []).append(r)
     table = [f"Budget (identical for every method): {json.dumps(budget)}", "",
-             "| dataset | method | seeds | acc | chance | ECE | NLL | Brier | AURC | mean MI | s/step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dataset | method | seeds | acc | chance | ECE | conf − acc | NLL | Brier | AURC | mean MI | s/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(vals):  # mean ± sample standard deviation over seeds
         return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+    def gap(rs):  # mean confidence − accuracy: > 0 over-confident, < 0 under-confident
+        return f"{np.mean([r['mean_confidence'] - r['acc'] for r in rs]):+.3f}" if all(
+            "mean_confidence" in r for r in rs) else "–"
     for (ds, method), rs in sorted(groups.items()):
         table.append(f"| {ds} | {method} | {len(rs)} | {ms([r['acc'] for r in rs])} | {rs[0]['chance']:.2f} | "
-                     f"{ms([r['ece'] for r in rs])} | {ms([r['nll'] for r in rs])} | {ms([r['brier'] for r in rs])} | "
+                     f"{ms([r['ece'] for r in rs])} | {gap(rs)} | {ms([r['nll'] for r in rs])} | {ms([r['brier'] for r in rs])} | "
                      f"{ms([r['aurc'] for r in rs])} | {np.mean([r['mean_epistemic'] for r in rs]):.4f} | "
                      f"{np.mean([r['seconds_per_step'] for r in rs]):.2f} |")
     keep = [r for r in rows if r["method"].startswith("dalorra") and r.get("keep_probability")]
@@ -160,7 +192,8 @@ def _write(rows, budget, commands) -> None:
         table += ["", "DALorRA mean keep-probability σ(φ) per module kind: " + "; ".join(
             f"{r['dataset']} {r['method']} seed {r['seed']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["keep_probability"].items())
             for r in keep)]
-    table += ["", "Mean ± sample standard deviation over the seeds counted in `seeds`. s/step was measured while other "
+    table += ["", "Mean ± sample standard deviation over the seeds counted in `seeds`. conf − acc: mean top "
+              "probability minus accuracy (> 0 over-confident, < 0 under-confident; – where a row predates it). s/step was measured while other "
               "jobs shared the 2 cores: compare methods only within one run (`bench/train_step.py` measures it "
               "interleaved)."]
     table += ["", *_targets(groups)]

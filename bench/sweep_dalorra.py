@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adapters.data import Item, load_jsonl, split  # noqa: E402
 from adapters.train import load_splits  # noqa: E402
-from bench.calibration import SPLITS, add_budget_args, budget_config, train_and_score  # noqa: E402
+from bench.calibration import METRICS, SPLITS, add_budget_args, budget_config, train_and_score  # noqa: E402
 from bench.common import RESULTS, command, write  # noqa: E402
 
 # One knob at a time, from the benchmark's DALorRA setting (p0 0.5, τ 2/3, no KL warm-up, φ lr 0.05 constant).
@@ -67,7 +67,7 @@ def main() -> None:
         keep = model.keep_probabilities() if cfg.method == "dalorra" else {}
         row = {"variant": name, "dataset": a.dataset, "seed": a.seed, "train_items": a.train_items,
                "knobs": VARIANTS[name], "command": command(),
-               **{k: m[k] for k in ("acc", "ece", "nll", "brier", "aurc", "mean_entropy", "mean_epistemic", "n")},
+               **{k: m[k] for k in METRICS},
                "chance": float(np.mean([1 / len(it.choices) for it in held_out])),
                "keep_probability": {k: float(np.mean(v)) for k, v in keep.items()},
                "seconds_per_step": rec["training"]["seconds_per_step"], "wall_seconds": time.perf_counter() - t0}
@@ -99,21 +99,22 @@ def _row(it: Item) -> dict:
 
 def _write(rows: list[dict], setting: dict) -> None:
     table = [f"Setting (every variant changes only its knob): {json.dumps(setting)}", "",
-             "| dataset | train items | seed | variant | acc | ECE | ECE / LoRA's | NLL | Brier | mean MI | "
-             "mean keep-prob |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dataset | train items | seed | variant | acc | ECE | ECE / LoRA's | conf − acc | NLL | Brier | mean MI | "
+             "mean keep-prob |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     key = lambda r: (r["dataset"], r.get("train_items") or 0, r["seed"])  # noqa: E731
     ref = {key(r): r for r in rows if r["variant"] == "lora"}
     for r in sorted(rows, key=lambda r: (*key(r), list(VARIANTS).index(r["variant"]))):
         lo = ref.get(key(r))
         ratio = f"{r['ece'] / lo['ece']:.2f}" if lo and lo["ece"] > 0 else "–"
         keep = f"{np.mean(list(r['keep_probability'].values())):.2f}" if r["keep_probability"] else "–"
+        gap = f"{r['mean_confidence'] - r['acc']:+.3f}" if "mean_confidence" in r else "–"
         table.append(f"| {r['dataset']} | {r.get('train_items') or 'all'} | {r['seed']} | {r['variant']} | "
-                     f"{r['acc']:.3f} | {r['ece']:.3f} | {ratio} | {r['nll']:.3f} | {r['brier']:.3f} | "
+                     f"{r['acc']:.3f} | {r['ece']:.3f} | {ratio} | {gap} | {r['nll']:.3f} | {r['brier']:.3f} | "
                      f"{r['mean_epistemic']:.5f} | {keep} |")
     n = rows[0]["n"] if rows else 0
     table += ["", f"Held-out split: the first {n} items of a 10% seeded split of each training file (chance: 1/K). "
               "\"train items\" N < all: trained on only the first N items of the rest, for the same steps (several "
-              f"epochs). Each row's own command is in the JSON. One seed and {n} items: ECE differences of a few points "
+              f"epochs). conf − acc: mean top probability minus accuracy (> 0 over-confident). Each row's own command is in the JSON. One seed and {n} items: ECE differences of a few points "
               "can be noise; treat a variant as better only if it wins on accuracy, ECE and NLL together."]
     write("dalorra_sweep", {"setting": setting, "rows": rows}, "\n".join(table))
 

@@ -128,3 +128,13 @@ def test_sampling_settled_stops_only_when_nothing_can_change():
     assert sampling_settled(near, tol=0.02)
     assert not sampling_settled(near, min_confidence=0.904)  # the threshold lies inside the error band
     assert sampling_settled(near, min_confidence=0.8)
+
+
+def test_evaluate_reports_mean_confidence_over_the_mask_average():
+    from adapters.evaluate import evaluate_logits
+
+    # two masks of one 2-choice item: probabilities (0.8, 0.2) and (0.4, 0.6) average to (0.6, 0.4)
+    logits = torch.log(torch.tensor([[[0.8, 0.2]], [[0.4, 0.6]]])).numpy()
+    m = evaluate_logits(logits, np.array([1]))
+    assert m["mean_confidence"] == pytest.approx(0.6)
+    assert m["acc"] == 0.0  # confident and wrong: mean_confidence − acc = +0.6, over-confident
