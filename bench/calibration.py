@@ -33,6 +33,7 @@ SPLITS = {"arc_easy": ("arc_easy/train", "arc_easy/validation"),
           "arc_challenge": ("arc_challenge/train", "arc_challenge/validation"),
           "openbookqa": ("openbookqa/train", "openbookqa/dev"),
           "winogrande_s": ("winogrande/train_s", "winogrande/dev")}
+DEFAULT_LR = 3e-4  # A/B learning rate of the benchmark budget
 METRICS = ("acc", "ece", "nll", "brier", "aurc", "mean_confidence", "mean_entropy", "mean_epistemic", "n")
 
 
@@ -115,7 +116,7 @@ def add_budget_args(ap: argparse.ArgumentParser) -> None:
     """The training and evaluation budget shared by every side-by-side comparison (this file, sweep_dalorra.py)."""
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--lr-mask", type=float, default=0.05)
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--eval-limit", type=int, default=150)

@@ -1,6 +1,7 @@
 """DALorRA hyper-parameter sweep on a held-out split of the *training* data (issue: Trainer, "if a target is missed").
 
     python bench/sweep_dalorra.py [--dataset arc_easy] [--variants base p0=0.9 ...] [--steps 120] [--eval-limit 150]
+        [--lr 1e-3]         (A/B learning rate of every variant; rows are keyed by it)
         [--train-items N]   (train on only the first N items of the training part: several epochs in the same
                              steps, the over-fitting regime where fine-tuned models grow over-confident)
 
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adapters.data import Item, load_jsonl, split  # noqa: E402
 from adapters.train import load_splits  # noqa: E402
-from bench.calibration import METRICS, SPLITS, add_budget_args, budget_config, train_and_score  # noqa: E402
+from bench.calibration import DEFAULT_LR, METRICS, SPLITS, add_budget_args, budget_config, train_and_score  # noqa: E402
 from bench.common import RESULTS, command, write  # noqa: E402
 
 # One knob at a time, from the benchmark's DALorRA setting (p0 0.5, τ 2/3, no KL warm-up, φ lr 0.05 constant).
@@ -49,23 +50,23 @@ def main() -> None:
     a = ap.parse_args()
     out_json = RESULTS / "dalorra_sweep.json"
     rows = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []
-    done = {(r["variant"], r["dataset"], r["seed"], r.get("train_items")) for r in rows}
+    done = {(r["variant"], r["dataset"], r["seed"], r.get("train_items"), r.get("lr", DEFAULT_LR)) for r in rows}
     setting = {"held_out": "10% seeded split of train "
                "(the trainer's calibration split)", "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
                "lr_mask": a.lr_mask, "p0": 0.5, "tau": 2 / 3, "kl_warmup": 0.0, "mask_schedule": "constant",
                "samples": a.samples, "eval_limit": a.eval_limit, "max_length": a.max_length, "seed": a.seed}
     for name in a.variants:
-        if (name, a.dataset, a.seed, a.train_items) in done:
+        if (name, a.dataset, a.seed, a.train_items, a.lr) in done:
             continue
         data = _small_train(a.dataset, a.seed, a.train_items) if a.train_items else {"train": SPLITS[a.dataset][0]}
-        out = Path("runs/sweep") / a.dataset / (f"{name}-n{a.train_items}-s{a.seed}" if a.train_items
-                                                else f"{name}-s{a.seed}")
+        tag = (f"-n{a.train_items}" if a.train_items else "") + (f"-lr{a.lr:g}" if a.lr != DEFAULT_LR else "")
+        out = Path("runs/sweep") / a.dataset / f"{name}{tag}-s{a.seed}"
         cfg = budget_config(a, out, data.pop("train"), a.seed, **{"method": "dalorra", **data, **VARIANTS[name]})
         held_out = load_splits(cfg)[2][:a.eval_limit]
         t0 = time.perf_counter()
         rec, model, _, m, _ = train_and_score(cfg, held_out, np.array([it.label for it in held_out]), a.samples)
         keep = model.keep_probabilities() if cfg.method == "dalorra" else {}
-        row = {"variant": name, "dataset": a.dataset, "seed": a.seed, "train_items": a.train_items,
+        row = {"variant": name, "dataset": a.dataset, "seed": a.seed, "train_items": a.train_items, "lr": a.lr,
                "knobs": VARIANTS[name], "command": command(),
                **{k: m[k] for k in METRICS},
                "chance": float(np.mean([1 / len(it.choices) for it in held_out])),
@@ -99,16 +100,17 @@ def _row(it: Item) -> dict:
 
 def _write(rows: list[dict], setting: dict) -> None:
     table = [f"Setting (every variant changes only its knob): {json.dumps(setting)}", "",
-             "| dataset | train items | seed | variant | acc | ECE | ECE / LoRA's | conf − acc | NLL | Brier | mean MI | "
-             "mean keep-prob |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    key = lambda r: (r["dataset"], r.get("train_items") or 0, r["seed"])  # noqa: E731
+             "| dataset | train items | A/B lr | seed | variant | acc | ECE | ECE / LoRA's | conf − acc | NLL | Brier | mean MI | "
+             "mean keep-prob |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    key = lambda r: (r["dataset"], r.get("train_items") or 0, r.get("lr", DEFAULT_LR), r["seed"])  # noqa: E731
     ref = {key(r): r for r in rows if r["variant"] == "lora"}
     for r in sorted(rows, key=lambda r: (*key(r), list(VARIANTS).index(r["variant"]))):
         lo = ref.get(key(r))
         ratio = f"{r['ece'] / lo['ece']:.2f}" if lo and lo["ece"] > 0 else "–"
         keep = f"{np.mean(list(r['keep_probability'].values())):.2f}" if r["keep_probability"] else "–"
         gap = f"{r['mean_confidence'] - r['acc']:+.3f}" if "mean_confidence" in r else "–"
-        table.append(f"| {r['dataset']} | {r.get('train_items') or 'all'} | {r['seed']} | {r['variant']} | "
+        lr = r["knobs"].get("lr", r.get("lr", DEFAULT_LR))
+        table.append(f"| {r['dataset']} | {r.get('train_items') or 'all'} | {lr:g} | {r['seed']} | {r['variant']} | "
                      f"{r['acc']:.3f} | {r['ece']:.3f} | {ratio} | {gap} | {r['nll']:.3f} | {r['brier']:.3f} | "
                      f"{r['mean_epistemic']:.5f} | {keep} |")
     n = rows[0]["n"] if rows else 0
