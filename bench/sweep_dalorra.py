@@ -52,9 +52,10 @@ def main() -> None:
     rows = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []
     done = {(r["variant"], r["dataset"], r["seed"], r.get("train_items"), r.get("lr", DEFAULT_LR)) for r in rows}
     setting = {"held_out": "10% seeded split of train "
-               "(the trainer's calibration split)", "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
-               "lr_mask": a.lr_mask, "p0": 0.5, "tau": 2 / 3, "kl_warmup": 0.0, "mask_schedule": "constant",
-               "samples": a.samples, "eval_limit": a.eval_limit, "max_length": a.max_length, "seed": a.seed}
+               "(the trainer's calibration split)", "steps": a.steps, "batch_size": a.batch_size,
+               "lr": "per row (A/B lr column)", "lr_mask": a.lr_mask, "p0": 0.5, "tau": 2 / 3, "kl_warmup": 0.0, "mask_schedule": "constant",
+               "samples": a.samples, "eval_limit": a.eval_limit, "max_length": a.max_length,
+               "seed": "per row"}
     for name in a.variants:
         if (name, a.dataset, a.seed, a.train_items, a.lr) in done:
             continue
@@ -116,7 +117,9 @@ def _write(rows: list[dict], setting: dict) -> None:
     n = rows[0]["n"] if rows else 0
     table += ["", f"Held-out split: the first {n} items of a 10% seeded split of each training file (chance: 1/K). "
               "\"train items\" N < all: trained on only the first N items of the rest, for the same steps (several "
-              f"epochs). conf − acc: mean top probability minus accuracy (> 0 over-confident). Each row's own command is in the JSON. One seed and {n} items: ECE differences of a few points "
+              f"epochs). conf − acc: mean top probability minus accuracy (> 0 over-confident). Each row's own "
+              f"command is in the JSON. A seed s trains with seed s and holds out split s; with one seed and {n} "
+              "items ECE differences of a few points "
               "can be noise; treat a variant as better only if it wins on accuracy, ECE and NLL together."]
     write("dalorra_sweep", {"setting": setting, "rows": rows}, "\n".join(table))
 
