@@ -93,12 +93,12 @@ def main() -> None:
 def _backfill_confidence(a: argparse.Namespace, rows: list[dict], budget: dict, commands: list[str]) -> None:
     """Rows written before mean_confidence was recorded: score the saved adapter again with the same S and seed
     and take mean_confidence; every metric the row already has must come out the same (checked to 1e-6)."""
-    base, tok = load_base(None)
     for r in rows:
         if "mean_confidence" in r or r["dataset"] not in a.datasets or r["method"] not in a.methods \
                 or r["seed"] not in a.seeds:
             continue
         items = load_jsonl(SPLITS[r["dataset"]][1], limit=a.eval_limit)
+        base, tok = load_base(None)  # a fresh base per adapter: loading wraps its Linear layers in place
         model = load_adapter(Path("runs/bench") / r["dataset"] / f"{r['method']}-s{r['seed']}", base, tok)
         m = evaluate_logits(predict_logits(model, items, a.samples, seed=0, progress=False),
                             np.array([it.label for it in items]))
