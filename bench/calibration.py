@@ -83,8 +83,7 @@ def main() -> None:
                     "keep_histogram": rec.get("keep_histogram"), "wall_seconds": time.perf_counter() - t0,
                     "eval_samples": int(logits.shape[0]), "eval_seconds": t_eval}
                 rows.append({**row, "command": command()})
-                if command() not in commands:
-                    commands.append(command())
+                _added_rows(commands)
                 print(json.dumps(row), flush=True)
                 _write(rows, budget, commands)
     _write(rows, budget, commands)
@@ -93,22 +92,22 @@ def main() -> None:
 def _backfill_confidence(a: argparse.Namespace, rows: list[dict], budget: dict, commands: list[str]) -> None:
     """Rows written before mean_confidence was recorded: score the saved adapter again with the same S and seed
     and take mean_confidence; every metric the row already has must come out the same (checked to 1e-6)."""
+    tests: dict = {}  # dataset → its validation items, read once
     for r in rows:
         if "mean_confidence" in r or r["dataset"] not in a.datasets or r["method"] not in a.methods \
                 or r["seed"] not in a.seeds:
             continue
-        items = load_jsonl(SPLITS[r["dataset"]][1], limit=a.eval_limit)
-        base, tok = load_base(None)  # a fresh base per adapter: loading wraps its Linear layers in place
-        model = load_adapter(Path("runs/bench") / r["dataset"] / f"{r['method']}-s{r['seed']}", base, tok)
-        m = evaluate_logits(predict_logits(model, items, a.samples, seed=0, progress=False),
-                            np.array([it.label for it in items]))
+        if r["dataset"] not in tests:
+            tests[r["dataset"]] = load_jsonl(SPLITS[r["dataset"]][1], limit=a.eval_limit)
+        items = tests[r["dataset"]]
+        m = score_adapter(Path("runs/bench") / r["dataset"] / f"{r['method']}-s{r['seed']}", items,
+                          np.array([it.label for it in items]), a.samples)[2]
         moved = {k: (r[k], m[k]) for k in ("acc", "ece", "nll", "brier") if abs(r[k] - m[k]) > 1e-6}
         if moved:
             raise SystemExit(f"{r['dataset']} {r['method']} seed {r['seed']}: re-scoring moved {moved}")
         r["mean_confidence"] = m["mean_confidence"]
+        _added_rows(commands)
         print(r["dataset"], r["method"], r["seed"], f"conf {m['mean_confidence']:.3f} acc {m['acc']:.3f}", flush=True)
-        if command() not in commands:
-            commands.append(command())
         _write(rows, budget, commands)
 
 
@@ -149,12 +148,18 @@ def train_and_score(cfg: TrainConfig, items, labels: np.ndarray, samples: int):
 
     Returns (record, model, logits, metrics, eval seconds)."""
     rec = run(cfg, resume=True)
+    return (rec, *score_adapter(cfg.out, items, labels, samples))
+
+
+def score_adapter(out: str | Path, items, labels: np.ndarray, samples: int):
+    """Load the adapter at `out` onto a fresh base (loading wraps its Linear layers in place) and score `items` at
+    S = samples with seed 0. Returns (model, logits, metrics, eval seconds)."""
     base, tok = load_base(None)
-    model = load_adapter(cfg.out, base, tok)
+    model = load_adapter(out, base, tok)
     t_eval = time.perf_counter()
     logits = predict_logits(model, items, samples, seed=0, progress=False)
     t_eval = time.perf_counter() - t_eval
-    return rec, model, logits, evaluate_logits(logits, labels), t_eval
+    return model, logits, evaluate_logits(logits, labels), t_eval
 
 
 def _reuse_lora_as_member0(ensemble_out: Path, lora_out: Path) -> None:
@@ -166,6 +171,12 @@ def _reuse_lora_as_member0(ensemble_out: Path, lora_out: Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst.with_name(dst.name + ".tmp"))
         os.replace(dst.with_name(dst.name + ".tmp"), dst)
+
+
+def _added_rows(commands: list[str]) -> None:
+    """This invocation changed rows: list it among the commands behind the table (once)."""
+    if command() not in commands:
+        commands.append(command())
 
 
 def _write(rows, budget, commands) -> None:

@@ -27,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adapters.data import Item, load_jsonl, split  # noqa: E402
-from adapters.train import load_splits  # noqa: E402
+from adapters.data import Item  # noqa: E402
+from adapters.train import TrainConfig, load_splits  # noqa: E402
 from bench.calibration import DEFAULT_LR, METRICS, SPLITS, add_budget_args, budget_config, train_and_score  # noqa: E402
 from bench.common import RESULTS, command, write  # noqa: E402
 
@@ -51,11 +51,10 @@ def main() -> None:
     out_json = RESULTS / "dalorra_sweep.json"
     rows = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []
     done = {(r["variant"], r["dataset"], r["seed"], r.get("train_items"), r.get("lr", DEFAULT_LR)) for r in rows}
-    setting = {"held_out": "10% seeded split of train "
-               "(the trainer's calibration split)", "steps": a.steps, "batch_size": a.batch_size,
-               "lr": "per row (A/B lr column)", "lr_mask": a.lr_mask, "p0": 0.5, "tau": 2 / 3, "kl_warmup": 0.0, "mask_schedule": "constant",
-               "samples": a.samples, "eval_limit": a.eval_limit, "max_length": a.max_length,
-               "seed": "per row"}
+    setting = {"held_out": "10% seeded split of train (the trainer's calibration split)", "steps": a.steps,
+               "batch_size": a.batch_size, "lr": "per row (A/B lr column)", "lr_mask": a.lr_mask, "p0": 0.5,
+               "tau": 2 / 3, "kl_warmup": 0.0, "mask_schedule": "constant", "samples": a.samples,
+               "eval_limit": a.eval_limit, "max_length": a.max_length, "seed": "per row"}
     for name in a.variants:
         if (name, a.dataset, a.seed, a.train_items, a.lr) in done:
             continue
@@ -83,7 +82,7 @@ def _small_train(dataset: str, seed: int, n: int, root: Path = Path("runs/sweep"
     """Training file = the first n items of the training part, calibration file = the usual held-out split of the
     full training file (written once under runs/sweep/, never into the repository), so every row of one dataset and
     seed is scored on the same held-out items and none of them is trained on."""
-    rest, held = split(load_jsonl(SPLITS[dataset][0]), 0.1, seed)
+    rest, _, held = load_splits(TrainConfig(out="", train=SPLITS[dataset][0], seed=seed))  # the trainer's own split
     d = root / dataset
     d.mkdir(parents=True, exist_ok=True)
     paths = {"train": d / f"train-first{n}-s{seed}.jsonl", "calibration": d / f"held-out-s{seed}.jsonl"}
