@@ -57,7 +57,7 @@ def save_adapter(model: DalorraModel, out_dir: str | os.PathLike, extra: dict | 
         for name, layer in model.adapted.items():
             weights[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
             weights[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
-            masks[f"{name}.mask_logits"] = layer.mask_logits.detach().cpu().contiguous()
+            masks[f"{name}.mask_logits"] = layer.mask_logits.detach().cpu().clone()  # shared φ: one copy each
             if name in model.fixed_masks:
                 masks[f"{name}.fixed_masks"] = model.fixed_masks[name].cpu().contiguous()
         save_file(weights, str(tmp / "adapter_model.safetensors"))

@@ -71,6 +71,57 @@ def risk_coverage(conf: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np
     return n / len(err), np.cumsum(err) / n
 
 
+def auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative), ties counting one half (Mann–Whitney U).
+
+    E.g. positive = wrong answer and score = epistemic MI: how well MI ranks wrong answers above right ones
+    (0.5 = no information). NaN when either class is empty."""
+    score, positive = np.asarray(score, np.float64), np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score))
+    s_sorted = score[order]
+    i = 0
+    while i < len(s_sorted):  # average ranks over ties
+        j = i
+        while j + 1 < len(s_sorted) and s_sorted[j + 1] == s_sorted[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def tempered_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """NLL of p̄ = mean_s softmax(logits_s / T) for (S, B, K) logits: temperature applied to each sample."""
+    z = np.asarray(logits, np.float64) / temperature
+    z = z - np.max(z, axis=-1, keepdims=True)
+    e = np.exp(z)
+    p = (e / e.sum(-1, keepdims=True)).mean(0)
+    return float(-np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, None)).mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, lo: float = 0.05, hi: float = 20.0) -> float:
+    """One temperature T > 0 minimising the calibration split's NLL of mean_s softmax(logits_s / T).
+
+    Grid search over log T, then golden-section refinement around the best grid point (NLL in log T is
+    smooth and, for S = 1, convex). T > 1 softens an over-confident model; T = 1 changes nothing."""
+    labels = np.asarray(labels, np.int64)
+    grid = np.linspace(math.log(lo), math.log(hi), 61)
+    vals = [tempered_nll(logits, labels, math.exp(g)) for g in grid]
+    i = int(np.argmin(vals))
+    a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    gr = (math.sqrt(5) - 1) / 2
+    for _ in range(40):
+        c, d = b - gr * (b - a), a + gr * (b - a)
+        if tempered_nll(logits, labels, math.exp(c)) < tempered_nll(logits, labels, math.exp(d)):
+            b = d
+        else:
+            a = c
+    return float(math.exp((a + b) / 2))
+
+
 # ---- decision calibration -----------------------------------------------------------------------------
 def _binom_cdf(k: int, n: int, p: float) -> float:
     if p <= 0:

@@ -22,6 +22,9 @@ TRAIN_HELP = {
     "top_layers": "adapt only the top L decoder layers (default: all)",
     "p0": "prior keep-probability of each rank component", "tau": "binary-Concrete temperature",
     "hard": "straight-through hard masks during training (true/false)",
+    "mask_sharing": "which modules share one switch per rank index: module (the paper: none), rank (all layers of "
+                    "a module kind), layer (q_proj and v_proj of one layer)",
+    "train_samples": "mask draws per example per step (DALorRA; the likelihood is averaged over them)",
     "lr": "learning rate of A and B", "lr_mask": "learning rate of the mask logits φ",
     "mask_schedule": "φ's schedule: linear (warm-up + decay, like A/B) or constant (after warm-up)",
     "weight_decay": "AdamW weight decay on A and B (method map: 0.01 when 0)",
@@ -37,6 +40,8 @@ TRAIN_HELP = {
     "target_delta": "abstention: the target holds with confidence 1 − delta",
     "conformal_alpha": "prediction sets aim at coverage 1 − alpha", "progress": "show a progress bar",
     "calibrate": "fit abstention thresholds and the conformal quantile on the calibration split (true/false)",
+    "temperature_scaling": "fit one temperature by NLL on the calibration split, stored in dalorra.json and "
+                           "applied to every mask's choice logits before averaging (true/false)",
     "stop_at": "stop after this step (time-boxed jobs); continue later with --resume",
 }
 
@@ -111,15 +116,16 @@ def _cmd_eval(a) -> int:
         if ad == "none":
             model = DalorraModel(base, tok, AdapterConfig(), PromptFormat(mode=a.mode or "cloze"))
             model.set_mask_mode("off")
-            decision = None
+            decision, T = None, 1.0
         else:
             model = load_adapter(ad, base, tok, a.base_model or "")
             decision = model.record.get("decision")
+            T = float(model.record.get("temperature", 1.0))  # the fitted temperature, as the server applies it
         for data in a.data:
             items = load_jsonl(data, limit=a.limit)
-            logits = predict_logits(model, items, a.samples, a.seed, a.batch_size, desc=Path(data).stem)
+            logits = predict_logits(model, items, a.samples, a.seed, a.batch_size, desc=Path(data).stem) / T
             labels = np.array([it.label for it in items])
-            m = {"adapter": ad, "data": data, "samples": a.samples, **evaluate_logits(logits, labels, decision)}
+            m = {"adapter": ad, "data": data, "samples": a.samples, "temperature": T, **evaluate_logits(logits, labels, decision)}
             results.append(m)
             print(json.dumps(m))
             if a.out_dir:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 METHODS = ("dalorra", "lora", "map", "mcdropout", "ensemble")
 MODES = ("letter", "cloze")
+MASK_SHARING = ("module", "rank", "layer")
 NORMALIZE = ("none", "tokens", "chars")
 
 LETTER_TEMPLATE = "Select one of the choices that answers the following question: {question} Choices: {choices} Answer:"
@@ -35,6 +36,9 @@ class AdapterConfig:
     hard: bool = True  # straight-through hard masks while training
     dropout: float = 0.0  # LoRA input dropout (mcdropout uses 0.1 and keeps it on at test time)
     stochastic: bool = True  # False: masks are all on (plain LoRA / MAP)
+    # Which modules share one switch per rank index (one φ_j and one draw z_j): "module" (the paper) none;
+    # "rank" every layer's module of one kind (all q_proj share z_j); "layer" the q_proj and v_proj of one layer.
+    mask_sharing: str = "module"
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"method={self.method!r} is not one of {METHODS}")
@@ -44,6 +48,7 @@ class AdapterConfig:
         _check(0.0 < self.p0 < 1.0, f"p0={self.p0} must lie strictly between 0 and 1 (try 0.5)")
         _check(self.tau > 0, f"tau={self.tau} must be > 0 (default 2/3)")
         _check(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
+        _check(self.mask_sharing in MASK_SHARING, f"mask_sharing={self.mask_sharing!r} is not one of {MASK_SHARING}")
         object.__setattr__(self, "targets", tuple(self.targets))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))

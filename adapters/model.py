@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import AdapterConfig, PromptFormat
 from .layer import MASK_MODES, MaskedLoraLinear
-from .maskbank import draw_masks_from
+from .maskbank import draw_masks_from, mask_groups
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
@@ -49,6 +49,11 @@ class DalorraModel(nn.Module):
                                      cfg.dropout)
             setattr(parent, child, layer)
             self.adapted[name] = layer
+        # Shared switches: every member of a group holds the group's one φ parameter (the same tensor object).
+        self.mask_groups = mask_groups(self.adapted, cfg.mask_sharing)
+        for members in self.mask_groups.values():
+            for n in members[1:]:
+                self.adapted[n].mask_logits = self.adapted[members[0]].mask_logits
 
     # ---- parameters -------------------------------------------------------------------------------
     def lora_parameters(self) -> Iterator[nn.Parameter]:
@@ -57,14 +62,14 @@ class DalorraModel(nn.Module):
             yield layer.lora_B
 
     def mask_parameters(self) -> Iterator[nn.Parameter]:
-        for layer in self.adapted.values():
-            yield layer.mask_logits
+        for members in self.mask_groups.values():  # a shared φ once
+            yield self.adapted[members[0]].mask_logits
 
     def kl(self) -> torch.Tensor:
-        """Σ over modules of KL(q(z) || Bernoulli(p0)^r); 0 for non-stochastic methods."""
+        """Σ over switch groups (modules, unless shared) of KL(q(z) || Bernoulli(p0)^r); 0 if not stochastic."""
         if not self.cfg.stochastic:
             return torch.zeros(())
-        return torch.stack([layer.kl() for layer in self.adapted.values()]).sum()
+        return torch.stack([self.adapted[m[0]].kl() for m in self.mask_groups.values()]).sum()
 
     def keep_probabilities(self) -> dict[str, list[float]]:
         """Mean σ(φ) per module kind (q_proj, v_proj, lm_head, …) — the posterior's own evidence."""
@@ -92,7 +97,7 @@ class DalorraModel(nn.Module):
         """Hard masks z_first..z_{first+S-1} per module, z_s ~ Bernoulli(σ(φ)) from (seed, s): name → (S, r)."""
         ranks = {n: lay.r for n, lay in self.adapted.items()}
         keep = {n: lay.keep_prob for n, lay in self.adapted.items()} if self.cfg.stochastic else None
-        drawn = draw_masks_from(ranks, keep, self.fixed_masks, samples, seed, first)
+        drawn = draw_masks_from(ranks, keep, self.fixed_masks, samples, seed, first, sharing=self.cfg.mask_sharing)
         return {n: m.to(self.adapted[n].lora_A) for n, m in drawn.items()}
 
     def first_adapted_layer(self) -> int:
@@ -116,7 +121,11 @@ class DalorraModel(nn.Module):
         """Training: one relaxed (straight-through) mask per row and module, differentiable in φ."""
         if not self.cfg.stochastic:
             return {n: torch.ones(rows, lay.r, device=lay.lora_A.device) for n, lay in self.adapted.items()}
-        return {n: lay.concrete_mask(rows) for n, lay in self.adapted.items()}
+        out = {}
+        for members in self.mask_groups.values():  # one draw per group, shared by its members
+            z = self.adapted[members[0]].concrete_mask(rows)
+            out.update({n: z for n in members})
+        return out
 
     @contextmanager
     def row_masks(self, masks: dict[str, torch.Tensor] | None, index: torch.Tensor | None = None):

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from .adapter_io import save_adapter, write_json_atomic
 from .basemodel import load_base, resolve_name
+from .calibration import fit_temperature, tempered_nll
 from .config import AdapterConfig, PromptFormat
 from .data import DataError, Item, load_jsonl, split
 from .evaluate import calibrate_decisions, evaluate_logits, predict_logits
@@ -50,6 +51,8 @@ class TrainConfig:
     p0: float = 0.5
     tau: float = 2.0 / 3.0
     hard: bool = True
+    mask_sharing: str = "module"  # module (the paper) | rank (one switch per rank index across layers) | layer
+    train_samples: int = 1  # mask draws per example per step (the ELBO's likelihood averaged over them)
     lr: float = 1e-4  # A and B
     lr_mask: float = 1e-2  # φ
     mask_schedule: str = "linear"  # φ's schedule: linear (same as A/B) | constant
@@ -74,13 +77,14 @@ class TrainConfig:
     target_delta: float = 0.1  # … held with confidence 1 − delta
     conformal_alpha: float = 0.1
     calibrate: bool = True  # fit abstention thresholds and the conformal quantile after training
+    temperature_scaling: bool = True  # fit one temperature on the calibration split (before the thresholds)
     stop_at: int | None = None  # stop after this step without finishing (time-boxed jobs; resume later)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("steps, batch_size and grad_accum must be >= 1")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.train_samples < 1:
+            raise ValueError("steps, batch_size, grad_accum and train_samples must be >= 1")
         if self.mask_schedule not in ("linear", "constant"):
             raise ValueError(f"mask_schedule={self.mask_schedule!r}: linear or constant")
         if self.lr <= 0 or self.lr_mask <= 0:
@@ -91,7 +95,7 @@ class TrainConfig:
     def adapter_config(self, n_layers: int) -> AdapterConfig:
         layers = None if self.top_layers is None else tuple(range(n_layers - self.top_layers, n_layers))
         return AdapterConfig(method=self.method, r=self.r, alpha=self.alpha, targets=self.targets, layers=layers,
-                             p0=self.p0, tau=self.tau, hard=self.hard,
+                             p0=self.p0, tau=self.tau, hard=self.hard, mask_sharing=self.mask_sharing,
                              dropout=0.1 if self.method == "mcdropout" else 0.0,
                              stochastic=self.method == "dalorra")
 
@@ -192,9 +196,11 @@ def train_one(cfg: TrainConfig, seed: int, ckpt_path: Path, resume: bool, rank: 
             part = idx[a * micro:(a + 1) * micro][rank::world]  # this rank's share of the micro-batch
             if not part:
                 continue
-            masks = model.concrete_masks(len(part))  # one mask draw per example (R = len(part) rows)
-            logits = choice_logits(model, enc, part, masks, torch.arange(len(part)))  # (R, Kmax)
-            nll = F.cross_entropy(logits, labels[part], reduction="sum") / cfg.batch_size
+            M = cfg.train_samples if cfg.method == "dalorra" else 1
+            rows = part * M  # M mask draws per example (R = M·len(part) rows)
+            masks = model.concrete_masks(len(rows))
+            logits = choice_logits(model, enc, rows, masks, torch.arange(len(rows)))  # (R, Kmax)
+            nll = F.cross_entropy(logits, labels[rows], reduction="sum") / (cfg.batch_size * M)
             nll.backward()
             nll_sum += float(nll.detach())
         kl = model.kl()
@@ -279,19 +285,27 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
     _, val, calib = load_splits(cfg)
     record = {"training": {**summary, "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}},
               "default_samples": cfg.eval_samples, "keep_histogram": keep_histogram(model)}
-    decision = None
-    if cfg.calibrate:
+    decision, T = None, 1.0
+    if cfg.calibrate or cfg.temperature_scaling:
         calib_logits = predict_logits(model, calib, cfg.eval_samples, seed=0, progress=cfg.progress,
                                       desc="calibrate")
         calib_labels = np.array([it.label for it in calib])
-        decision = calibrate_decisions(calib_logits, calib_labels, cfg.target_error, cfg.target_delta,
-                                       cfg.conformal_alpha)
-        record["decision"] = decision
-        record["calibration"] = {"split": cfg.calibration or f"{cfg.calib_fraction:.0%} of {cfg.train}",
-                                 "metrics": evaluate_logits(calib_logits, calib_labels, decision)}
+        split_name = cfg.calibration or f"{cfg.calib_fraction:.0%} of {cfg.train}"
+        if cfg.temperature_scaling:  # one T for every mask's logits, fitted by NLL; thresholds come after it
+            T = fit_temperature(calib_logits, calib_labels)
+            record["temperature"] = T
+            record["temperature_fit"] = {"split": split_name, "items": len(calib),
+                                         "nll_before": tempered_nll(calib_logits, calib_labels, 1.0),
+                                         "nll_after": tempered_nll(calib_logits, calib_labels, T)}
+        if cfg.calibrate:
+            decision = calibrate_decisions(calib_logits / T, calib_labels, cfg.target_error, cfg.target_delta,
+                                           cfg.conformal_alpha)
+            record["decision"] = decision
+            record["calibration"] = {"split": split_name,
+                                     "metrics": evaluate_logits(calib_logits / T, calib_labels, decision)}
     if val is not None:
         record["validation"] = evaluate_logits(predict_logits(model, val, cfg.eval_samples, seed=0,
-                                                              progress=cfg.progress, desc="validate"),
+                                                              progress=cfg.progress, desc="validate") / T,
                                                np.array([it.label for it in val]), decision)
     save_adapter(model, out, extra=record)
     if ckpt_dir.exists():

@@ -1,11 +1,26 @@
-"""Calibration benchmark: every method with an identical budget, side by side (issue: Trainer).
+"""Calibration benchmark: every method with an identical budget, side by side (issues: Trainer; Uncertainty).
 
-    python bench/calibration.py [--datasets arc_easy ...] [--methods dalorra lora map mcdropout ensemble]
-        (a method "dalorra@top8" trains DALorRA on the top 8 decoder layers only, "dalorra@p0=0.9" with one
-         knob changed, same budget otherwise)
+    python bench/calibration.py [--regime short|paper] [--datasets arc_easy ...]
+        [--methods dalorra lora map mcdropout ensemble]
+        (a method "dalorra@top8" trains DALorRA on the top 8 decoder layers only, "dalorra@p0=0.9" or
+         "dalorra@mask_sharing=rank" with one knob changed, same budget otherwise)
         [--seeds 0 1] [--steps 120] [--eval-limit 150]
-Resumable per (method, dataset, seed): finished rows are kept in bench/results/calibration.json and
-skipped; adapters go to runs/bench/. Writes calibration.json (all rows) and calibration.md (mean ± std).
+
+Two regimes, both rows of one table (field `regime`):
+  short  120 steps x 8 over the whole training file at lr 3e-4 (under one epoch of ARC-Easy): MLE-LoRA is
+         hardly over-confident there.
+  paper  the same 120 steps x 8 over the first 200 items of the training part (4.8 epochs) at lr 1e-3, the
+         budget found on a held-out part of the training data (bench/results/dalorra_sweep.md) where MLE-LoRA
+         learns and grows over-confident, as in the paper's 2-30 epochs.
+In the paper regime every adapter is also scored on the first --calib-items items of the held-out split of the
+training file (never the test split), one temperature is fitted there by NLL (applied to each mask's logits
+before averaging), and a second row "METHOD+ts" reports the same test predictions temperature-scaled: the
+cheapest fix a user could apply, the bar to beat. Every row carries the AUROC of confidence, entropy and MI
+for telling wrong answers from right ones.
+
+Resumable per (regime, method, dataset, seed): finished rows are kept in bench/results/calibration.json and
+skipped; adapters go to runs/bench/ (short) or runs/bench-paper/ (paper), with their test and calibration
+logits saved beside them (bench/ood.py reuses them). Writes calibration.json (all rows) and calibration.md.
 """
 
 from __future__ import annotations
@@ -24,77 +39,155 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adapters.adapter_io import load_adapter  # noqa: E402
 from adapters.basemodel import load_base  # noqa: E402
-from adapters.data import load_jsonl  # noqa: E402
+from adapters.calibration import auroc, fit_temperature  # noqa: E402
+from adapters.data import (
+    Item,  # noqa: E402
+    load_jsonl,  # noqa: E402
+)
 from adapters.evaluate import evaluate_logits, predict_logits  # noqa: E402
-from adapters.train import TrainConfig, run  # noqa: E402
+from adapters.train import (  # noqa: E402
+    TrainConfig,
+    load_splits,  # noqa: E402
+    run,
+)
+from adapters.uncertainty import summarize  # noqa: E402
 from bench.common import RESULTS, command, write  # noqa: E402
 
 SPLITS = {"arc_easy": ("arc_easy/train", "arc_easy/validation"),
           "arc_challenge": ("arc_challenge/train", "arc_challenge/validation"),
           "openbookqa": ("openbookqa/train", "openbookqa/dev"),
           "winogrande_s": ("winogrande/train_s", "winogrande/dev")}
-DEFAULT_LR = 3e-4  # A/B learning rate of the benchmark budget
+DEFAULT_LR = 3e-4  # A/B learning rate of the benchmark budget (short regime)
+REGIMES = {  # A/B lr, training items (None: the whole training part), root of the runs
+    "short": {"lr": DEFAULT_LR, "train_items": None, "root": Path("runs/bench")},
+    "paper": {"lr": 1e-3, "train_items": 200, "root": Path("runs/bench-paper")},
+}
 METRICS = ("acc", "ece", "nll", "brier", "aurc", "mean_confidence", "mean_entropy", "mean_epistemic", "n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--regime", choices=list(REGIMES), default="short")
     ap.add_argument("--datasets", nargs="+", default=list(SPLITS))
     ap.add_argument("--methods", nargs="+", default=["lora", "dalorra", "map", "mcdropout", "ensemble"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--calib-items", type=int, default=100,
+                    help="paper regime: held-out training items the temperature is fitted on")
     ap.add_argument("--backfill-confidence", action="store_true",
                     help="re-score finished rows that lack mean_confidence from their saved adapters (same draws; "
                          "fails if any other metric moves) instead of training")
     add_budget_args(ap)
     a = ap.parse_args()
+    regime = REGIMES[a.regime]
+    if a.lr is None:
+        a.lr = regime["lr"]
     out_json = RESULTS / "calibration.json"
     old = json.loads(out_json.read_text()) if out_json.is_file() else {}
     rows = old.get("rows", [])
+    for r in rows:
+        r.setdefault("regime", "short")
     # every invocation that added rows, oldest first (a row's own is in row["command"] from 2026-11-29 on)
     commands = old.get("commands") or ([old["command"]] if old else [])
-    done = {(r["method"], r["dataset"], r["seed"]) for r in rows}
-    budget = {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "lr_mask": a.lr_mask,
-              "mask_schedule": "constant", "r": 8, "alpha": 16, "targets": "q_proj,v_proj,lm_head",
-              "mode": "cloze", "normalize": "tokens", "max_length": a.max_length, "samples": a.samples,
-              "eval_limit": a.eval_limit}
+    budgets = old.get("budgets") or {"short": old["budget"]} if old else {}
+    done = {(r["regime"], r["method"], r["dataset"], r["seed"]) for r in rows}
+    budgets[a.regime] = {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "lr_mask": a.lr_mask,
+                         "mask_schedule": "constant", "r": 8, "alpha": 16, "targets": "q_proj,v_proj,lm_head",
+                         "mode": "cloze", "normalize": "tokens", "max_length": a.max_length, "samples": a.samples,
+                         "eval_limit": a.eval_limit, "train_items": regime["train_items"],
+                         **({"calib_items": a.calib_items} if a.regime == "paper" else {})}
     if a.backfill_confidence:
-        _backfill_confidence(a, rows, budget, commands)
+        _backfill_confidence(a, rows, budgets, commands)
         return
     for seed in a.seeds:  # every dataset at the first seed before any second seed
         for ds in a.datasets:
             train, test = SPLITS[ds]
             items = load_jsonl(test, limit=a.eval_limit)
             labels = np.array([it.label for it in items])
+            root = regime["root"] / ds
+            data = ({"train": train} if regime["train_items"] is None else
+                    capped_train(ds, seed, regime["train_items"], root))
             for method in a.methods:
-                if (method, ds, seed) in done:
+                if (a.regime, method, ds, seed) in done:
                     continue
-                out = Path("runs/bench") / ds / f"{method}-s{seed}"
+                out = root / f"{method}-s{seed}"
                 if method == "ensemble":
-                    _reuse_lora_as_member0(out, Path("runs/bench") / ds / f"lora-s{seed}")
-                cfg = budget_config(a, out, train, seed, **method_knobs(method))
+                    _reuse_lora_as_member0(out, root / f"lora-s{seed}")
+                cfg = budget_config(a, out, data["train"], seed, **method_knobs(method),
+                                    **({"calibration": data["calibration"]} if "calibration" in data else {}))
                 t0 = time.perf_counter()
                 rec, model, logits, m, t_eval = train_and_score(cfg, items, labels, a.samples)
-                row = {"method": method, "dataset": ds, "seed": seed, "chance": float(np.mean(
-                    [1 / len(it.choices) for it in items])), **{k: m[k] for k in
-                    METRICS},
-                    "train_seconds": rec["training"]["train_seconds"],
-                    "seconds_per_step": rec["training"]["seconds_per_step"],
-                    "keep_probability": {k: float(np.mean(v)) for k, v in model.keep_probabilities().items()},
-                    "keep_histogram": rec.get("keep_histogram"), "wall_seconds": time.perf_counter() - t0,
-                    "eval_samples": int(logits.shape[0]), "eval_seconds": t_eval}
-                rows.append({**row, "command": command()})
+                _save_logits(out, "test", logits)
+                row = {"regime": a.regime, "method": method, "dataset": ds, "seed": seed,
+                       "chance": float(np.mean([1 / len(it.choices) for it in items])), **m,
+                       **wrong_answer_aurocs(logits, labels),
+                       "train_seconds": rec["training"]["train_seconds"],
+                       "seconds_per_step": rec["training"]["seconds_per_step"],
+                       "keep_probability": {k: float(np.mean(v)) for k, v in model.keep_probabilities().items()},
+                       "keep_histogram": rec.get("keep_histogram"), "wall_seconds": time.perf_counter() - t0,
+                       "eval_samples": int(logits.shape[0]), "eval_seconds": t_eval}
+                new = [row]
+                if a.regime == "paper":  # the same test predictions, temperature-scaled on held-out train items
+                    calib = load_jsonl(data["calibration"], limit=a.calib_items)
+                    c_logits = predict_logits(model, calib, a.samples, seed=0, progress=False)
+                    _save_logits(out, "calib", c_logits)
+                    T = fit_temperature(c_logits, np.array([it.label for it in calib]))
+                    row["temperature"] = 1.0
+                    new.append({**row, "method": method + "+ts", "temperature": T,
+                                **score_logits(logits / T, labels), "keep_histogram": None})
+                for r in new:
+                    rows.append({**r, "command": command()})
+                    print(json.dumps({k: v for k, v in r.items() if k != "keep_histogram"}), flush=True)
                 _added_rows(commands)
-                print(json.dumps(row), flush=True)
-                _write(rows, budget, commands)
-    _write(rows, budget, commands)
+                _write(rows, budgets, commands)
+    _write(rows, budgets, commands)
 
 
-def _backfill_confidence(a: argparse.Namespace, rows: list[dict], budget: dict, commands: list[str]) -> None:
+def score_logits(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """The row metrics of (S, B, K) logits: METRICS plus the wrong-answer AUROCs."""
+    m = evaluate_logits(logits, labels)
+    return {**{k: m[k] for k in METRICS}, **wrong_answer_aurocs(logits, labels)}
+
+
+def wrong_answer_aurocs(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """How well each uncertainty signal ranks wrong answers above right ones (0.5: no information)."""
+    s = summarize(logits)
+    wrong = s["answer_index"] != labels
+    return {"auroc_confidence": auroc(-s["confidence"], wrong), "auroc_entropy": auroc(s["entropy"], wrong),
+            "auroc_mi": auroc(s["epistemic"], wrong)}
+
+
+def _save_logits(out: Path, name: str, logits: np.ndarray) -> None:
+    tmp = Path(out).with_name(f".{Path(out).name}-{name}.npy.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, logits)
+    os.replace(tmp, Path(str(out) + f".{name}_logits.npy"))
+
+
+def capped_train(dataset: str, seed: int, n: int, root: Path) -> dict:
+    """Training file = the first n items of the trainer's training part, calibration file = its usual held-out
+    split of the full training file (written under `root`, never into the repository), so every method of one
+    dataset and seed trains on the same items and is calibrated on the same held-out ones."""
+    rest, _, held = load_splits(TrainConfig(out="", train=SPLITS[dataset][0], seed=seed))  # the trainer's own split
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {"train": root / f"train-first{n}-s{seed}.jsonl", "calibration": root / f"held-out-s{seed}.jsonl"}
+    for key, items in (("train", rest[:n]), ("calibration", held)):
+        tmp = paths[key].with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(_item_row(it)) + "\n" for it in items))
+        os.replace(tmp, paths[key])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _item_row(it: Item) -> dict:
+    row = {"id": it.id, "question": it.question, "choices": list(it.choices), "label": it.label}
+    return {**row, "context": it.context} if it.context is not None else row
+
+
+def _backfill_confidence(a: argparse.Namespace, rows: list[dict], budgets: dict, commands: list[str]) -> None:
     """Rows written before mean_confidence was recorded: score the saved adapter again with the same S and seed
     and take mean_confidence; every metric the row already has must come out the same (checked to 1e-6)."""
     tests: dict = {}  # dataset → its validation items, read once
     for r in rows:
-        if "mean_confidence" in r or r["dataset"] not in a.datasets or r["method"] not in a.methods \
+        if "mean_confidence" in r or r["regime"] != "short" or r["dataset"] not in a.datasets or r["method"] not in a.methods \
                 or r["seed"] not in a.seeds:
             continue
         if r["dataset"] not in tests:
@@ -108,14 +201,14 @@ def _backfill_confidence(a: argparse.Namespace, rows: list[dict], budget: dict, 
         r["mean_confidence"] = m["mean_confidence"]
         _added_rows(commands)
         print(r["dataset"], r["method"], r["seed"], f"conf {m['mean_confidence']:.3f} acc {m['acc']:.3f}", flush=True)
-        _write(rows, budget, commands)
+        _write(rows, budgets, commands)
 
 
 def add_budget_args(ap: argparse.ArgumentParser) -> None:
     """The training and evaluation budget shared by every side-by-side comparison (this file, sweep_dalorra.py)."""
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
+    ap.add_argument("--lr", type=float, default=None, help="A/B learning rate (default: the regime's)")
     ap.add_argument("--lr-mask", type=float, default=0.05)
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--eval-limit", type=int, default=150)
@@ -132,14 +225,19 @@ def method_knobs(method: str) -> dict:
     key, eq, value = spec.partition("=")
     if not eq or key not in TrainConfig.__dataclass_fields__:
         raise SystemExit(f"method {method!r}: expected METHOD, METHOD@topL or METHOD@KNOB=VALUE (a TrainConfig field)")
-    return {"method": base, key: float(value)}
+    try:
+        v: object = int(value) if key == "r" else float(value)
+    except ValueError:
+        v = value  # a string knob, e.g. mask_sharing=rank
+    return {"method": base, key: v}
 
 
 def budget_config(a: argparse.Namespace, out: Path, train: str, seed: int, **knobs) -> TrainConfig:
     """A TrainConfig at the shared budget; `knobs` (method, p0, lr_mask, ...) override it."""
     return TrainConfig(**{"out": str(out), "train": train, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
                           "lr_mask": a.lr_mask, "mask_schedule": "constant", "max_length": a.max_length,
-                          "seed": seed, "eval_samples": a.samples, "calibrate": False, "save_every": 25,
+                          "seed": seed, "eval_samples": a.samples, "calibrate": False, "temperature_scaling": False,
+                          "save_every": 25,
                           "progress": False, **knobs})
 
 
@@ -179,66 +277,94 @@ def _added_rows(commands: list[str]) -> None:
         commands.append(command())
 
 
-def _write(rows, budget, commands) -> None:
+def _ms(vals) -> str:
+    """mean ± sample standard deviation over seeds"""
+    vals = [v for v in vals if v is not None and not np.isnan(v)]
+    if not vals:
+        return "–"
+    return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+
+
+def _write(rows, budgets, commands) -> None:
     groups: dict = {}
     for r in rows:
         if not r["method"].startswith("dalorra"):  # φ is not trained (masks all on): no keep-probabilities to report
             r["keep_probability"] = r["keep_histogram"] = None
-        groups.setdefault((r["dataset"], r["method"]), []).append(r)
-    table = [f"Budget (identical for every method): {json.dumps(budget)}", "",
-             "| dataset | method | seeds | acc | chance | ECE | conf − acc | NLL | Brier | AURC | mean MI | s/step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        groups.setdefault((r["regime"], r["dataset"], r["method"]), []).append(r)
 
-    def ms(vals):  # mean ± sample standard deviation over seeds
-        return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
     def gap(rs):  # mean confidence − accuracy: > 0 over-confident, < 0 under-confident
         return f"{np.mean([r['mean_confidence'] - r['acc'] for r in rs]):+.3f}" if all(
             "mean_confidence" in r for r in rs) else "–"
-    for (ds, method), rs in sorted(groups.items()):
-        table.append(f"| {ds} | {method} | {len(rs)} | {ms([r['acc'] for r in rs])} | {rs[0]['chance']:.2f} | "
-                     f"{ms([r['ece'] for r in rs])} | {gap(rs)} | {ms([r['nll'] for r in rs])} | {ms([r['brier'] for r in rs])} | "
-                     f"{ms([r['aurc'] for r in rs])} | {np.mean([r['mean_epistemic'] for r in rs]):.4f} | "
-                     f"{np.mean([r['seconds_per_step'] for r in rs]):.2f} |")
-    keep = [r for r in rows if r["method"].startswith("dalorra") and r.get("keep_probability")]
-    if keep:
-        table += ["", "DALorRA mean keep-probability σ(φ) per module kind: " + "; ".join(
-            f"{r['dataset']} {r['method']} seed {r['seed']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["keep_probability"].items())
-            for r in keep)]
-    table += ["", "Mean ± sample standard deviation over the seeds counted in `seeds`. conf − acc: mean top "
-              "probability minus accuracy (> 0 over-confident, < 0 under-confident; – where a row predates it). s/step was measured while other "
+
+    def au(rs, k):
+        return _ms([r[k] for r in rs]) if all(k in r for r in rs) else "–"
+    table = []
+    for regime in [g for g in REGIMES if any(k[0] == g for k in groups)]:
+        table += [f"## Regime `{regime}`", "", f"Budget (identical for every method): {json.dumps(budgets.get(regime))}",
+                  "", "| dataset | method | seeds | acc | chance | ECE | conf − acc | NLL | Brier | AURC | mean MI | "
+                  "AUROC wrong: conf | entropy | MI | T | s/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for (rg, ds, method), rs in sorted(groups.items()):
+            if rg != regime:
+                continue
+            t = f"{np.mean([r['temperature'] for r in rs]):.2f}" if all("temperature" in r for r in rs) else "–"
+            table.append(f"| {ds} | {method} | {len(rs)} | {_ms([r['acc'] for r in rs])} | {rs[0]['chance']:.2f} | "
+                         f"{_ms([r['ece'] for r in rs])} | {gap(rs)} | {_ms([r['nll'] for r in rs])} | "
+                         f"{_ms([r['brier'] for r in rs])} | {_ms([r['aurc'] for r in rs])} | "
+                         f"{np.mean([r['mean_epistemic'] for r in rs]):.4f} | {au(rs, 'auroc_confidence')} | "
+                         f"{au(rs, 'auroc_entropy')} | {au(rs, 'auroc_mi')} | {t} | "
+                         f"{np.mean([r['seconds_per_step'] for r in rs]):.2f} |")
+        keep = [r for r in rows if r["regime"] == regime and r["method"].startswith("dalorra")
+                and "+ts" not in r["method"] and r.get("keep_probability")]
+        if keep:
+            table += ["", "DALorRA mean keep-probability σ(φ) per module kind: " + "; ".join(
+                f"{r['dataset']} {r['method']} seed {r['seed']}: " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in r["keep_probability"].items()) for r in keep)]
+        table += ["", *_targets({k[1:]: v for k, v in groups.items() if k[0] == regime}), ""]
+    table += ["Mean ± sample standard deviation over the seeds counted in `seeds`. conf − acc: mean top "
+              "probability minus accuracy (> 0 over-confident, < 0 under-confident; – where a row predates it). "
+              "AUROC wrong: how well −confidence, entropy and MI rank wrong answers above right ones on the test split "
+              "(0.5 = no information). T: the temperature of a `+ts` row, fitted by NLL on held-out training items "
+              "and applied to every mask's logits before averaging (1 = none). s/step was measured while other "
               "jobs shared the 2 cores: compare methods only within one run (`bench/train_step.py` measures it "
               "interleaved)."]
-    table += ["", *_targets(groups)]
     table += ["", "Rows were added by these invocations (resumable; the header's command is the latest):", "",
               *[f"- `{c}`" for c in commands]]
-    write("calibration", {"budget": budget, "commands": commands, "rows": rows}, "\n".join(table))
+    write("calibration", {"budgets": budgets, "commands": commands, "rows": rows}, "\n".join(table))
 
 
 def _targets(groups: dict) -> list[str]:
-    """The issue's targets per dataset, computed from the seed means, for DALorRA and each DALorRA variant
-    (dalorra@...) against the plain baselines; n/a where MLE-LoRA is < 10 points above chance (a model at chance
-    is trivially calibrated)."""
+    """The issues' targets per dataset from the seed means, for DALorRA and each variant (dalorra@...) against the
+    plain baselines; n/a where MLE-LoRA is < 10 points above chance (a model at chance is trivially calibrated).
+    Where `+ts` rows exist, the product's target too: DALorRA+ts below LoRA+ts in ECE, NLL and AURC."""
     out = ["Targets (seed means; apply where MLE-LoRA is at least 10 points above chance; a variant row compares "
            "dalorra@… with the same baselines, over the seeds it has):", "",
-           "| dataset | DALorRA | LoRA − chance | ECE / LoRA's (≤ 0.4) | ECE below MC dropout and ensemble | "
-           "NLL lowest | acc − LoRA's (≥ −0.01) |", "|---|---|---|---|---|---|---|"]
+           "| dataset | DALorRA | LoRA − chance | LoRA conf − acc | ECE / LoRA's (≤ 0.4) | ECE below MC dropout and "
+           "ensemble | NLL lowest | acc − LoRA's (≥ −0.01) | +ts: ECE, NLL, AURC below LoRA+ts |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    keys = ("acc", "ece", "nll", "aurc", "chance", "mean_confidence")
     for ds in sorted({d for d, _ in groups}):
-        mean = {m: {k: float(np.mean([r[k] for r in rs])) for k in ("acc", "ece", "nll", "chance")}
+        mean = {m: {k: float(np.mean([r.get(k, np.nan) for r in rs])) for k in keys}
                 for (d, m), rs in groups.items() if d == ds}
-        plain = {m: v for m, v in mean.items() if "@" not in m}
+        plain = {m: v for m, v in mean.items() if "@" not in m and "+ts" not in m}
         if "lora" not in plain:
             continue
         lo = plain["lora"]
         above = lo["acc"] - lo["chance"]
         others = [m for m in ("mcdropout", "ensemble") if m in plain]
-        for name in sorted(m for m in mean if m == "dalorra" or m.startswith("dalorra@") and "@top" not in m):
+        for name in sorted(m for m in mean if (m == "dalorra" or m.startswith("dalorra@") and "@top" not in m)
+                           and "+ts" not in m):
             da = mean[name]
+            ts = "–"
+            if name + "+ts" in mean and "lora+ts" in mean:
+                dt, lt = mean[name + "+ts"], mean["lora+ts"]
+                ts = ", ".join("yes" if dt[k] < lt[k] else "no" for k in ("ece", "nll", "aurc"))
             cells = [f"{da['ece'] / lo['ece']:.2f}", "yes" if all(da["ece"] < plain[m]["ece"] for m in others)
                      else "no", "yes" if da["nll"] <= min(v["nll"] for v in plain.values()) else "no",
-                     f"{da['acc'] - lo['acc']:+.3f}"]
+                     f"{da['acc'] - lo['acc']:+.3f}", ts]
             if above < 0.10:
                 cells = [c + " (n/a)" for c in cells]
-            out.append(f"| {ds} | {name} | {above:+.3f} | " + " | ".join(cells) + " |")
+            out.append(f"| {ds} | {name} | {above:+.3f} | {lo['mean_confidence'] - lo['acc']:+.3f} | "
+                       + " | ".join(cells) + " |")
     return out
 
 

@@ -27,16 +27,26 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adapters.data import Item  # noqa: E402
-from adapters.train import TrainConfig, load_splits  # noqa: E402
-from bench.calibration import DEFAULT_LR, METRICS, SPLITS, add_budget_args, budget_config, train_and_score  # noqa: E402
+from adapters.train import load_splits  # noqa: E402
+from bench.calibration import (  # noqa: E402
+    DEFAULT_LR,
+    METRICS,
+    SPLITS,
+    add_budget_args,
+    budget_config,
+    capped_train,
+    train_and_score,
+)
 from bench.common import RESULTS, command, write  # noqa: E402
 
 # One knob at a time, from the benchmark's DALorRA setting (p0 0.5, τ 2/3, no KL warm-up, φ lr 0.05 constant).
 VARIANTS = {"lora": {"method": "lora"}, "base": {},
             "p0=0.9": {"p0": 0.9}, "lr_mask=0.2": {"lr_mask": 0.2}, "kl_warmup=0.5": {"kl_warmup": 0.5},
             "tau=1.0": {"tau": 1.0}, "p0=0.2": {"p0": 0.2}, "lr_mask=0.01": {"lr_mask": 0.01},
-            "tau=0.3": {"tau": 0.3}, "lora_lr=1e-3": {"method": "lora", "lr": 1e-3}}
+            "tau=0.3": {"tau": 0.3}, "lora_lr=1e-3": {"method": "lora", "lr": 1e-3},
+            # levers that may widen the posterior (issue: Uncertainty that carries information)
+            "sharing=rank": {"mask_sharing": "rank"}, "sharing=layer": {"mask_sharing": "layer"},
+            "train_samples=4": {"train_samples": 4}, "r=16": {"r": 16, "alpha": 32.0}}
 
 
 def main() -> None:
@@ -48,6 +58,8 @@ def main() -> None:
     ap.add_argument("--train-items", type=int, default=None,
                     help="train on the first N items of the training part only (held-out split unchanged)")
     a = ap.parse_args()
+    if a.lr is None:
+        a.lr = DEFAULT_LR
     out_json = RESULTS / "dalorra_sweep.json"
     rows = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []
     done = {(r["variant"], r["dataset"], r["seed"], r.get("train_items"), r.get("lr", DEFAULT_LR)) for r in rows}
@@ -58,7 +70,8 @@ def main() -> None:
     for name in a.variants:
         if (name, a.dataset, a.seed, a.train_items, a.lr) in done:
             continue
-        data = _small_train(a.dataset, a.seed, a.train_items) if a.train_items else {"train": SPLITS[a.dataset][0]}
+        data = (capped_train(a.dataset, a.seed, a.train_items, Path("runs/sweep") / a.dataset) if a.train_items
+                else {"train": SPLITS[a.dataset][0]})
         tag = (f"-n{a.train_items}" if a.train_items else "") + (f"-lr{a.lr:g}" if a.lr != DEFAULT_LR else "")
         out = Path("runs/sweep") / a.dataset / f"{name}{tag}-s{a.seed}"
         cfg = budget_config(a, out, data.pop("train"), a.seed, **{"method": "dalorra", **data, **VARIANTS[name]})
@@ -76,26 +89,6 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         _write(rows, setting)
     _write(rows, setting)
-
-
-def _small_train(dataset: str, seed: int, n: int, root: Path = Path("runs/sweep")) -> dict:
-    """Training file = the first n items of the training part, calibration file = the usual held-out split of the
-    full training file (written once under runs/sweep/, never into the repository), so every row of one dataset and
-    seed is scored on the same held-out items and none of them is trained on."""
-    rest, _, held = load_splits(TrainConfig(out="", train=SPLITS[dataset][0], seed=seed))  # the trainer's own split
-    d = root / dataset
-    d.mkdir(parents=True, exist_ok=True)
-    paths = {"train": d / f"train-first{n}-s{seed}.jsonl", "calibration": d / f"held-out-s{seed}.jsonl"}
-    for key, items in (("train", rest[:n]), ("calibration", held)):
-        tmp = paths[key].with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(_row(it)) + "\n" for it in items))
-        os.replace(tmp, paths[key])
-    return {k: str(v) for k, v in paths.items()}
-
-
-def _row(it: Item) -> dict:
-    row = {"id": it.id, "question": it.question, "choices": list(it.choices), "label": it.label}
-    return {**row, "context": it.context} if it.context is not None else row
 
 
 def _write(rows: list[dict], setting: dict) -> None:

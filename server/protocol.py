@@ -76,6 +76,7 @@ class AdapterInfo(BaseModel):
     p0: float | None = None
     mode: str | None = None
     keep_probability: dict[str, float] = {}
+    temperature: float | None = None  # divides every mask's choice logits before averaging (1: not fitted)
     default_samples: int | None = None
     calibration: dict | None = None
     decision: dict | None = None

@@ -114,6 +114,7 @@ class Service:
                            base_model=rec.get("base_model", {}).get("name"), rank=a.get("r"), p0=a.get("p0"),
                            mode=rec.get("prompt", {}).get("mode"),
                            keep_probability=rec.get("keep_probability", {}),
+                           temperature=self.temperature(name),
                            default_samples=rec.get("default_samples", self.s.default_samples),
                            calibration=(rec.get("calibration") or {}).get("metrics"),
                            decision=rec.get("decision"), validation=rec.get("validation"))
@@ -212,7 +213,8 @@ class Service:
             n += size
             if len(lg) < size:  # the adapter has no more distinct draws (deterministic, ensemble)
                 break
-            if sampling_settled(np.concatenate(parts), conf_t, epi_t, self.s.adaptive_tolerance, self.s.adaptive_z):
+            if sampling_settled(np.concatenate(parts) / self.temperature(req.adapter), conf_t, epi_t,
+                                self.s.adaptive_tolerance, self.s.adaptive_z):
                 break
         logits = np.concatenate(parts)
         if mass:
@@ -234,6 +236,12 @@ class Service:
                 self.cache.popitem(last=False)
         return got
 
+    def temperature(self, adapter: str) -> float:
+        """The adapter's fitted temperature (1: none): every mask's choice logits are divided by it before
+        averaging, so probabilities, entropy and MI are those of the calibrated per-mask distributions."""
+        t = self.records.get(adapter, {}).get("temperature", 1.0)
+        return float(t) if isinstance(t, int | float) and t > 0 else 1.0
+
     def _thresholds(self, item: PredictItem, adapter: str) -> tuple[float | None, float | None]:
         """The abstention thresholds in force: the request's overrides, else the adapter's valid fitted ones."""
         decision = self.records.get(adapter, {}).get("decision") or {}
@@ -248,6 +256,7 @@ class Service:
         mass = None
         if isinstance(logits, Scored):
             logits, mass = logits.logits, logits.choice_mass
+        logits = logits / self.temperature(req.adapter)  # the cache keeps raw logits
         s = summarize(logits[:, None, :])  # (S, 1, K)
         one = {k: v[0] for k, v in s.items()}
         decision = self.records.get(req.adapter, {}).get("decision") or {}
