@@ -1,8 +1,11 @@
 """Adapter directories: PEFT-readable LoRA files plus DALorRA's mask logits and a JSON record.
 
     adapter_config.json          PEFT LoraConfig (exact module names as target_modules)
-    adapter_model.safetensors    base_model.model.<module>.lora_{A,B}.weight — all masks on, as PEFT reads it
-    dalorra_masks.safetensors    <module>.mask_logits (r,) and, for ensembles, <module>.fixed_masks (M, r)
+    adapter_model.safetensors    base_model.model.<module>.lora_{A,B}.weight as PEFT reads it: for a stochastic
+                                 adapter the mean-mask network B·diag(σ(φ))·A (what a deterministic answer serves),
+                                 otherwise the factors as trained
+    dalorra_masks.safetensors    <module>.mask_logits (r,); for a stochastic adapter the raw factors
+                                 <module>.lora_A / <module>.lora_B (format 2); for ensembles <module>.fixed_masks (M, r)
     dalorra.json                 method, adapter config, prompt format, answer tokens, base model + config
                                  hash, training summary, calibration record
 Directories are written to a temporary sibling and renamed into place, so a crash never leaves a
@@ -25,7 +28,7 @@ from .config import AdapterConfig, PromptFormat
 from .model import DalorraModel
 from .scoring import letter_token_ids
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adapter_model.safetensors holds the mean-mask network, raw factors in MASKS
 RECORD = "dalorra.json"
 MASKS = "dalorra_masks.safetensors"
 
@@ -55,8 +58,13 @@ def save_adapter(model: DalorraModel, out_dir: str | os.PathLike, extra: dict | 
         (tmp / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2))
         weights, masks = {}, {}
         for name, layer in model.adapted.items():
-            weights[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
-            weights[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+            A, B = layer.lora_A.detach().cpu().contiguous(), layer.lora_B.detach().cpu().contiguous()
+            weights[f"base_model.model.{name}.lora_A.weight"] = A
+            if cfg.stochastic:  # PEFT gets the mean network B·diag(π)·A; the masks file keeps the raw factors
+                weights[f"base_model.model.{name}.lora_B.weight"] = (B * layer.keep_prob.detach().cpu()).contiguous()
+                masks[f"{name}.lora_A"], masks[f"{name}.lora_B"] = A.clone(), B.clone()
+            else:
+                weights[f"base_model.model.{name}.lora_B.weight"] = B
             masks[f"{name}.mask_logits"] = layer.mask_logits.detach().cpu().clone()  # shared φ: one copy each
             if name in model.fixed_masks:
                 masks[f"{name}.fixed_masks"] = model.fixed_masks[name].cpu().contiguous()
@@ -110,6 +118,20 @@ def read_record(adapter_dir: str | os.PathLike) -> dict:
             "base_model": {"name": peft.get("base_model_name_or_path") or "", "config_hash": None}}
 
 
+def _check_peft_config(d: Path, cfg: AdapterConfig) -> None:
+    """adapter_config.json is what PEFT reads: it must parse and agree with the adapter that will serve."""
+    try:
+        peft = json.loads((d / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{d}: adapter_config.json is not valid JSON ({exc})") from None
+    if not isinstance(peft, dict):
+        raise AdapterError(f"{d}: adapter_config.json must be a JSON object")
+    if peft.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{d}: adapter_config.json peft_type {peft.get('peft_type')!r} is not LORA")
+    if "r" in peft and peft["r"] != cfg.r:
+        raise AdapterError(f"{d}: adapter_config.json says r={peft['r']!r}, but the adapter has rank {cfg.r}")
+
+
 def load_adapter(adapter_dir: str | os.PathLike, base, tokenizer, base_name: str = "") -> DalorraModel:
     """Inject the adapter into `base` (which it modifies) and return the DalorraModel.
 
@@ -131,6 +153,7 @@ def load_adapter(adapter_dir: str | os.PathLike, base, tokenizer, base_name: str
         masks = load_file(str(d / MASKS)) if (d / MASKS).is_file() else {}
     except Exception as exc:  # safetensors raises several types on a truncated file
         raise AdapterError(f"{d}: cannot read adapter files ({type(exc).__name__}: {exc})") from None
+    _check_peft_config(d, cfg)
     model = DalorraModel(base, tokenizer, cfg, fmt, base_name=base_name or rec["base_model"].get("name", ""))
     state = {k.replace(".default", ""): v for k, v in weights.items()}
     for name, layer in model.adapted.items():
@@ -139,9 +162,15 @@ def load_adapter(adapter_dir: str | os.PathLike, base, tokenizer, base_name: str
             B = state[f"base_model.model.{name}.lora_B.weight"]
         except KeyError:
             raise AdapterError(f"{d}: no weights for module {name}") from None
+        if f"{name}.lora_A" in masks and f"{name}.lora_B" in masks:  # format 2: the raw factors
+            A, B = masks[f"{name}.lora_A"], masks[f"{name}.lora_B"]
         if A.shape != layer.lora_A.shape or B.shape != layer.lora_B.shape:
             raise AdapterError(f"{d}: {name} has shapes {tuple(A.shape)}/{tuple(B.shape)}, expected "
                                f"{tuple(layer.lora_A.shape)}/{tuple(layer.lora_B.shape)}")
+        for what, t in (("lora_A", A), ("lora_B", B), ("mask_logits", masks.get(f"{name}.mask_logits")),
+                        ("fixed_masks", masks.get(f"{name}.fixed_masks"))):
+            if t is not None and not bool(torch.isfinite(t).all()):  # NaN/inf would answer null probabilities
+                raise AdapterError(f"{d}: {name}.{what} holds NaN or infinite values")
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)

@@ -1,4 +1,5 @@
-"""`dalorra` command line: train, eval, convert, serve, predict."""
+"""`dalorra train`, `dalorra eval` and `dalorra convert` (the `dalorra` entry point, dalorra/cli.py, adds serve
+and predict). `python -m adapters.cli train ...` also works, for torchrun and accelerate launch."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ TRAIN_HELP = {
     "hard": "straight-through hard masks during training (true/false)",
     "mask_sharing": "which modules share one switch per rank index: module (the paper: none), rank (all layers of "
                     "a module kind), layer (q_proj and v_proj of one layer)",
+    "train_items": "train on only the first N items left after the calibration split (several epochs over a capped "
+                   "set in the same steps); the calibration split is unchanged",
     "train_samples": "mask draws per example per step (DALorRA; the likelihood is averaged over them)",
     "lr": "learning rate of A and B", "lr_mask": "learning rate of the mask logits φ",
     "mask_schedule": "φ's schedule: linear (warm-up + decay, like A/B) or constant (after warm-up)",
@@ -54,7 +57,7 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def _add_train(sub) -> None:
+def add_train(sub) -> None:
     from .train import TrainConfig
 
     p = sub.add_parser("train", help="train a DALorRA (or baseline) adapter",
@@ -71,6 +74,7 @@ def _add_train(sub) -> None:
         else:
             p.add_argument(flag, type=kind, default=default, required=f.default is MISSING, help=TRAIN_HELP[f.name])
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt/ exactly where it stopped")
+    p.set_defaults(func=_reporting_errors(_cmd_train))
 
 
 def _cmd_train(a) -> int:
@@ -85,7 +89,7 @@ def _cmd_train(a) -> int:
     return 0
 
 
-def _add_eval(sub) -> None:
+def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate adapters on a JSONL: ACC, ECE, NLL, Brier, AURC, decisions",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("adapters", nargs="+", help="adapter directories ('none' = the base model zero-shot)")
@@ -97,6 +101,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="questions per forward")
     p.add_argument("--mode", choices=["letter", "cloze"], default=None, help="zero-shot scoring mode ('none')")
     p.add_argument("--out-dir", default=None, help="write predictions JSONL, metrics JSON and PNG plots here")
+    p.set_defaults(func=_reporting_errors(_cmd_eval))
 
 
 def _cmd_eval(a) -> int:
@@ -139,9 +144,10 @@ def _cmd_eval(a) -> int:
     return 0
 
 
-def _add_convert(sub) -> None:
+def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert the embedded GGUF model to the float cache now")
     p.add_argument("--base-model", default=None)
+    p.set_defaults(func=_reporting_errors(_cmd_convert))
 
 
 def _cmd_convert(a) -> int:
@@ -151,34 +157,32 @@ def _cmd_convert(a) -> int:
     return 0
 
 
+def _reporting_errors(cmd):
+    """A bad input (data, adapter, base model, value) ends the command with its message and exit status 2."""
+
+    def run(a) -> int:
+        from .adapter_io import AdapterError
+        from .basemodel import BaseModelError
+        from .data import DataError
+
+        try:
+            return cmd(a)
+        except (DataError, AdapterError, BaseModelError, ValueError) as exc:
+            print(f"dalorra {a.cmd}: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    ap = argparse.ArgumentParser(prog="dalorra", description="DALorRA: calibrated LoRA adapters and their server")
+    ap = argparse.ArgumentParser(prog="dalorra", description="DALorRA: train, evaluate and convert adapters")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    _add_train(sub)
-    _add_eval(sub)
-    _add_convert(sub)
-    try:
-        from server.cli import add_serve
-        add_serve(sub)
-    except ImportError:
-        pass
-    try:
-        from clients.cli import add_predict
-        add_predict(sub)
-    except ImportError:
-        pass
+    add_train(sub)
+    add_eval(sub)
+    add_convert(sub)
     a = ap.parse_args(argv)
-    from .adapter_io import AdapterError
-    from .basemodel import BaseModelError
-    from .data import DataError
-
-    try:
-        return {"train": _cmd_train, "eval": _cmd_eval, "convert": _cmd_convert}.get(a.cmd, getattr(a, "func", None))(a)
-    except (DataError, AdapterError, BaseModelError, ValueError) as exc:
-        print(f"dalorra {a.cmd}: error: {exc}", file=sys.stderr)
-        return 2
+    return a.func(a)
 
 
 if __name__ == "__main__":

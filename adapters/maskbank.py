@@ -93,6 +93,10 @@ class BankSource:
                        for k in self.weights if k.endswith(".lora_A.weight")}
         if not self.a_keys:
             raise AdapterError(f"{self.dir}: no LoRA weights in adapter_model.safetensors")
+        for n, k in self.a_keys.items():  # format 2: PEFT's file holds the mean network; the bank masks the raw factors
+            if f"{n}.lora_A" in masks and f"{n}.lora_B" in masks:
+                self.weights[k] = masks[f"{n}.lora_A"]
+                self.weights[k.replace(".lora_A.", ".lora_B.")] = masks[f"{n}.lora_B"]
         self.ranks = {n: int(self.weights[k].shape[0]) for n, k in self.a_keys.items()}
         self.stochastic = bool(self.record.get("adapter", {}).get("stochastic", False))
         self.keep = ({n: torch.sigmoid(masks[f"{n}.mask_logits"]) for n in self.ranks}

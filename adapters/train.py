@@ -72,7 +72,9 @@ class TrainConfig:
     eval_limit: int = 200
     eval_samples: int = 10
     save_every: int = 50
-    train_limit: int | None = None
+    train_limit: int | None = None  # read only the first N rows of the training file (before the split)
+    train_items: int | None = None  # train on only the first N items left after the calibration split (several
+    #                                 epochs in the same steps: the paper's regime); the split itself is unchanged
     target_error: float = 0.2  # abstention: selective error target on the calibration split
     target_delta: float = 0.1  # … held with confidence 1 − delta
     conformal_alpha: float = 0.1
@@ -132,6 +134,8 @@ def load_splits(cfg: TrainConfig) -> tuple[list[Item], list[Item] | None, list[I
         calib = load_jsonl(cfg.calibration)
     else:
         train, calib = split(train, cfg.calib_fraction, cfg.seed)
+    if cfg.train_items is not None:
+        train = train[:cfg.train_items]
     val = load_jsonl(cfg.validation, limit=cfg.eval_limit) if cfg.validation else None
     return train, val, calib
 

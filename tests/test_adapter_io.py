@@ -38,8 +38,43 @@ def test_peft_loads_the_directory(tmp_path, tokenizer):
     model, out = _saved(tmp_path, tokenizer)
     peft = PeftModel.from_pretrained(make_tiny(), str(out))
     ids = torch.randint(0, 49152, (2, 9))
-    model.set_mask_mode("all")
+    model.set_mask_mode("mean")  # PEFT gets the mean-mask network B·diag(σ(φ))·A: the deterministic answer
     torch.testing.assert_close(peft(input_ids=ids).logits, model.base(input_ids=ids).logits, atol=1e-5, rtol=0)
+    model.set_mask_mode("all")  # …which is not the all-on network (keep-probabilities < 1)
+    assert not torch.allclose(peft(input_ids=ids).logits, model.base(input_ids=ids).logits, atol=1e-4)
+
+
+def test_raw_factors_survive_the_mean_network_export(tmp_path, tokenizer):
+    from safetensors.torch import load_file
+
+    model, out = _saved(tmp_path, tokenizer)
+    raw = load_file(str(out / "dalorra_masks.safetensors"))
+    peft_file = load_file(str(out / "adapter_model.safetensors"))
+    name = "lm_head"
+    layer = model.adapted[name]
+    torch.testing.assert_close(raw[f"{name}.lora_B"], layer.lora_B.detach())
+    torch.testing.assert_close(peft_file[f"base_model.model.{name}.lora_B.weight"],
+                               layer.lora_B.detach() * layer.keep_prob.detach())
+    loaded = load_adapter(out, make_tiny(), tokenizer)  # the raw factors, not the mean network, come back
+    torch.testing.assert_close(loaded.adapted[name].lora_B.detach(), layer.lora_B.detach())
+
+
+def test_merge_and_unload_with_tied_embeddings_needs_untying_first(tmp_path, tokenizer):
+    """SmolLM2 ties lm_head to the input embeddings: merging an lm_head LoRA into the shared matrix changes the
+    embeddings too. Untied first (the README's recipe), the merged model equals the adapter's mean network."""
+    from peft import PeftModel
+
+    model, out = _saved(tmp_path, tokenizer)
+    ids = torch.randint(0, 49152, (2, 9))
+    model.set_mask_mode("mean")
+    want = model.base(input_ids=ids).logits
+    tied = PeftModel.from_pretrained(make_tiny(), str(out)).merge_and_unload()
+    assert not torch.allclose(tied(input_ids=ids).logits, want, atol=1e-4)  # the pitfall is real
+    base = make_tiny()
+    base.lm_head.weight = torch.nn.Parameter(base.lm_head.weight.detach().clone(), requires_grad=False)
+    base.config.tie_word_embeddings = False
+    merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
+    torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-5, rtol=0)
 
 
 def test_plain_peft_adapter_loads_with_all_masks_on(tmp_path, tokenizer):
