@@ -46,6 +46,13 @@ class Backend(abc.ABC):
 
         All rows (Σ S_i) of one adapter go through one forward."""
 
+    def generate(self, request, on_token=None, cancelled=None):
+        """Decode a GenerateRequest with the mean-mask network and score the answer under S masks
+        (server/generation.py); returns a GenerateResult. A backend that cannot raises GenerationUnsupported."""
+        from .generation import GenerationUnsupported
+
+        raise GenerationUnsupported(f"the {self.name} backend cannot generate text")
+
     def ready(self) -> bool:
         return True
 

@@ -60,6 +60,16 @@ class HFBackend(Backend):
         log.info("adapter %s: torch.compile + warm-up took %.1f s", name, seconds)
         return seconds
 
+    def generate(self, request, on_token=None, cancelled=None):
+        """Text generation (server/hf_generate.py): the lock is taken per decoding step, not for the whole answer."""
+        from .hf_generate import generate
+
+        model = self.models.get(request.adapter)
+        if model is None:
+            raise BackendError(f"adapter {request.adapter!r} is not loaded")
+        return generate(model, request, self.lock, self.settings.max_prompt_tokens, on_token,
+                        cancelled or (lambda: False))
+
     def unload_adapter(self, name: str) -> None:
         with self.lock:
             self.models.pop(name, None)

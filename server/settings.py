@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     adaptive_step: int = Field(3, ge=1, description="adaptive sampling: draws added per further round")
     adaptive_tolerance: float = Field(0.02, gt=0, description="Monte Carlo error allowed on p_top and normalised MI")
     adaptive_z: float = Field(2.0, gt=0, description="error bands are z standard errors wide")
+    # Text generation (/v1/completions, /v1/chat/completions; README "OpenAI-compatible API")
+    max_tokens: int = Field(256, ge=1, description="largest max_tokens a generation request may ask for")
+    max_prompt_tokens: int = Field(2048, ge=1, description="longest generation prompt (tokens, chat template included)")
+    max_n: int = Field(4, ge=1, description="largest n (answers per generation request)")
+    generation_slots: int = Field(2, ge=1, description="generations decoding at once (each its own path, not the "
+                                  "batcher; decoding steps and /predict batches take turns on the model)")
+    generation_queue: int = Field(16, ge=0, description="generation requests waiting for a slot beyond which 429")
+    generation_decision: Path | None = Field(None, description="JSON {adapter: decision record} of generation "
+                                             "thresholds; default: <adapter dir>/generation_decision.json")
     # vLLM backend only (README "GPU serving with vLLM"): each adapter becomes a bank of pre-masked LoRAs.
     vllm_bank_size: int = Field(32, ge=1, description="mask draws M per DALorRA adapter; a request's S must be <= M")
     vllm_bank_seed: int = Field(0, description="seed of the bank's mask draws (recorded in the adapter's info)")

@@ -227,6 +227,16 @@ class VLLMBackend(Backend):
             res.append(float(lp[target].logprob))
         return res
 
+    def generate(self, request, on_token=None, cancelled=None):
+        from .generation import GenerationUnsupported
+
+        raise GenerationUnsupported(
+            "text generation with uncertainty is not implemented on the vLLM backend: the mask bank holds hard "
+            "draws but not the mean-mask network, and the per-token entropy and mutual information need every "
+            "bank member's full next-token distribution at every answer position, which vLLM's LoRA path does not "
+            "return (prompt_logprobs crashed with LoRA on vLLM's CPU build; allowed_token_ids gives one token's "
+            "log-probability). Multiple choice (the `choices` field, /predict, KServe v2) works on this backend")
+
     def shutdown(self) -> None:
         shutil.rmtree(self.bank_root, ignore_errors=True)
 
