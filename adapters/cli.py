@@ -138,10 +138,21 @@ def _cmd_eval(a) -> int:
                 od.mkdir(parents=True, exist_ok=True)
                 stem = f"{Path(ad).name}__{Path(data).parent.name}_{Path(data).stem}"
                 write_predictions(od / f"{stem}.predictions.jsonl", items, logits)
-                plot_reliability(od / f"{stem}.png", summarize(logits)["probabilities"], labels, stem)
+                _plot_or_warn(plot_reliability, od / f"{stem}.png", summarize(logits)["probabilities"], labels, stem)
     if a.out_dir:
         write_json_atomic(Path(a.out_dir) / "metrics.json", results)
     return 0
+
+
+def _plot_or_warn(plot, path: Path, probs, labels, title: str) -> bool:
+    """The reliability plot needs matplotlib (an optional extra); without it the metrics are still written."""
+    try:
+        plot(path, probs, labels, title)
+    except ImportError as exc:
+        print(f"dalorra eval: {exc.name or 'matplotlib'} is not installed, so {path.name} was skipped; the metrics "
+              "and predictions are written (pip install matplotlib for the plots)", file=sys.stderr)
+        return False
+    return True
 
 
 def add_convert(sub) -> None:

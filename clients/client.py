@@ -23,7 +23,7 @@ class DalorraError(Exception):
     """A 4xx/5xx answer from the server: status, error type and the server's message."""
 
     def __init__(self, status: int, type_: str, message: str):
-        super().__init__(f"{status} {type_}: {message}")
+        super().__init__(f"{status} {type_}: {message}" if status else message)  # 0: no HTTP answer
         self.status, self.type, self.message = status, type_, message
 
 
@@ -41,6 +41,22 @@ class NotFound(DalorraError):
 
 class Overloaded(DalorraError):
     """429/503 after every retry."""
+
+
+class Unreachable(DalorraError):
+    """No HTTP answer at all: nothing listens at the URL, or the server did not answer in time."""
+
+
+def _unreachable(url, exc: httpx.TransportError) -> Unreachable:
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+        return Unreachable(0, "timeout", f"{url} did not answer in time ({type(exc).__name__}); raise the timeout "
+                                         "or lower samples")
+    return Unreachable(0, "unreachable", f"cannot connect to {url} ({type(exc).__name__}: {exc or 'no detail'}); "
+                                         "is the server running, and are the host and port right?")
+
+
+# Only failures where the request never reached the server are retried: a retry can then not run it twice.
+SAFE_TO_RETRY = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 def _raise_for(resp: httpx.Response) -> None:
@@ -86,7 +102,13 @@ class Client:
 
     def _request(self, method: str, path: str, **kw) -> httpx.Response:
         for attempt in range(self.retries + 1):
-            resp = self.http.request(method, path, **kw)
+            try:
+                resp = self.http.request(method, path, **kw)
+            except httpx.TransportError as exc:
+                if isinstance(exc, SAFE_TO_RETRY) and attempt < self.retries:
+                    time.sleep(self.backoff * 2 ** attempt)
+                    continue
+                raise _unreachable(self.http.base_url, exc) from None
             if resp.status_code in RETRY_STATUSES and attempt < self.retries:
                 time.sleep(_retry_after(resp, attempt, self.backoff))  # honour Retry-After
                 continue
@@ -131,7 +153,13 @@ class AsyncClient:
 
     async def _request(self, method: str, path: str, **kw) -> httpx.Response:
         for attempt in range(self.retries + 1):
-            resp = await self.http.request(method, path, **kw)
+            try:
+                resp = await self.http.request(method, path, **kw)
+            except httpx.TransportError as exc:
+                if isinstance(exc, SAFE_TO_RETRY) and attempt < self.retries:
+                    await asyncio.sleep(self.backoff * 2 ** attempt)
+                    continue
+                raise _unreachable(self.http.base_url, exc) from None
             if resp.status_code in RETRY_STATUSES and attempt < self.retries:
                 await asyncio.sleep(_retry_after(resp, attempt, self.backoff))
                 continue

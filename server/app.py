@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backend import Backend, make_backend
 from .errors import ApiError
+from .guards import RequestGuard, host_name
 from .metrics import Metrics
 from .protocol import (
     AdapterInfo,
@@ -32,8 +34,17 @@ from .settings import Settings
 log = logging.getLogger("dalorra.app")
 STATIC = Path(__file__).parent / "static"
 ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
-          404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
-          429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}}
+          404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 415: {"model": ErrorResponse},
+          422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 500: {"model": ErrorResponse},
+          503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}}
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _service(request: Request) -> Service:
@@ -70,35 +81,69 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         got = request.headers.get("authorization", "")
         token = got[7:] if got.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), expected.encode()):  # constant time; never logged
-            raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
     def user(request: Request) -> None:
         _check_token(request, settings.api_token)
 
     def admin(request: Request) -> None:
-        _check_token(request, settings.admin_token or settings.api_token)
+        """Loading and unloading change what every user gets. With a token set, the token decides. Without
+        one, only a client on loopback that also addresses the server by a loopback name (a DNS-rebound
+        page has a foreign Host) may call them. A JSON content type keeps cross-site HTML forms out."""
+        expected = settings.admin_token or settings.api_token
+        if expected:
+            _check_token(request, expected)
+        elif not (_loopback(request.client.host if request.client else None)
+                  and host_name(request.headers.get("host", "")) in LOOPBACK_NAMES):
+            raise ApiError(403, "admin_forbidden", "adapter management needs DALORRA_ADMIN_TOKEN (Authorization: "
+                                                   "Bearer ...) unless called on loopback (127.0.0.1/localhost)")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(415, "unsupported_media_type", "adapter management needs Content-Type: application/json "
+                                                          "(send {} as the body)")
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
         return _error(exc.status, exc.type, exc.message, exc.headers)
 
+    def _count_refused(path: str, status: int) -> None:
+        """/predict refusals that never reach the service still count in dalorra_requests_total."""
+        if path == "/predict":
+            metrics.requests.labels("unknown", "rejected" if status == 429 else "invalid").inc()
+
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
+    async def _validation(request: Request, exc: RequestValidationError):
         errs = exc.errors()
-        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in errs[:5])
-        kind = "malformed_json" if any(e.get("type") == "json_invalid" for e in errs) else "invalid_request"
-        return _error(400 if kind == "malformed_json" else 422, kind, msg or "invalid request")
+        _count_refused(request.url.path, 422)
+        bad_json = [e for e in errs if e.get("type") == "json_invalid"]
+        if bad_json:
+            e = bad_json[0]
+            where = e.get("loc", (None, None))[-1]
+            return _error(400, "malformed_json", f"the body is not valid JSON: {(e.get('ctx') or {}).get('error', '')} "
+                                                 f"at character {where}")
+        # A body that is one object is reported against the one-item form only, a list against the list form.
+        branch = "list[" if isinstance(exc.body, list) else "PredictItem"
+        mine = [e for e in errs if not (len(e.get("loc", ())) > 1 and isinstance(e["loc"][1], str)
+                                        and ("PredictItem" in e["loc"][1]) and not e["loc"][1].startswith(branch))]
+        errs = mine or errs
+
+        def where(loc) -> str:
+            return ".".join(str(x) for x in loc if x != "body" and not (isinstance(x, str) and "PredictItem" in x))
+        msg = "; ".join(f"{where(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errs[:5])
+        return _error(422, "invalid_request", msg or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, "http_error", str(exc.detail))
+        return _error(exc.status_code, "http_error", str(exc.detail), exc.headers)  # 405 keeps its Allow
 
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > settings.max_body_bytes:
-            return _error(413, "too_large", f"body exceeds {settings.max_body_bytes} bytes")
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        _count_refused(request.url.path, 500)
+        return _error(500, "internal_error", "the server failed on this request; it has been logged")
+
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s,
+                       allowed_hosts=settings.allowed_hosts, on_reject=_count_refused)
 
     @app.post("/predict", response_model=PredictResponse | list[PredictResponse], responses=ERRORS,
               dependencies=[Depends(user)])

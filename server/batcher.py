@@ -2,6 +2,10 @@
 
 Plain asyncio; the backend runs in one worker thread so the event loop keeps accepting requests.
 Every accepted request gets exactly one outcome: its logits, its own error, or a timeout.
+
+Admission keeps 429 honest: a request is admitted only if the rows already admitted plus its own can be scored
+before its deadline at the measured drain rate (seconds per row, a moving average over backend calls);
+otherwise it is refused at once with a Retry-After from the same estimate, instead of timing out later.
 """
 
 from __future__ import annotations
@@ -47,29 +51,48 @@ class Batcher:
         self.inflight = 0
         self.batches = 0
         self.closing = False
+        self.admitted_rows = 0  # rows of admitted requests not yet answered (queued, scoring, between rounds)
+        self.row_seconds: float | None = None  # measured backend seconds per row (EMA); None until a call ran
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dalorra-backend")
         self._task: asyncio.Task | None = None
         self._carry: _Pending | None = None
-        self._last_batch_seconds = 0.1
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def admit(self, rows: int) -> None:
-        """Raise unless `rows` more rows fit in the queue (checked for a whole request before any item queues)."""
+    def admit(self, rows: int, deadline_s: float | None = None) -> None:
+        """Reserve `rows` for a whole request, or raise Overloaded: when the queue bound would be passed, or
+        when the admitted backlog plus these rows cannot be scored within `deadline_s` at the measured rate.
+        Until one backend call has been measured, at most one batch of rows is admitted. release() frees them."""
         if self.closing:
             raise ShuttingDown("server is shutting down")
-        if self.queued_rows + rows > self.max_queue_rows:
-            # Time to drain what is queued, at the last batch's speed: a fair Retry-After.
-            per_row = self._last_batch_seconds / max(1, self.max_batch_rows)
-            raise Overloaded(max(1.0, self.queued_rows * per_row))
+        backlog = self.admitted_rows + rows
+        if self.row_seconds is None:
+            limit = self.max_queue_rows if deadline_s is None else min(self.max_queue_rows, self.max_batch_rows)
+            per_row = 0.0
+        else:
+            per_row = self.row_seconds
+            fits = int(deadline_s / per_row) if deadline_s is not None else self.max_queue_rows
+            limit = min(self.max_queue_rows, fits)
+        if backlog > limit and self.admitted_rows > 0:  # an idle server always takes one request
+            # Retry-After: the time until enough of the backlog has drained for these rows to fit.
+            raise Overloaded(max(1.0, (backlog - limit) * per_row))
+        self.admitted_rows = backlog
+
+    def release(self, rows: int) -> None:
+        self.admitted_rows = max(0, self.admitted_rows - rows)
 
     async def submit(self, req: ScoreRequest, admitted: bool = False):
         """Queue one request; returns its (S, K) logits or raises its own error.
 
-        admitted=True: part of a request already admitted (a later adaptive round), never refused."""
+        admitted=True: its rows were reserved by admit() (the caller releases them); otherwise they are
+        reserved here and released when it is answered."""
         if not admitted:
             self.admit(req.rows)
+            try:
+                return await self.submit(req, admitted=True)
+            finally:
+                self.release(req.rows)
         fut = asyncio.get_running_loop().create_future()
         self.queued_rows += req.rows
         self._report_queue()
@@ -119,7 +142,8 @@ class Batcher:
             except Exception as exc:  # the whole call failed: every request gets the error
                 results = [exc] * len(live)
             dt = time.perf_counter() - t0
-            self._last_batch_seconds = dt
+            per_row = dt / max(1, sum(p.req.rows for p in live))
+            self.row_seconds = per_row if self.row_seconds is None else 0.7 * self.row_seconds + 0.3 * per_row
             self.batches += 1
             if self.on_batch:
                 self.on_batch(len(live), sum(p.req.rows for p in live), dt)

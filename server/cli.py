@@ -28,6 +28,7 @@ def _serve(a) -> int:
     import uvicorn
 
     from .app import create_app
+    from .guards import head_timeout_protocol
     from .settings import Settings
 
     for key, val in (("HOST", a.host), ("PORT", a.port), ("ADAPTERS_DIR", a.adapters_dir),
@@ -37,5 +38,5 @@ def _serve(a) -> int:
             os.environ[f"DALORRA_{key}"] = str(val)
     settings = Settings()
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=a.log_level,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=30, http=head_timeout_protocol(settings.head_timeout_s))
     return 0

@@ -90,15 +90,27 @@ class HFBackend(Backend):
                     for i in idx:
                         out[i] = BackendError(f"adapter {name!r} is not loaded")
                     continue
-                try:
-                    for chunk in self._chunks(idx, requests):
-                        for i, res in zip(chunk, self._score_group(model, [requests[i] for i in chunk]), strict=True):
-                            out[i] = res
-                except Exception as exc:  # one bad group fails only its own requests
-                    log.exception("scoring failed for adapter %s", name)
-                    for i in idx:
-                        out[i] = exc
+                for chunk in self._chunks(idx, requests):
+                    for i, res in zip(chunk, self._score_isolated(model, [requests[i] for i in chunk]), strict=True):
+                        out[i] = res
         return out  # type: ignore[return-value]
+
+    def _score_isolated(self, model, reqs: list[ScoreRequest]) -> list[np.ndarray | Exception]:
+        """One forward for the chunk; if it fails, each request again on its own, so an unexpected error
+        (a bad input the checks missed, a bug) fails only the request that causes it."""
+        try:
+            return self._score_group(model, reqs)
+        except Exception as exc:
+            log.exception("scoring a chunk of %d requests failed; scoring them one by one", len(reqs))
+            if len(reqs) == 1:
+                return [exc]
+        out: list[np.ndarray | Exception] = []
+        for r in reqs:
+            try:
+                out += self._score_group(model, [r])
+            except Exception as exc:
+                out.append(exc)
+        return out
 
     def _chunks(self, idx: list[int], requests: list[ScoreRequest]) -> list[list[int]]:
         """Split one adapter's requests into forwards of at most max_forward_rows rows (a request is never split).
@@ -127,6 +139,8 @@ class HFBackend(Backend):
                               strict=True)
             except ValueError as exc:
                 bad[i] = BackendError(str(exc))
+            except Exception as exc:  # e.g. TypeError from the tokenizer on text it cannot encode
+                bad[i] = BackendError(f"this request's text cannot be tokenized ({type(exc).__name__}: {exc})")
         if bad:
             good = [i for i in range(len(reqs)) if i not in bad]
             res = self._score_group(model, [reqs[i] for i in good]) if good else []

@@ -1,7 +1,9 @@
 """Signed prediction receipts: any replica with the same key verifies feedback without a shared store.
 
 receipt = base64url(JSON payload) "." base64url(HMAC-SHA256(key, payload))
-payload: id, adapter, predicted index, confidence, K, issue time.
+payload: id, adapter, predicted index, confidence, K, issue time; checked as a typed Payload after the
+signature, so even a validly signed odd payload (made with a leaked key, or by a bug) is a 4xx, never a 500 or
+a NaN in the calibration counters.
 """
 
 from __future__ import annotations
@@ -13,9 +15,32 @@ import json
 import time
 from collections import OrderedDict
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 
 class ReceiptError(ValueError):
     """Forged, malformed or expired receipt."""
+
+
+class ReceiptInvalid(ValueError):
+    """A receipt whose signature verifies but whose payload is not one this server issues."""
+
+
+class Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    id: str = Field(min_length=1, max_length=128)
+    a: str = Field(min_length=1, max_length=64, description="adapter")
+    p: int = Field(ge=0, description="predicted index")
+    c: float = Field(ge=0, le=1, allow_inf_nan=False, description="confidence")
+    k: int = Field(ge=2, le=26, description="number of choices")
+    t: float = Field(allow_inf_nan=False, description="issue time (Unix seconds)")
+
+    @model_validator(mode="after")
+    def _index(self) -> Payload:
+        if self.p >= self.k:
+            raise ValueError(f"predicted index {self.p} is not below K = {self.k}")
+        return self
 
 
 def _b64(b: bytes) -> str:
@@ -36,7 +61,7 @@ class Receipts:
         body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
         return f"{_b64(body)}.{_b64(hmac.new(self.key, body, hashlib.sha256).digest())}"
 
-    def verify(self, receipt: str) -> dict:
+    def verify(self, receipt: str) -> Payload:
         try:
             body_s, sig_s = receipt.split(".")
             body, sig = _unb64(body_s), _unb64(sig_s)
@@ -44,8 +69,13 @@ class Receipts:
             raise ReceiptError("malformed receipt") from None
         if not hmac.compare_digest(sig, hmac.new(self.key, body, hashlib.sha256).digest()):
             raise ReceiptError("receipt signature does not verify")
-        payload = json.loads(body)
-        if time.time() - payload["t"] > self.ttl:
+        try:
+            payload = Payload.model_validate_json(body)
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            where = ".".join(str(x) for x in e.get("loc", ())) or "payload"
+            raise ReceiptInvalid(f"receipt payload is not valid ({where}: {e.get('msg')})") from None
+        if time.time() - payload.t > self.ttl:
             raise ReceiptError("receipt expired")
         return payload
 

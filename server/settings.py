@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,8 +33,16 @@ class Settings(BaseSettings):
     max_forward_rows: int = Field(20, ge=1, description="rows per model forward (HF backend splits larger batches)")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
     max_queue_rows: int = Field(4000, ge=1, description="queued rows beyond which requests get 429")
-    request_timeout_s: float = Field(60.0, gt=0)
-    feedback_key: str = Field("dev-only-change-me", min_length=8, description="HMAC key shared by replicas")
+    request_timeout_s: float = Field(60.0, gt=0, description="deadline of a /predict request; requests that "
+                                     "cannot finish within it at the measured drain rate get 429 at once")
+    body_timeout_s: float = Field(10.0, gt=0, description="a request body stalled this long (between reads) gets 408")
+    head_timeout_s: float = Field(10.0, gt=0, description="a connection whose request line and headers are not "
+                                  "complete this long after it opened is closed")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Host header values served, comma-separated (DNS-rebinding guard); "
+        "empty: any")
+    feedback_key: str | None = Field(None, min_length=8, description="HMAC key for receipts, shared by replicas; "
+                                     "unset: a random key per process (feedback then stays on that replica)")
     receipt_ttl_s: float = Field(7 * 24 * 3600, gt=0)
     result_cache_size: int = Field(4096, ge=0, description="seeded results kept (LRU); 0 disables the cache")
     length_bucketing: bool = Field(False, description="HF backend: group rows of similar length into a forward "
@@ -67,6 +76,11 @@ class Settings(BaseSettings):
     vllm_bank_dir: Path | None = Field(None, description="where bank members are written (default: /dev/shm)")
     api_token: str | None = None
     admin_token: str | None = None
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, v):
+        return [h.strip().lower() for h in v.split(",") if h.strip()] if isinstance(v, str) else v
 
     @field_validator("backend")
     @classmethod

@@ -43,6 +43,25 @@ def test_promtool_checks_rules():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_ece_rule_pools_replicas_before_abs(tmp_path):
+    """Two replicas whose per-bin gaps cancel (one under-, one over-confident by 0.25 in the same bin): the pooled
+    ECE is 0. Taking abs() per replica before summing would report 0.25 (binary-exact values: no roundoff)."""
+    series = []
+    for inst, correct in (("r1", "0.75"), ("r2", "0.25")):
+        lab = f'adapter="a",bin="12",instance="{inst}"'
+        series += [{"series": f"dalorra_calibration_confidence_total{{{lab}}}", "values": "0+0.5x120"},
+                   {"series": f"dalorra_calibration_correct_total{{{lab}}}", "values": f"0+{correct}x120"},
+                   {"series": f"dalorra_calibration_predictions_total{{{lab}}}", "values": "0+1x120"}]
+    test = {"rule_files": [str(RULES)], "evaluation_interval": "1m",
+            "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": [
+                {"expr": "adapter:dalorra_ece:1h", "eval_time": "90m",
+                 "exp_samples": [{"labels": 'adapter:dalorra_ece:1h{adapter="a"}', "value": 0}]}]}]}
+    f = tmp_path / "ece_test.yml"
+    f.write_text(yaml.safe_dump(test))
+    r = subprocess.run([_tool("promtool"), "test", "rules", str(f)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_prometheusrule_manifest_matches_rules_file():
     doc = yaml.safe_load((ROOT / "deploy" / "k8s" / "base" / "prometheusrule.yaml").read_text())
     assert doc["spec"] == yaml.safe_load(RULES.read_text())
@@ -60,6 +79,19 @@ def test_manifests_render_and_validate(overlay, tmp_path):
     kinds = {d["kind"] for d in yaml.safe_load_all(rendered) if d}
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor",
             "PrometheusRule"} <= kinds
+
+
+def test_secrets_come_from_the_environment_with_no_published_default():
+    """No secret value is written in the compose file or the manifests: compose passes the environment through
+    (empty when unset: the server then uses a random feedback key), k8s reads a Secret."""
+    env = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["dalorra"]["environment"]
+    for key in ("DALORRA_FEEDBACK_KEY", "DALORRA_ADMIN_TOKEN"):
+        assert re.fullmatch(r"\$\{" + key + r"(:-)?\}", env[key]), (key, env[key])
+    dep = yaml.safe_load((ROOT / "deploy" / "k8s" / "base" / "deployment.yaml").read_text())
+    containers = dep["spec"]["template"]["spec"]["containers"]
+    envs = {e["name"]: e for c in containers for e in c.get("env", [])}
+    for key in ("DALORRA_FEEDBACK_KEY", "DALORRA_ADMIN_TOKEN"):
+        assert "secretKeyRef" in envs[key]["valueFrom"] and "value" not in envs[key]
 
 
 def test_compose_file_is_valid():

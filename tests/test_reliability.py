@@ -19,7 +19,8 @@ BODY = {"question": "Which of these is a source of light?", "choices": ["the Sun
 @pytest.fixture(scope="module")
 def server(adapters_dir, tmp_path_factory):
     s = ServerProcess(adapters_dir, "test-ad", tmp_path_factory.mktemp("rel") / "s.log", DALORRA_MAX_SAMPLES="4",
-                      DALORRA_API_TOKEN="user-token-1", DALORRA_ADMIN_TOKEN="admin-token-1").wait_ready()
+                      DALORRA_API_TOKEN="user-token-1", DALORRA_ADMIN_TOKEN="admin-token-1",
+                      DALORRA_BODY_TIMEOUT_S="1", DALORRA_HEAD_TIMEOUT_S="2").wait_ready()
     yield s
     s.stop()
 
@@ -43,7 +44,7 @@ def test_tokens_required_and_constant_time(server):
     assert httpx.post(server.url + "/predict", json=BODY, headers={"authorization": "Bearer nope"}).status_code == 401
     assert httpx.post(server.url + "/predict", json=BODY, headers=AUTH, timeout=60).status_code == 200
     # Adapter management needs the admin token, not the user's.
-    assert httpx.post(server.url + "/v1/adapters/test-ad/load", headers=AUTH).status_code == 401
+    assert httpx.post(server.url + "/v1/adapters/test-ad/load", json={}, headers=AUTH).status_code == 401
     assert "user-token-1" not in open(server.log.name).read()
 
 
@@ -59,26 +60,55 @@ def test_limits_give_clear_4xx(server):
 
 def test_path_traversal_and_corrupt_adapter_hot_load(server, adapters_dir, tmp_path):
     for name in ("..", "../etc", "a/b", ".hidden"):
-        r = httpx.post(server.url + f"/v1/adapters/{name}/load", headers=ADMIN)
+        r = httpx.post(server.url + f"/v1/adapters/{name}/load", json={}, headers=ADMIN)
         assert r.status_code in (404, 422), (name, r.status_code)
     outside = tmp_path / "outside"
     shutil.copytree(adapters_dir / "test-ad", outside)
     (adapters_dir / "escape").symlink_to(outside, target_is_directory=True)
     try:
-        r = httpx.post(server.url + "/v1/adapters/escape/load", headers=ADMIN)
+        r = httpx.post(server.url + "/v1/adapters/escape/load", json={}, headers=ADMIN)
         assert r.status_code == 403 and r.json()["error"]["type"] == "forbidden"
     finally:
         (adapters_dir / "escape").unlink()
 
     async def go():
         async with httpx.AsyncClient(timeout=300, headers=AUTH) as c:
-            load = asyncio.create_task(c.post(server.url + "/v1/adapters/corrupt/load", headers=ADMIN))
+            load = asyncio.create_task(c.post(server.url + "/v1/adapters/corrupt/load", json={}, headers=ADMIN))
             preds = await asyncio.gather(*[c.post(server.url + "/predict", json={**BODY, "samples": 2})
                                            for _ in range(12)])
             return await load, preds
     load, preds = asyncio.run(go())
     assert load.status_code == 422 and load.json()["error"]["type"] == "bad_adapter"
     assert [r.status_code for r in preds] == [200] * 12
+
+
+def test_poisoned_request_fails_alone(server):
+    """A lone surrogate (valid JSON, not text) beside 12 good requests: it gets a 422 naming the field, they 200."""
+    async def go():
+        async with httpx.AsyncClient(timeout=300, headers=AUTH) as c:
+            bad = c.post(server.url + "/predict", content=b'{"question":"q?","choices":["\\udfff","b"],"samples":2}',
+                         headers={"content-type": "application/json"})
+            return await asyncio.gather(bad, *[c.post(server.url + "/predict", json={**BODY, "samples": 2, "seed": i})
+                                               for i in range(12)])
+    bad, *good = asyncio.run(go())
+    assert bad.status_code == 422 and "choices.0" in bad.json()["error"]["message"]
+    assert [r.status_code for r in good] == [200] * 12
+
+
+def test_stalled_bodies_and_heads_are_cut_off(server):
+    import socket
+
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # 10 of 200 body bytes, then nothing
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer user-token-1\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: 200\r\n\r\n{\"question")
+        t = time.monotonic()
+        reply = s.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - t < 5, reply
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # a head that never ends
+        s.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        t = time.monotonic()
+        assert s.recv(4096) == b"" and time.monotonic() - t < 6  # closed by the server
 
 
 def test_soak_overload_every_accepted_answered_once(adapters_dir, tmp_path):

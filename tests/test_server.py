@@ -109,7 +109,7 @@ def test_seeded_results_are_cached_until_the_adapter_reloads(servers, items):
     assert a.metric("dalorra_cache_hits_total") == hits + 1 and a.metric("dalorra_backend_calls_total") == calls
     httpx.post(a.url + "/predict", json=_body(items[5], samples=3, fresh=True), timeout=120)
     assert a.metric("dalorra_cache_hits_total") == hits + 1  # fresh draws are never cached
-    assert httpx.post(a.url + "/v1/adapters/test-ad/load", timeout=120).status_code == 200  # reload
+    assert httpx.post(a.url + "/v1/adapters/test-ad/load", json={}, timeout=120).status_code == 200  # reload
     calls = a.metric("dalorra_backend_calls_total")
     after = httpx.post(a.url + "/predict", json=body, timeout=120).json()
     assert a.metric("dalorra_backend_calls_total") == calls + 1  # a reload invalidates the cache
@@ -132,6 +132,22 @@ def test_length_bucketing_changes_no_result(adapters_dir, items):
     assert chunks[True] != chunks[False]  # bucketing really regrouped the forwards
     for x, y in zip(out[False], out[True], strict=True):
         np.testing.assert_allclose(x, y, atol=1e-4)
+
+
+def test_a_request_the_tokenizer_cannot_encode_fails_alone(adapters_dir, items):
+    """A lone surrogate makes the tokenizer raise TypeError: only that request fails, with a BackendError (4xx)."""
+    from server.backend import BackendError, ScoreRequest
+    from server.hf_backend import HFBackend
+    from server.settings import Settings
+
+    be = HFBackend(Settings())
+    be.load_adapter("t", str(adapters_dir / "test-ad"))
+    reqs = [ScoreRequest("t", it.question, it.choices, None, 2, i) for i, it in enumerate(items[:3])]
+    reqs.insert(1, ScoreRequest("t", "q?", ("\udfff", "b"), None, 2, 0))
+    out = be.score(reqs)
+    assert isinstance(out[1], BackendError) and "tokenized" in str(out[1])
+    for i in (0, 2, 3):
+        assert isinstance(out[i], np.ndarray) and out[i].shape == (2, len(reqs[i].choices))
 
 
 def test_torch_compile_is_warmed_at_load_and_changes_no_result(adapters_dir, items):
@@ -163,13 +179,15 @@ def test_torch_compile_is_warmed_at_load_and_changes_no_result(adapters_dir, ite
     ({"question": 5, "choices": "ab"}, 422),
     ({"question": "q", "choices": ["a", "  "]}, 422),
 ])
-def test_bad_inputs_4xx_and_change_nothing(servers, body, status):
+def test_bad_inputs_4xx_counted_as_invalid_and_change_nothing_else(servers, body, status):
     a, _ = servers
-    before = a.metric("dalorra_requests_total")
+    ok, invalid = a.metric("dalorra_requests_total", {"outcome": "ok"}), a.metric("dalorra_requests_total",
+                                                                                  {"outcome": "invalid"})
     r = httpx.post(a.url + "/predict", json=body, timeout=30)
     assert r.status_code == status, r.text
     assert set(r.json()["error"]) == {"type", "message"}
-    assert a.metric("dalorra_requests_total") == before
+    assert a.metric("dalorra_requests_total", {"outcome": "ok"}) == ok
+    assert a.metric("dalorra_requests_total", {"outcome": "invalid"}) == invalid + 1
 
 
 def test_malformed_json(servers):
@@ -213,7 +231,7 @@ def test_forged_or_bad_feedback_refused(servers, items):
     assert a.metric("dalorra_calibration_predictions_total") == before
 
 
-def test_adapters_health_and_loading(servers):
+def test_adapters_health_and_loading(servers, adapters_dir):
     a, _ = servers
     j = httpx.get(a.url + "/v1/adapters").json()
     names = {x["name"]: x for x in j["adapters"]}
@@ -222,9 +240,10 @@ def test_adapters_health_and_loading(servers):
     for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/v2/models/test-ad/ready"):
         assert httpx.get(a.url + path).status_code == 200, path
     assert httpx.get(a.url + "/v2/models/nope/ready").status_code == 404
-    r = httpx.post(a.url + "/v1/adapters/corrupt/load", timeout=60)
+    r = httpx.post(a.url + "/v1/adapters/corrupt/load", json={}, timeout=60)
     assert r.status_code == 422 and r.json()["error"]["type"] == "bad_adapter"
-    assert httpx.post(a.url + "/v1/adapters/..%2Fetc/load").status_code in (404, 422)
+    assert str(adapters_dir) not in r.text  # errors name the adapter, not where the server keeps it
+    assert httpx.post(a.url + "/v1/adapters/..%2Fetc/load", json={}).status_code in (404, 422)
     assert httpx.post(a.url + "/predict", json={"question": "q?", "choices": ["a", "b"]}, timeout=60).status_code == 200
 
 
