@@ -1,4 +1,6 @@
-"""`dalorra predict`: one question (a readable table or JSON) or a JSONL batch with a progress bar."""
+"""`dalorra predict`: one question (a readable table or JSON) or a JSONL batch with a progress bar.
+
+Needs only httpx, pydantic and tqdm (`pip install 'dalorra[client]'`): no torch, no NumPy."""
 
 from __future__ import annotations
 
@@ -65,11 +67,9 @@ def _predict(a) -> int:
 
 
 def _batch(c, a) -> int:
-    import numpy as np
     from tqdm import tqdm
 
-    from adapters.calibration import metrics
-    from adapters.data import load_jsonl
+    from adapters.data import load_jsonl  # standard library only
 
     items = load_jsonl(a.file, require_labels=False)
     out = open(a.out + ".tmp", "w") if a.out else None
@@ -82,9 +82,7 @@ def _batch(c, a) -> int:
             for it, r in zip(chunk, c.predict_many(body), strict=True):
                 answered += r.decision == "answer"
                 if it.label is not None:
-                    p = np.zeros(26)
-                    p[: len(r.probabilities)] = r.probabilities
-                    probs.append(p)
+                    probs.append(r.probabilities)
                     labels.append(it.label)
                 if out:
                     out.write(json.dumps({**r.model_dump(exclude={"receipt"}), "label": it.label}) + "\n")
@@ -95,7 +93,21 @@ def _batch(c, a) -> int:
         os.replace(a.out + ".tmp", a.out)
     summary = {"items": len(items), "answered": answered, "abstained": len(items) - answered}
     if labels:
-        m = metrics(np.array(probs), np.array(labels))
-        summary.update(accuracy=m["acc"], ece=m["ece"], labelled=len(labels))
+        acc, ece = accuracy_and_ece(probs, labels)
+        summary.update(accuracy=acc, ece=ece, labelled=len(labels))
     print(json.dumps(summary))
     return 0
+
+
+def accuracy_and_ece(probs: list[list[float]], labels: list[int], n_bins: int = 15) -> tuple[float, float]:
+    """ACC and ECE exactly as adapters.calibration.metrics defines them (top-1 confidence in 15 equal-width
+    bins; ECE = Σ_bins |Σconf − Σcorrect| / n), in plain Python because the client installs without NumPy.
+    tests/test_install.py checks the two agree."""
+    conf_sum, correct_sum = [0.0] * n_bins, [0.0] * n_bins
+    for p, y in zip(probs, labels, strict=True):
+        top = max(range(len(p)), key=p.__getitem__)  # the first maximum, as np.argmax
+        b = min(max(int(p[top] * n_bins), 0), n_bins - 1)
+        conf_sum[b] += p[top]
+        correct_sum[b] += float(top == y)
+    n = len(labels)
+    return sum(correct_sum) / n, sum(abs(c - a) for c, a in zip(conf_sum, correct_sum, strict=True)) / n

@@ -25,7 +25,7 @@ class ServerProcess:
         e = {**os.environ, "DALORRA_ADAPTERS_DIR": str(adapters_dir), "DALORRA_DEFAULT_ADAPTER": adapter,
              "DALORRA_PORT": str(self.port), "DALORRA_FEEDBACK_KEY": "test-key-123456", **env}
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "adapters.cli", "serve", "--log-level", "warning"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "dalorra", "serve", "--log-level", "warning"],
                                      env=e, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 240) -> ServerProcess:

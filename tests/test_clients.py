@@ -106,7 +106,7 @@ def test_router_both_paths_and_feedback(server):
 
 
 def test_cli_table_json_and_batch(server, tmp_path):
-    base = [sys.executable, "-m", "adapters.cli", "predict", "--url", server.url]
+    base = [sys.executable, "-m", "dalorra", "predict", "--url", server.url]
     args = ["--question", Q] + sum((["--choice", c] for c in CH), [])
     table = subprocess.run(base + args, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
