@@ -1,18 +1,17 @@
-"""Mask draws as plain data, and the "mask bank": M pre-masked copies of one adapter as ordinary PEFT LoRAs.
+"""The "mask bank": M pre-masked copies of one adapter as ordinary PEFT LoRAs.
 
 A DALorRA adapter under a hard mask z is an ordinary LoRA whose rank components with z_k = 0 are gone:
 (alpha/r) B diag(z) A = (alpha/r) B (diag(z) A), i.e. zero the masked rows of A. Engines that batch many
 LoRAs (vLLM) cannot apply a per-request mask, but they can serve M such copies at once.
 
-`draw_masks_from` is the one implementation of the mask draw: DalorraModel.draw_masks calls it, and the
-vLLM backend calls it on the adapter's files, so both give the same z_1..z_M for the same seed.
+The draw itself lives in adapters/masks.py (`draw_masks_from`), shared with DalorraModel.draw_masks, so the bank
+and the HF backend give the same z_1..z_M for the same seed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,59 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
-
-
-def mask_groups(names, sharing: str = "module") -> dict[str, list[str]]:
-    """Modules that share one switch per rank index: group key → member module names (sorted).
-
-    module: every module alone (the paper). rank: one group per module kind (q_proj, v_proj, lm_head), i.e. one
-    z_j for rank index j across all layers. layer: one group per decoder layer (its q_proj and v_proj), modules
-    outside the decoder layers (lm_head) alone."""
-    groups: dict[str, list[str]] = {}
-    for n in sorted(names):
-        if sharing == "module":
-            key = n
-        elif sharing == "rank":
-            key = "kind:" + n.rsplit(".", 1)[-1]
-        elif sharing == "layer":
-            m = _LAYER_INDEX.search("." + n + ".")
-            key = f"layer:{int(m.group(1)):04d}" if m else n
-        else:
-            raise ValueError(f"unknown mask sharing {sharing!r}")
-        groups.setdefault(key, []).append(n)
-    return groups
-
-
-def draw_masks_from(ranks: dict[str, int], keep: dict[str, torch.Tensor] | None,
-                    fixed: dict[str, torch.Tensor], samples: int, seed: int, first: int = 0,
-                    sharing: str = "module") -> dict[str, torch.Tensor]:
-    """Hard masks z_first .. z_{first+S-1} per module, name → (S, r) float32 on the CPU.
-
-    Sample s depends only on (seed, s), so draws are prefix-consistent: the first 4 of 10 draws are the 4
-    draws, and adaptive sampling can add rounds (first = samples so far) without changing earlier ones.
-    ranks: module → r. keep: module → σ(φ) of shape (r,) for a stochastic adapter, None for a deterministic
-    one (all components on). fixed: module → (M, r) member blocks (ensembles); sample s uses row s mod M.
-    sharing: modules of one `mask_groups` group get the same draw (their keep-probabilities are equal).
-    """
-    names = sorted(ranks)
-    idx = torch.arange(first, first + samples)
-    out = {n: torch.ones(samples, ranks[n]) for n in names}
-    for n in names:
-        if n in fixed:
-            out[n] = fixed[n][idx % fixed[n].shape[0]].float()
-    if keep is None:
-        return out
-    groups = mask_groups(names, sharing)
-    for row, s in enumerate(idx.tolist()):
-        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + s) % (2**63))
-        for members in groups.values():  # every group draws, in key order (module sharing: name order)
-            u = torch.rand(ranks[members[0]], generator=g)
-            z = (u < keep[members[0]].detach().float().cpu()).float()
-            for n in members:
-                if n not in fixed:
-                    out[n][row] = z
-    return out
+from .masks import draw_masks_from
 
 
 class BankSource:

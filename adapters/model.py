@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import AdapterConfig, PromptFormat
 from .layer import MASK_MODES, MaskedLoraLinear
-from .maskbank import draw_masks_from, mask_groups
+from .masks import draw_masks_from, mask_groups
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 

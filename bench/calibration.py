@@ -358,12 +358,14 @@ def _targets(groups: dict) -> list[str]:
             if name + "+ts" in mean and "lora+ts" in mean:
                 dt, lt = mean[name + "+ts"], mean["lora+ts"]
                 ts = ", ".join("yes" if dt[k] < lt[k] else "no" for k in ("ece", "nll", "aurc"))
-            cells = [f"{da['ece'] / lo['ece']:.2f}", "yes" if all(da["ece"] < plain[m]["ece"] for m in others)
-                     else "no", "yes" if da["nll"] <= min(v["nll"] for v in plain.values()) else "no",
+            below = ("–" if not others else "yes" if all(da["ece"] < plain[m]["ece"] for m in others) else "no")
+            cells = [f"{da['ece'] / lo['ece']:.2f}", below,
+                     "yes" if da["nll"] <= min(v["nll"] for v in plain.values()) else "no",
                      f"{da['acc'] - lo['acc']:+.3f}", ts]
             if above < 0.10:
                 cells = [c + " (n/a)" for c in cells]
-            out.append(f"| {ds} | {name} | {above:+.3f} | {lo['mean_confidence'] - lo['acc']:+.3f} | "
+            gap = lo["mean_confidence"] - lo["acc"]
+            out.append(f"| {ds} | {name} | {above:+.3f} | {'–' if np.isnan(gap) else f'{gap:+.3f}'} | "
                        + " | ".join(cells) + " |")
     return out
 
