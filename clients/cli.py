@@ -5,7 +5,6 @@ Needs only httpx, pydantic and tqdm (`pip install 'dalorra[client]'`): no torch,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -24,7 +23,8 @@ def add_predict(sub) -> None:
                    help="adaptive sampling: stop drawing once more samples cannot change the outcome")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--file", default=None, help="JSONL of items (question, choices, optional label)")
-    p.add_argument("--out", default=None, help="write one JSON result per line here (with --file)")
+    p.add_argument("--out", default=None, help="append one JSON result (with its receipt) per line here as "
+                   "answers arrive; rerun to resume (with --file)")
     p.add_argument("--batch", type=int, default=8, help="items per request (with --file)")
     p.set_defaults(func=_predict)
 
@@ -52,7 +52,9 @@ def _predict(a) -> int:
     with Client(a.url, token=a.token) as c:
         try:
             if a.file:
-                return _batch(c, a)
+                from .batch import run_batch
+
+                return run_batch(c, a)
             if not a.question or len(a.choice) < 2:
                 print("dalorra predict: give --question and at least two --choice (or --file)", file=sys.stderr)
                 return 2
@@ -63,39 +65,6 @@ def _predict(a) -> int:
             print(f"dalorra predict: {exc}", file=sys.stderr)
             return 1
     print(r.model_dump_json(indent=2) if a.json else render(r, a.choice))
-    return 0
-
-
-def _batch(c, a) -> int:
-    from tqdm import tqdm
-
-    from adapters.data import load_jsonl  # standard library only
-
-    items = load_jsonl(a.file, require_labels=False)
-    out = open(a.out + ".tmp", "w") if a.out else None
-    probs, labels, answered = [], [], 0
-    try:
-        for i in tqdm(range(0, len(items), a.batch), desc="predict", unit="batch"):
-            chunk = items[i:i + a.batch]
-            body = [{"question": it.question, "choices": list(it.choices), "context": it.context, "id": it.id,
-                     "adapter": a.adapter, "samples": a.samples, "adaptive": a.adaptive} for it in chunk]
-            for it, r in zip(chunk, c.predict_many(body), strict=True):
-                answered += r.decision == "answer"
-                if it.label is not None:
-                    probs.append(r.probabilities)
-                    labels.append(it.label)
-                if out:
-                    out.write(json.dumps({**r.model_dump(exclude={"receipt"}), "label": it.label}) + "\n")
-    finally:
-        if out:
-            out.close()
-    if a.out:
-        os.replace(a.out + ".tmp", a.out)
-    summary = {"items": len(items), "answered": answered, "abstained": len(items) - answered}
-    if labels:
-        acc, ece = accuracy_and_ece(probs, labels)
-        summary.update(accuracy=acc, ece=ece, labelled=len(labels))
-    print(json.dumps(summary))
     return 0
 
 

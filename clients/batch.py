@@ -1,0 +1,88 @@
+"""`dalorra predict --file`: a JSONL batch written as it goes and resumed where it stopped.
+
+Each answer is appended to --out (flushed) the moment it arrives, receipt included, so an interrupted run
+loses nothing: run the same command again and the items already in --out are skipped. The summary covers
+every item in --out, and reports accuracy on all labelled items and on the answered ones (the accuracy
+a user of the abstain decision gets).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from .cli import accuracy_and_ece  # cli imports this module only inside a function: no cycle
+
+
+def _key(it, index: int) -> str:
+    return it.id if it.id else f"line-{index + 1}"  # echoed back as the response id, so a resume finds it
+
+
+def _done(path: str | None) -> dict[str, dict]:
+    """Rows already written by an earlier run (a torn last line, from a kill mid-write, is dropped)."""
+    rows: dict[str, dict] = {}
+    if not path or not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                rows[row["id"]] = row
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return rows
+
+
+def run_batch(c, a) -> int:
+    from tqdm import tqdm
+
+    from adapters.data import load_jsonl
+
+    items = load_jsonl(a.file, require_labels=False)
+    keys = [_key(it, i) for i, it in enumerate(items)]
+    done = _done(a.out)
+    todo = [(k, it) for k, it in zip(keys, items, strict=True) if k not in done]
+    if done:
+        print(f"dalorra predict: resuming, {len(items) - len(todo)} of {len(items)} items already in {a.out}",
+              file=sys.stderr)
+    if a.out and done:  # rewrite without a torn last line before appending
+        with open(a.out, "w") as f:
+            f.writelines(json.dumps(done[k]) + "\n" for k in keys if k in done)
+    out = open(a.out, "a") if a.out else None
+    rows = dict(done)
+    try:
+        for i in tqdm(range(0, len(todo), a.batch), desc="predict", unit="batch"):
+            chunk = todo[i:i + a.batch]
+            body = [{"question": it.question, "choices": list(it.choices), "context": it.context, "id": k,
+                     "adapter": a.adapter, "samples": a.samples, "adaptive": a.adaptive} for k, it in chunk]
+            for (k, it), r in zip(chunk, c.predict_many(body), strict=True):
+                row = {**r.model_dump(), "label": it.label}  # the receipt stays: feedback can follow
+                rows[k] = row
+                if out:
+                    out.write(json.dumps(row) + "\n")
+                    out.flush()
+    except KeyboardInterrupt:
+        if out:
+            print(f"\ndalorra predict: interrupted; {len(rows)} of {len(items)} results are in {a.out}: run the "
+                  "same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        if out:
+            out.close()
+    print(json.dumps(summarize([rows[k] for k in keys if k in rows], len(items))))
+    return 0
+
+
+def summarize(rows: list[dict], total: int) -> dict:
+    answered = [r for r in rows if r["decision"] == "answer"]
+    summary = {"items": total, "done": len(rows), "answered": len(answered), "abstained": len(rows) - len(answered)}
+    labelled = [r for r in rows if r.get("label") is not None]
+    if labelled:
+        acc, ece = accuracy_and_ece([r["probabilities"] for r in labelled], [r["label"] for r in labelled])
+        summary.update(labelled=len(labelled), accuracy=acc, ece=ece)
+        ans = [r for r in labelled if r["decision"] == "answer"]
+        summary.update(labelled_answered=len(ans),
+                       accuracy_answered=sum(r["answer_index"] == r["label"] for r in ans) / len(ans) if ans else None)
+    return summary
+
