@@ -18,7 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .backend import Backend, make_backend
 from .errors import ApiError
 from .guards import RequestGuard, host_name
+from .kserve import router as kserve_router
 from .metrics import Metrics
+from .openai_api import router as openai_router
 from .protocol import (
     AdapterInfo,
     AdapterList,
@@ -205,6 +207,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(STATIC / "index.html")
+
+    # OpenAI-compatible routes and KServe v2 inference (server/openai_api.py, server/kserve.py)
+    app.include_router(openai_router(), dependencies=[Depends(user)])
+    app.include_router(kserve_router(), dependencies=[Depends(user)])
 
     app.state.settings, app.state.metrics = settings, metrics
     return app

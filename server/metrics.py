@@ -50,6 +50,22 @@ class Metrics:
                                 ["adapter", "bin"], registry=r)
         self.cal_correct = Counter("dalorra_calibration_correct_total", "Correct labelled predictions per bin.",
                                    ["adapter", "bin"], registry=r)
+        # Generated answers (/v1/completions, /v1/chat/completions); confidence = exp(mean log p̄(y_t)).
+        self.gen_requests = Counter("dalorra_generation_requests_total", "Generation requests by outcome.",
+                                    ["adapter", "outcome"], registry=r)
+        self.gen_tokens = Counter("dalorra_generated_tokens_total", "Tokens generated (all choices).", ["adapter"],
+                                  registry=r)
+        self.gen_prompt_tokens = Counter("dalorra_generation_prompt_tokens_total", "Prompt tokens of generations.",
+                                         ["adapter"], registry=r)
+        self.gen_confidence = Histogram("dalorra_generation_confidence", "Geometric-mean token probability of "
+                                        "generated answers under the mask average.", ["adapter"],
+                                        buckets=UNIT_BUCKETS, registry=r)
+        self.gen_epistemic = Histogram("dalorra_generation_epistemic_nats", "Mean per-token mutual information "
+                                       "of generated answers (nats).", ["adapter"],
+                                       buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3), registry=r)
+        self.gen_abstentions = Counter("dalorra_generation_abstentions_total", "Abstain decisions on generated "
+                                       "answers by reason.", ["adapter", "reason"], registry=r)
+        self.gen_slots = Gauge("dalorra_generation_slots_busy", "Generation slots in use.", registry=r)
         self.adapters_loaded = Gauge("dalorra_adapters_loaded", "Adapters currently loaded.", registry=r)
         self.ready = Gauge("dalorra_ready", "1 when the server is ready.", registry=r)
 
