@@ -73,7 +73,7 @@ def test_bank_draws_equal_the_documented_generator(dalorra_dir):
 
 
 def test_keep_rate_matches_sigmoid_phi_within_binomial_error(dalorra_dir):
-    n_draws = 4000
+    n_draws = 2000
     masks = BankSource(dalorra_dir).draw(n_draws, seed=11)
     for name, phi in _phi(dalorra_dir).items():
         p = torch.sigmoid(phi).double()
@@ -146,10 +146,10 @@ def test_bank_member_as_peft_equals_the_masked_dalorra_model(dalorra_dir, tokeni
     from peft import PeftModel
 
     src = BankSource(dalorra_dir)
-    masks = src.draw(3, seed=4)
+    masks = src.draw(2, seed=4)
     model = load_adapter(dalorra_dir, make_tiny(), tokenizer)
     ids = torch.randint(0, 49152, (2, 7), generator=torch.Generator().manual_seed(0))
-    for i in range(3):
+    for i in range(2):
         peft = PeftModel.from_pretrained(make_tiny(), str(src.write_member(masks, i, tmp_path / f"m{i}"))).eval()
         with torch.no_grad(), model.row_masks(masks, torch.tensor([i, i])):
             ours = model.base(input_ids=ids).logits
