@@ -177,13 +177,8 @@ def test_disconnected_stream_frees_its_slot_and_metrics_count(server, client):
     assert server.metric("dalorra_generation_epistemic_nats_count") > 0
 
 
-def test_backend_without_generation_answers_501(adapters_dir):
-    from fastapi.testclient import TestClient
-
-    from server.app import create_app
+def _no_generation_backend():
     from server.backend import Backend
-    from server.settings import Settings
-    from server.vllm_backend import VLLMBackend
 
     class NoGen(Backend):
         name = "nogen"
@@ -200,7 +195,17 @@ def test_backend_without_generation_answers_501(adapters_dir):
         def score(self, requests):
             return [np.zeros((r.samples, len(r.choices))) for r in requests]
 
-    app = create_app(Settings(adapters_dir=adapters_dir, default_adapter="test-ad"), backend=NoGen())
+    return NoGen()
+
+
+def test_backend_without_generation_answers_501(adapters_dir):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+    from server.vllm_backend import VLLMBackend
+
+    app = create_app(Settings(adapters_dir=adapters_dir, default_adapter="test-ad"), backend=_no_generation_backend())
     with TestClient(app) as c:
         r = c.post("/v1/completions", json={"model": "test-ad", "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 501 and "cannot generate" in r.json()["error"]["message"]
@@ -208,3 +213,18 @@ def test_backend_without_generation_answers_501(adapters_dir):
         assert mc.status_code == 200 and mc.json()["choices"][0]["uncertainty"]["probabilities"] == [0.5, 0.5]
     with pytest.raises(Exception, match="not implemented on the vLLM backend"):
         VLLMBackend.generate(object.__new__(VLLMBackend), None)
+
+
+def test_openai_and_kserve_routes_need_the_api_token(adapters_dir):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    app = create_app(Settings(adapters_dir=adapters_dir, default_adapter="test-ad", api_token="s3cret-token"),
+                     backend=_no_generation_backend())
+    with TestClient(app) as c:
+        for path in ("/v1/models", "/v2/models/test-ad"):
+            assert c.get(path).status_code == 401
+            assert c.get(path, headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+        assert c.post("/v1/completions", json={"model": "test-ad", "prompt": "hi"}).status_code == 401
