@@ -1,0 +1,67 @@
+"""Calibrated by default: `dalorra train` fits one temperature, the server divides every mask's logits by it."""
+
+import json
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+
+from adapters.adapter_io import load_adapter
+from adapters.basemodel import load_base
+from adapters.calibration import tempered_nll
+from adapters.data import load_jsonl
+from adapters.evaluate import predict_logits
+from adapters.scoring import score
+from adapters.train import load_splits, run
+from adapters.uncertainty import summarize
+from tests.conftest import make_tiny
+from tests.server_utils import ServerProcess
+from tests.test_train import _cfg, small_data, tiny_dir  # noqa: F401  (fixtures)
+
+
+def test_train_fits_a_temperature_and_the_thresholds_after_it(tmp_path, tiny_dir, small_data, tokenizer):  # noqa: F811
+    rec = run(_cfg(tmp_path, tiny_dir, small_data, steps=16, lr=2e-2))
+    T = rec["temperature"]
+    fit = rec["temperature_fit"]
+    assert T > 0 and T != 1.0
+    assert fit["nll_after"] <= fit["nll_before"] + 1e-12  # the fit never makes the calibration NLL worse
+    # the calibration record describes the temperature-scaled predictions the server will serve
+    model = load_adapter(tmp_path / "ad", make_tiny(seed=1), tokenizer)
+    assert json.loads((tmp_path / "ad" / "dalorra.json").read_text())["temperature"] == pytest.approx(T)
+    _, _, calib = load_splits(_cfg(tmp_path, tiny_dir, small_data))  # the trainer's own seeded split
+    lg = predict_logits(model, calib, 3, seed=0, progress=False)
+    labels = np.array([it.label for it in calib])
+    assert tempered_nll(lg, labels, T) == pytest.approx(fit["nll_after"], abs=1e-6)
+    assert rec["calibration"]["metrics"]["nll"] == pytest.approx(fit["nll_after"], abs=1e-6)
+
+
+def test_opt_out_stores_no_temperature(tmp_path, tiny_dir, small_data):  # noqa: F811
+    rec = run(_cfg(tmp_path, tiny_dir, small_data, steps=4, temperature_scaling=False))
+    assert "temperature" not in rec and "decision" in rec
+
+
+@pytest.mark.smollm
+def test_served_probabilities_use_the_stored_temperature(adapters_dir, tmp_path, data_dir):
+    d = tmp_path / "adapters"
+    shutil.copytree(adapters_dir / "test-ad", d / "hot")
+    rec = json.loads((d / "hot" / "dalorra.json").read_text())
+    rec["temperature"] = 2.5
+    (d / "hot" / "dalorra.json").write_text(json.dumps(rec))
+    items = load_jsonl(data_dir / "arc_easy" / "validation.jsonl", limit=2)
+    srv = ServerProcess(d, "hot", tmp_path / "server.log").wait_ready()
+    try:
+        body = [{"question": it.question, "choices": list(it.choices), "samples": 4, "seed": 3} for it in items]
+        got = httpx.post(srv.url + "/predict", json=body, timeout=120).json()
+        info = httpx.get(srv.url + "/v1/adapters/hot", timeout=30).json()
+    finally:
+        srv.stop()
+    assert info["temperature"] == pytest.approx(2.5)
+    base, tok = load_base(None)
+    raw = score(load_adapter(d / "hot", base, tok), items, samples=4, seed=3)
+    want, untempered = summarize(raw / 2.5), summarize(raw)
+    for i, g in enumerate(got):
+        k = len(items[i].choices)
+        np.testing.assert_allclose(g["probabilities"], want["probabilities"][i, :k], atol=1e-5)
+        assert g["epistemic"] == pytest.approx(want["epistemic"][i], abs=1e-6)  # MI of the tempered masks
+        assert not np.allclose(g["probabilities"], untempered["probabilities"][i, :k], atol=1e-3)
