@@ -67,8 +67,9 @@ async def poison(url: str, good: int = 30) -> dict:
         goods = [c.post(url + "/predict", json={**BODY, "samples": 2, "seed": i}) for i in range(good)]
         bad = c.post(url + "/predict", content=POISON, headers={"content-type": "application/json"})
         res = await asyncio.gather(bad, *goods)
-    return {"good_requests": good, "good_answered_200": sum(r.status_code == 200 for r in res[1:]),
-            "poisoned_status": res[0].status_code}
+    codes = [r.status_code for r in res[1:]]
+    return {"good_requests": good, "good_answered_200": codes.count(200),
+            "good_statuses": {str(k): codes.count(k) for k in sorted(set(codes))}, "poisoned_status": res[0].status_code}
 
 
 async def unload(url: str, clients: int = 4) -> dict:
@@ -112,21 +113,32 @@ async def unload(url: str, clients: int = 4) -> dict:
 
 
 async def chunked(url: str, mib: int = 30) -> dict:
-    """A chunked body (no Content-Length) of `mib` MiB: refused at the limit, or read and parsed whole?"""
-    sent = 0
-
-    async def body():
-        nonlocal sent
-        for _ in range(mib * 16):
-            sent += 65536
-            yield b"x" * 65536
-    t = time.perf_counter()
+    """A chunked body (no Content-Length) of `mib` MiB on a raw socket: the status line the server answers, and
+    how much had been sent when it did (kernel buffers hold a few MiB the server never reads)."""
+    host, port = url.rsplit("/", 1)[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                 "Transfer-Encoding: chunked\r\n\r\n".encode())
+    t, sent = time.perf_counter(), 0
+    answer = asyncio.create_task(reader.readline())
     try:
-        async with httpx.AsyncClient(timeout=120) as c:
-            r = await c.post(url + "/predict", content=body(), headers={"content-type": "application/json"})
-        status = r.status_code
-    except httpx.HTTPError as exc:  # the server may close the connection once it has answered 413
+        for _ in range(mib * 16):
+            if answer.done():
+                break
+            writer.write(b"10000\r\n" + b" " * 65536 + b"\r\n")  # 64 KiB chunks
+            await writer.drain()
+            sent += 65536
+        else:
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+    except ConnectionError:  # the server answered and closed while we were still sending
+        pass
+    try:
+        line = await asyncio.wait_for(answer, 120)
+        status = int(line.split()[1]) if line.startswith(b"HTTP/") else line.decode(errors="replace")
+    except (TimeoutError, ConnectionError, IndexError, ValueError) as exc:
         status = type(exc).__name__
+    writer.close()
     return {"body_mib": mib, "status": status, "bytes_sent_before_answer": sent,
             "seconds": round(time.perf_counter() - t, 2)}
 
@@ -162,12 +174,15 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--queue-rows", type=int, default=40)
-    ap.add_argument("--burst", type=int, default=24, help="requests in the over-deadline burst")
-    ap.add_argument("--burst-timeout", type=float, default=10, help="request deadline (s) in the burst")
+    ap.add_argument("--burst", type=int, default=48, help="requests in the over-deadline burst")
+    ap.add_argument("--burst-timeout", type=float, default=60, help="request deadline (s) of the server that runs "
+                    "the poison, unload, chunked and burst probes (60: the default)")
     ap.add_argument("--before", default=None, help="results JSON of a run against the server before a change")
     ap.add_argument("--only-safety", action="store_true", help="run only the poison/unload/chunked/overload probes; "
                     "soak, hot-load and drain figures are kept from the existing results file")
     ap.add_argument("--json-out", default=None, help="with --only-safety: write the probes' JSON here instead")
+    ap.add_argument("--from-json", default=None, help="with --only-safety: take the probes' figures from this "
+                    "--json-out file (a run made earlier) instead of running them")
     ap.add_argument("--ready-timeout", type=float, default=900, help="seconds to wait for each server to start")
     a = ap.parse_args()
     d = Path(tempfile.mkdtemp())
@@ -176,16 +191,22 @@ def main() -> None:
     shutil.copytree(ROOT / "adapters" / "default" / "arc-easy-dalorra", d / "spare")
     f = d / "corrupt" / "adapter_model.safetensors"
     f.write_bytes(f.read_bytes()[:1000])  # truncated
-    srv3 = ServerProcess(d, "arc-easy-dalorra", d / "safe.log", DALORRA_REQUEST_TIMEOUT_S=str(a.burst_timeout),
-                         DALORRA_RESULT_CACHE_SIZE="0").wait_ready(a.ready_timeout)
-    try:
-        p = asyncio.run(poison(srv3.url))
-        u = asyncio.run(unload(srv3.url))
-        ch = asyncio.run(chunked(srv3.url))
-        b = asyncio.run(burst(srv3.url, a.burst))
-    finally:
-        srv3.stop()
-    new = {"poison": p, "unload": u, "chunked": ch, "overload": b}
+    if a.from_json:
+        ran = json.loads(Path(a.from_json).read_text())
+        new = {k: ran[k] for k in ("poison", "unload", "chunked", "overload")}
+        a.after_command = f"{ran.get('command')} ({ran.get('machine', {}).get('date', '')})"
+    else:
+        a.after_command = "this run"
+        srv3 = ServerProcess(d, "arc-easy-dalorra", d / "safe.log", DALORRA_REQUEST_TIMEOUT_S=str(a.burst_timeout),
+                             DALORRA_RESULT_CACHE_SIZE="0").wait_ready(a.ready_timeout)
+        try:
+            p = asyncio.run(poison(srv3.url))
+            u = asyncio.run(unload(srv3.url))
+            ch = asyncio.run(chunked(srv3.url))
+            b = asyncio.run(burst(srv3.url, a.burst))
+        finally:
+            srv3.stop()
+        new = {"poison": p, "unload": u, "chunked": ch, "overload": b}
     if a.only_safety and a.json_out:
         Path(a.json_out).write_text(json.dumps({"command": " ".join(sys.argv), "machine": {"date": time.strftime(
             "%Y-%m-%d %H:%M:%S %Z")}, **new, "settings": vars(a)}, indent=2, default=float))
@@ -246,10 +267,13 @@ def _safety_table(new: dict, before: dict, a) -> list[str]:
                    f"(504 share of admitted {x['timed_out_share_of_admitted']:.0%}), Retry-After {x['retry_after_s']}")
     return ["", "## Safe by default: before and after", "",
             f"Before: {before.get('command', 'not measured')} ({before.get('date', '')}), the server before the "
-            "change, run from a git worktree of its commit with this script copied in.", "",
+            "change, run from a git worktree of its commit with this script copied in. After: "
+            f"{a.after_command}. Both on this 2-core machine while other jobs kept it loaded (load average > 10): "
+            "absolute times are slow and noisy, the statuses are the point.", "",
             "| probe | before | after |", "|---|---|---|",
             row("poison: good answered 200 beside one request with a lone surrogate", "poison",
-                lambda x: f"{x['good_answered_200']}/{x['good_requests']} (poisoned: {x['poisoned_status']})"),
+                lambda x: f"{x['good_answered_200']}/{x['good_requests']} {x.get('good_statuses', '')} "
+                          f"(poisoned: {x['poisoned_status']})"),
             row("unload under traffic", "unload", u),
             row(f"chunked body of {new['chunked']['body_mib']} MiB, no Content-Length", "chunked",
                 lambda x: f"{x['status']} after {x['bytes_sent_before_answer'] / 2**20:.1f} MiB, {x['seconds']} s"),
