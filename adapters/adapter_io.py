@@ -178,5 +178,10 @@ def load_adapter(adapter_dir: str | os.PathLike, base, tokenizer, base_name: str
                 layer.mask_logits.copy_(masks[f"{name}.mask_logits"])
         if f"{name}.fixed_masks" in masks:
             model.fixed_masks[name] = masks[f"{name}.fixed_masks"]
+    for members in model.mask_groups.values():  # a shared φ is saved once per member: the copies must agree
+        copies = [masks[f"{n}.mask_logits"] for n in members if f"{n}.mask_logits" in masks]
+        if any(not torch.equal(c, copies[0]) for c in copies[1:]):
+            raise AdapterError(f"{d}: modules {members[0]} … {members[-1]} share one switch "
+                               f"({cfg.mask_sharing!r} sharing) but their saved mask logits differ")
     model.record = rec
     return model

@@ -32,7 +32,7 @@ def mask_groups(names, sharing: str = "module") -> dict[str, list[str]]:
         else:
             raise ValueError(f"unknown mask sharing {sharing!r}")
         groups.setdefault(key, []).append(n)
-    return groups
+    return groups  # insertion order: by each group's first (sorted) member name
 
 
 def draw_masks_from(ranks: dict[str, int], keep: dict[str, torch.Tensor] | None,
@@ -57,7 +57,7 @@ def draw_masks_from(ranks: dict[str, int], keep: dict[str, torch.Tensor] | None,
     groups = mask_groups(names, sharing)
     for row, s in enumerate(idx.tolist()):
         g = torch.Generator().manual_seed((int(seed) * 1_000_003 + s) % (2**63))
-        for members in groups.values():  # every group draws, in key order (module sharing: name order)
+        for members in groups.values():  # every group draws, in the order of its first member's name
             u = torch.rand(ranks[members[0]], generator=g)
             z = (u < keep[members[0]].detach().float().cpu()).float()
             for n in members:

@@ -143,6 +143,22 @@ def test_shared_adapter_round_trips_and_the_bank_draws_the_same(tokenizer, tmp_p
                                torch.from_numpy(score(model, item, 4, seed=2)), rtol=0, atol=1e-6)
 
 
+def test_shared_adapter_with_disagreeing_copies_is_refused(tokenizer, tmp_path):
+    """A hand-edited shared adapter whose saved φ copies differ would draw differently on the HF path (last copy)
+    and in the mask bank (first copy): it is refused instead."""
+    from safetensors.torch import load_file, save_file
+
+    from adapters.adapter_io import AdapterError
+
+    out = save_adapter(_model(tokenizer, "rank"), tmp_path / "ad")
+    masks = load_file(str(out / "dalorra_masks.safetensors"))
+    key = next(k for k in sorted(masks) if k.endswith("q_proj.mask_logits"))
+    masks[key] = masks[key] + 1.0
+    save_file(masks, str(out / "dalorra_masks.safetensors"))
+    with pytest.raises(AdapterError, match="share one switch"):
+        load_adapter(out, make_tiny(), tokenizer)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
     d = tmp_path_factory.mktemp("tiny")

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from adapters.adapter_io import load_adapter, save_adapter
 from adapters.config import AdapterConfig, PromptFormat
-from adapters.maskbank import BankSource, draw_masks_from
+from adapters.maskbank import BankSource
+from adapters.masks import draw_masks_from
 from adapters.model import DalorraModel
 from tests.conftest import make_tiny, randomize_lora
 
