@@ -58,15 +58,19 @@ async def hot_load(url: str) -> dict:
             "good_adapter_failures": sum(p.status_code != 200 for p in preds)}
 
 
-POISON = b'{"question":"q?","choices":["\\udfff","b"],"samples":2}'  # a lone surrogate, valid JSON
+POISON = b'{"question":"q?","choices":["\\udfff","b"],"samples":1}'  # a lone surrogate, valid JSON
 
 
 async def poison(url: str, good: int = 30) -> dict:
-    """N good requests with one poisoned request in the same batches: how many good ones still get 200."""
+    """N good requests with one poisoned request in the same batch: how many good ones still get 200. A blocker
+    request keeps the backend busy while they queue, so they are gathered into one batch together."""
     async with httpx.AsyncClient(timeout=600) as c:
-        goods = [c.post(url + "/predict", json={**BODY, "samples": 2, "seed": i}) for i in range(good)]
+        blocker = asyncio.create_task(c.post(url + "/predict", json={**BODY, "samples": 10, "seed": 10_000}))
+        await asyncio.sleep(1.0)
+        goods = [c.post(url + "/predict", json={**BODY, "samples": 1, "seed": i}) for i in range(good)]
         bad = c.post(url + "/predict", content=POISON, headers={"content-type": "application/json"})
         res = await asyncio.gather(bad, *goods)
+        await blocker
     codes = [r.status_code for r in res[1:]]
     return {"good_requests": good, "good_answered_200": codes.count(200),
             "good_statuses": {str(k): codes.count(k) for k in sorted(set(codes))}, "poisoned_status": res[0].status_code}
@@ -175,8 +179,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--queue-rows", type=int, default=40)
     ap.add_argument("--burst", type=int, default=48, help="requests in the over-deadline burst")
-    ap.add_argument("--burst-timeout", type=float, default=60, help="request deadline (s) of the server that runs "
-                    "the poison, unload, chunked and burst probes (60: the default)")
+    ap.add_argument("--burst-timeout", type=float, default=120, help="request deadline (s) of the server that runs "
+                    "the poison, unload, chunked and burst probes")
     ap.add_argument("--before", default=None, help="results JSON of a run against the server before a change")
     ap.add_argument("--only-safety", action="store_true", help="run only the poison/unload/chunked/overload probes; "
                     "soak, hot-load and drain figures are kept from the existing results file")
@@ -277,7 +281,13 @@ def _safety_table(new: dict, before: dict, a) -> list[str]:
             row("unload under traffic", "unload", u),
             row(f"chunked body of {new['chunked']['body_mib']} MiB, no Content-Length", "chunked",
                 lambda x: f"{x['status']} after {x['bytes_sent_before_answer'] / 2**20:.1f} MiB, {x['seconds']} s"),
-            row(f"burst of {a.burst} requests (S = 10), request deadline {a.burst_timeout:.0f} s", "overload", o)]
+            row(f"burst of {a.burst} requests (S = 10), request deadline {a.burst_timeout:.0f} s", "overload", o), "",
+            "Poison: a blocker request keeps the backend busy while the 30 good requests (S = 1) and the poisoned "
+            "one queue, so they share one batch. Unload: 4 clients on the default adapter while an idle adapter is "
+            "unloaded (max `/health/live` latency), then 8 requests of the adapter being unloaded. Chunked: the "
+            "server stops reading at the 1 MB limit; the MiB figure is what the client had pushed into socket "
+            "buffers by the time the answer came. Burst: 429 at once (with Retry-After) instead of 504 after the "
+            "deadline."]
 
 
 if __name__ == "__main__":
