@@ -1,6 +1,6 @@
 """Adaptive sampling on ARC-Easy validation: mean S used and decisions that differ from full S (issue: Efficiency).
 
-    python bench/adaptive.py [--adapter adapters/default/arc-easy-dalorra] [--limit 570] [--samples 10]
+    python -m bench.adaptive [--adapter adapters/default/arc-easy-dalorra] [--limit 570] [--samples 10]
 Scores every question once at S draws (the server's fixed seed), then replays the server's rounds
 (first `adaptive_first` draws, then `adaptive_step` more) on prefixes of those same draws: mask draws are
 prefix-consistent, so this is exactly what the server answers (tests/test_server.py checks that).
@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from adapters.data import load_jsonl  # noqa: E402
-from adapters.uncertainty import sampling_settled, summarize  # noqa: E402
-from bench.common import write  # noqa: E402
-from server.settings import REPO, Settings  # noqa: E402
+from adapters.data import load_jsonl
+from adapters.uncertainty import sampling_settled, summarize
+from bench.common import write
+from server.settings import REPO, Settings
 
 FIXED_SEED = 0  # server/service.py's default draws
 

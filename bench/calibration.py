@@ -1,6 +1,6 @@
 """Calibration benchmark: every method with an identical budget, side by side (issues: Trainer; Uncertainty).
 
-    python bench/calibration.py [--regime short|paper] [--datasets arc_easy ...]
+    python -m bench.calibration [--regime short|paper] [--datasets arc_easy ...]
         [--methods dalorra lora map mcdropout ensemble]
         (a method "dalorra@top8" trains DALorRA on the top 8 decoder layers only, "dalorra@p0=0.9" or
          "dalorra@mask_sharing=rank" with one knob changed, same budget otherwise)
@@ -29,40 +29,28 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from adapters.adapter_io import load_adapter  # noqa: E402
-from adapters.basemodel import load_base  # noqa: E402
-from adapters.calibration import auroc, fit_temperature  # noqa: E402
-from adapters.data import (
-    Item,  # noqa: E402
-    load_jsonl,  # noqa: E402
+from adapters.calibration import fit_temperature
+from adapters.data import load_jsonl
+from adapters.evaluate import predict_logits
+from bench.budget import (
+    REGIMES,
+    SPLITS,
+    add_budget_args,
+    budget_config,
+    capped_train,
+    method_knobs,
+    save_logits,
+    score_adapter,
+    score_logits,
+    train_and_score,
+    wrong_answer_aurocs,
 )
-from adapters.evaluate import evaluate_logits, predict_logits  # noqa: E402
-from adapters.train import (  # noqa: E402
-    TrainConfig,
-    load_splits,  # noqa: E402
-    run,
-)
-from adapters.uncertainty import summarize  # noqa: E402
-from bench.common import RESULTS, command, write  # noqa: E402
-
-SPLITS = {"arc_easy": ("arc_easy/train", "arc_easy/validation"),
-          "arc_challenge": ("arc_challenge/train", "arc_challenge/validation"),
-          "openbookqa": ("openbookqa/train", "openbookqa/dev"),
-          "winogrande_s": ("winogrande/train_s", "winogrande/dev")}
-DEFAULT_LR = 3e-4  # A/B learning rate of the benchmark budget (short regime)
-REGIMES = {  # A/B lr, training items (None: the whole training part), root of the runs
-    "short": {"lr": DEFAULT_LR, "train_items": None, "root": Path("runs/bench")},
-    "paper": {"lr": 1e-3, "train_items": 200, "root": Path("runs/bench-paper")},
-}
-METRICS = ("acc", "ece", "nll", "brier", "aurc", "mean_confidence", "mean_entropy", "mean_epistemic", "n")
+from bench.common import RESULTS, command, write
 
 
 def main() -> None:
@@ -116,7 +104,7 @@ def main() -> None:
                                     **({"calibration": data["calibration"]} if "calibration" in data else {}))
                 t0 = time.perf_counter()
                 rec, model, logits, m, t_eval = train_and_score(cfg, items, labels, a.samples)
-                _save_logits(out, "test", logits)
+                save_logits(out, "test", logits)
                 row = {"regime": a.regime, "method": method, "dataset": ds, "seed": seed,
                        "chance": float(np.mean([1 / len(it.choices) for it in items])), **m,
                        **wrong_answer_aurocs(logits, labels),
@@ -129,7 +117,7 @@ def main() -> None:
                 if a.regime == "paper":  # the same test predictions, temperature-scaled on held-out train items
                     calib = load_jsonl(data["calibration"], limit=a.calib_items)
                     c_logits = predict_logits(model, calib, a.samples, seed=0, progress=False)
-                    _save_logits(out, "calib", c_logits)
+                    save_logits(out, "calib", c_logits)
                     T = fit_temperature(c_logits, np.array([it.label for it in calib]))
                     row["temperature"] = 1.0
                     new.append({**row, "method": method + "+ts", "temperature": T,
@@ -140,46 +128,6 @@ def main() -> None:
                 _added_rows(commands)
                 _write(rows, budgets, commands)
     _write(rows, budgets, commands)
-
-
-def score_logits(logits: np.ndarray, labels: np.ndarray) -> dict:
-    """The row metrics of (S, B, K) logits: METRICS plus the wrong-answer AUROCs."""
-    m = evaluate_logits(logits, labels)
-    return {**{k: m[k] for k in METRICS}, **wrong_answer_aurocs(logits, labels)}
-
-
-def wrong_answer_aurocs(logits: np.ndarray, labels: np.ndarray) -> dict:
-    """How well each uncertainty signal ranks wrong answers above right ones (0.5: no information)."""
-    s = summarize(logits)
-    wrong = s["answer_index"] != labels
-    return {"auroc_confidence": auroc(-s["confidence"], wrong), "auroc_entropy": auroc(s["entropy"], wrong),
-            "auroc_mi": auroc(s["epistemic"], wrong)}
-
-
-def _save_logits(out: Path, name: str, logits: np.ndarray) -> None:
-    tmp = Path(out).with_name(f".{Path(out).name}-{name}.npy.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, logits)
-    os.replace(tmp, Path(str(out) + f".{name}_logits.npy"))
-
-
-def capped_train(dataset: str, seed: int, n: int, root: Path) -> dict:
-    """Training file = the first n items of the trainer's training part, calibration file = its usual held-out
-    split of the full training file (written under `root`, never into the repository), so every method of one
-    dataset and seed trains on the same items and is calibrated on the same held-out ones."""
-    rest, _, held = load_splits(TrainConfig(out="", train=SPLITS[dataset][0], seed=seed))  # the trainer's own split
-    root.mkdir(parents=True, exist_ok=True)
-    paths = {"train": root / f"train-first{n}-s{seed}.jsonl", "calibration": root / f"held-out-s{seed}.jsonl"}
-    for key, items in (("train", rest[:n]), ("calibration", held)):
-        tmp = paths[key].with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(_item_row(it)) + "\n" for it in items))
-        os.replace(tmp, paths[key])
-    return {k: str(v) for k, v in paths.items()}
-
-
-def _item_row(it: Item) -> dict:
-    row = {"id": it.id, "question": it.question, "choices": list(it.choices), "label": it.label}
-    return {**row, "context": it.context} if it.context is not None else row
 
 
 def _backfill_confidence(a: argparse.Namespace, rows: list[dict], budgets: dict, commands: list[str]) -> None:
@@ -202,62 +150,6 @@ def _backfill_confidence(a: argparse.Namespace, rows: list[dict], budgets: dict,
         _added_rows(commands)
         print(r["dataset"], r["method"], r["seed"], f"conf {m['mean_confidence']:.3f} acc {m['acc']:.3f}", flush=True)
         _write(rows, budgets, commands)
-
-
-def add_budget_args(ap: argparse.ArgumentParser) -> None:
-    """The training and evaluation budget shared by every side-by-side comparison (this file, sweep_dalorra.py)."""
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=None, help="A/B learning rate (default: the regime's)")
-    ap.add_argument("--lr-mask", type=float, default=0.05)
-    ap.add_argument("--samples", type=int, default=10)
-    ap.add_argument("--eval-limit", type=int, default=150)
-    ap.add_argument("--max-length", type=int, default=160)
-
-
-def method_knobs(method: str) -> dict:
-    """"lora" → {method: lora}; "dalorra@top8" → also top_layers 8; "dalorra@p0=0.9" → also p0 0.9."""
-    base, _, spec = method.partition("@")
-    if not spec:
-        return {"method": base}
-    if spec.startswith("top") and spec[3:].isdigit():
-        return {"method": base, "top_layers": int(spec[3:])}
-    key, eq, value = spec.partition("=")
-    if not eq or key not in TrainConfig.__dataclass_fields__:
-        raise SystemExit(f"method {method!r}: expected METHOD, METHOD@topL or METHOD@KNOB=VALUE (a TrainConfig field)")
-    try:
-        v: object = int(value) if key == "r" else float(value)
-    except ValueError:
-        v = value  # a string knob, e.g. mask_sharing=rank
-    return {"method": base, key: v}
-
-
-def budget_config(a: argparse.Namespace, out: Path, train: str, seed: int, **knobs) -> TrainConfig:
-    """A TrainConfig at the shared budget; `knobs` (method, p0, lr_mask, ...) override it."""
-    return TrainConfig(**{"out": str(out), "train": train, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
-                          "lr_mask": a.lr_mask, "mask_schedule": "constant", "max_length": a.max_length,
-                          "seed": seed, "eval_samples": a.samples, "calibrate": False, "temperature_scaling": False,
-                          "save_every": 25,
-                          "progress": False, **knobs})
-
-
-def train_and_score(cfg: TrainConfig, items, labels: np.ndarray, samples: int):
-    """Train (resuming), reload the written adapter, score `items` at S = samples with seed 0.
-
-    Returns (record, model, logits, metrics, eval seconds)."""
-    rec = run(cfg, resume=True)
-    return (rec, *score_adapter(cfg.out, items, labels, samples))
-
-
-def score_adapter(out: str | Path, items, labels: np.ndarray, samples: int):
-    """Load the adapter at `out` onto a fresh base (loading wraps its Linear layers in place) and score `items` at
-    S = samples with seed 0. Returns (model, logits, metrics, eval seconds)."""
-    base, tok = load_base(None)
-    model = load_adapter(out, base, tok)
-    t_eval = time.perf_counter()
-    logits = predict_logits(model, items, samples, seed=0, progress=False)
-    t_eval = time.perf_counter() - t_eval
-    return model, logits, evaluate_logits(logits, labels), t_eval
 
 
 def _reuse_lora_as_member0(ensemble_out: Path, lora_out: Path) -> None:

@@ -32,6 +32,10 @@ def machine() -> dict:
 
 
 def command() -> str:
+    """The command line that ran this benchmark, as a reader would type it (`python -m bench.NAME ...`)."""
+    argv0 = Path(sys.argv[0])
+    if argv0.parent.name == "bench" and argv0.suffix == ".py":
+        return " ".join(["python", "-m", f"bench.{argv0.stem}", *sys.argv[1:]])
     return " ".join([Path(sys.executable).name, *sys.argv])
 
 

@@ -1,6 +1,6 @@
 """Core measurements (issue: Core): zero-shot ACC/ECE per scoring mode, model load time, score() latency.
 
-    python bench/core.py [--n 400] [--reps 5]
+    python -m bench.core [--n 400] [--reps 5]
 Writes bench/results/core.json and core.md.
 """
 
@@ -17,15 +17,13 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from adapters.basemodel import load_base  # noqa: E402
-from adapters.config import AdapterConfig, PromptFormat  # noqa: E402
-from adapters.data import load_jsonl  # noqa: E402
-from adapters.evaluate import evaluate_logits, predict_logits  # noqa: E402
-from adapters.model import DalorraModel  # noqa: E402
-from adapters.scoring import score  # noqa: E402
-from bench.common import write  # noqa: E402
+from adapters.basemodel import load_base
+from adapters.config import AdapterConfig, PromptFormat
+from adapters.data import load_jsonl
+from adapters.evaluate import evaluate_logits, predict_logits
+from adapters.model import DalorraModel
+from adapters.scoring import score
+from bench.common import write
 
 
 def load_times() -> dict:

@@ -1,6 +1,6 @@
 """Report a default adapter on data none of its choices looked at: ARC-Easy's test split and an OOD set.
 
-    python bench/default_adapter.py [--adapter adapters/default/arc-easy-dalorra] [--label after]
+    python -m bench.default_adapter [--adapter adapters/default/arc-easy-dalorra] [--label after]
         [--test-limit 200] [--ood mmlu_college_physics/test] [--samples 10]
 
 Scores the adapter exactly as the server does (S masks with seed 0, every mask's logits divided by the adapter's
@@ -15,21 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from adapters.adapter_io import load_adapter  # noqa: E402
-from adapters.basemodel import load_base  # noqa: E402
-from adapters.calibration import auroc  # noqa: E402
-from adapters.data import load_jsonl  # noqa: E402
-from adapters.evaluate import decision_report, evaluate_logits, predict_logits  # noqa: E402
-from adapters.uncertainty import summarize  # noqa: E402
-from bench.common import RESULTS, command, write  # noqa: E402
+from adapters.adapter_io import load_adapter
+from adapters.basemodel import load_base
+from adapters.calibration import auroc
+from adapters.data import load_jsonl
+from adapters.evaluate import decision_report, evaluate_logits, predict_logits
+from adapters.uncertainty import summarize
+from bench.common import RESULTS, command, write
 
 DEFAULT = Path(__file__).resolve().parents[1] / "adapters" / "default" / "arc-easy-dalorra"
 

@@ -2,7 +2,7 @@
 venv, which Pythons the dependencies publish wheels for, and how long `dalorra predict --help` takes before
 (commit BEFORE, when the entry point imported the trainer, server and torch) and after.
 
-    python bench/install.py [--cpu-venv DIR] [--runs N] [--pythons 3.12,3.13,3.14]
+    python -m bench.install [--cpu-venv DIR] [--runs N] [--pythons 3.12,3.13,3.14]
 
 The CPU path is real: scripts/install.sh into --cpu-venv (kept, and re-used when it is already there). The GPU
 path needs several GB of CUDA wheels that this machine cannot use, so it is measured by pip's own resolver
@@ -25,11 +25,9 @@ import tomllib
 import urllib.request
 from pathlib import Path
 
+from bench.common import write
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.common import write  # noqa: E402
-
 BEFORE = "93f62de"  # the last commit whose `dalorra` entry point was adapters.cli:main
 MB = 1e6
 

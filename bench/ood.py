@@ -1,12 +1,12 @@
 """Out-of-distribution benchmark: does the epistemic score tell questions from another domain or task apart?
 
-    python bench/ood.py [--dataset arc_easy] [--methods lora dalorra mcdropout ensemble] [--seeds 0]
+    python -m bench.ood [--dataset arc_easy] [--methods lora dalorra mcdropout ensemble] [--seeds 0]
         [--ood mmlu_college_chemistry/test mmlu_college_physics/test winogrande/dev] [--ood-limit 100]
 
 The paper's protocol trains on OpenBookQA and tests on ARC and MMLU; here OpenBookQA does not learn at any budget
 tried (bench/results/dalorra_sweep.md: LoRA 0.34 at lr 1e-3, chance 0.25), so the adapters are the paper-regime
 ARC-Easy adapters of bench/calibration.py (runs/bench-paper/<dataset>/<method>-s<seed>, trained first with
-`python bench/calibration.py --regime paper ...`). In-distribution items: the calibration benchmark's test items
+`python -m bench.calibration --regime paper ...`). In-distribution items: the calibration benchmark's test items
 (the first 150 of <dataset>'s validation file; their logits are reused from the benchmark run). OOD items: the
 first --ood-limit items of each OOD file, scored at S = --samples with seed 0 (logits cached beside the adapter).
 
@@ -21,22 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from adapters.adapter_io import load_adapter  # noqa: E402
-from adapters.basemodel import load_base  # noqa: E402
-from adapters.calibration import auroc, fit_temperature, metrics  # noqa: E402
-from adapters.data import load_jsonl  # noqa: E402
-from adapters.evaluate import predict_logits  # noqa: E402
-from adapters.uncertainty import summarize  # noqa: E402
-from bench.calibration import REGIMES, SPLITS, _save_logits  # noqa: E402
-from bench.common import RESULTS, command, write  # noqa: E402
+from adapters.adapter_io import load_adapter
+from adapters.basemodel import load_base
+from adapters.calibration import auroc, fit_temperature, metrics
+from adapters.data import load_jsonl
+from adapters.evaluate import predict_logits
+from adapters.uncertainty import summarize
+from bench.budget import REGIMES, SPLITS, save_logits
+from bench.common import RESULTS, command, write
 
 OOD = ["mmlu_college_chemistry/test", "mmlu_college_physics/test", "winogrande/dev"]
 
@@ -79,7 +75,7 @@ def main() -> None:
                     base, tok = load_base(None)
                     model = load_adapter(out, base, tok)
                 lg = predict_logits(model, items, a.samples, seed=0, progress=False)
-                _save_logits(out, name, lg)
+                save_logits(out, name, lg)
                 return lg
 
             id_logits = logits_for("test", id_items)

@@ -1,6 +1,6 @@
 """Each scoring optimisation measured on and off, side by side in one process (issue: Efficiency).
 
-    python bench/optimisations.py [--questions 8] [--samples 10] [--repeats 3] [--only compile ...]
+    python -m bench.optimisations [--questions 8] [--samples 10] [--repeats 3] [--only compile ...]
 Same questions (ARC-Easy validation), same adapter (the default one unless --adapter), median of
 --repeats timings per variant; the tests (tests/test_scoring.py, tests/test_server.py) check that every
 "on" path gives the same numbers as its "off" path. Writes bench/results/optimisations.{json,md}; with --only,
@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from adapters.data import load_jsonl  # noqa: E402
-from bench.common import RESULTS, command, write  # noqa: E402
-from server.settings import REPO  # noqa: E402
+from adapters.data import load_jsonl
+from bench.common import RESULTS, command, write
+from server.settings import REPO
 
 SECTIONS = ["scoring", "bucketing", "threads", "top_l", "compile"]
 

@@ -2,7 +2,7 @@
 corrupt adapter, a poisoned request beside good ones, unloading under traffic, an oversized chunked body, and a
 burst beyond what can finish before the request deadline (the 429/504 split).
 
-    python bench/reliability.py [--seconds 30] [--clients 16] [--before OLD_RESULTS.json]
+    python -m bench.reliability [--seconds 30] [--clients 16] [--before OLD_RESULTS.json]
 Writes bench/results/reliability.json and reliability.md. Uses the shipped default adapter plus a corrupt
 copy and a spare copy in a temporary adapters directory. --before takes the JSON this script wrote when run
 in a checkout of the server before a change, and puts those figures beside the new ones.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import signal
 import sys
@@ -23,10 +22,8 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import write  # noqa: E402
-from tests.server_utils import ServerProcess  # noqa: E402
+from bench.common import write
+from bench.loopback import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = {"question": "Which of these is a source of light?", "choices": ["the Sun", "the Moon", "a mirror", "a rock"],

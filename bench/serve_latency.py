@@ -1,25 +1,21 @@
 """Server throughput and latency at S = 10 with 1 and 16 concurrent clients (real server process, loopback).
 
-    python bench/serve_latency.py [--adapters-dir adapters/default --adapter arc-easy-dalorra]
+    python -m bench.serve_latency [--adapters-dir adapters/default --adapter arc-easy-dalorra]
         [--samples 10] [--concurrency 1 16] [--requests 16 64]
-Writes bench/results/serve.json and serve.md. Bounded: each level sends a fixed number of requests.
+Writes bench/results/serve_latency.{json,md}. Bounded: each level sends a fixed number of requests.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from adapters.data import load_jsonl  # noqa: E402
-from bench.common import write  # noqa: E402
-from bench.serve import level  # noqa: E402  (the one load generator)
-from tests.server_utils import ServerProcess  # noqa: E402
+from adapters.data import load_jsonl
+from bench.common import write
+from bench.loopback import ServerProcess
+from bench.serve_efficiency import level  # the one load generator
 
 
 def main() -> None:
@@ -50,7 +46,7 @@ def main() -> None:
         table.append(f"| {r['samples']} | {r['concurrency']} | {r['requests']} | {r['throughput_qps']:.2f} | "
                      f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['errors']} |")
     table.append("\nARC-Easy validation questions (cloze scoring, 4 choices), default adapter, HF backend on CPU.")
-    write("serve", {"runs": runs, "adapter": a.adapter}, "\n".join(table))
+    write("serve_latency", {"runs": runs, "adapter": a.adapter}, "\n".join(table))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DALorRA hyper-parameter sweep on a held-out split of the *training* data (issue: Trainer, "if a target is missed").
 
-    python bench/sweep_dalorra.py [--dataset arc_easy] [--variants base p0=0.9 ...] [--steps 120] [--eval-limit 150]
+    python -m bench.sweep_dalorra [--dataset arc_easy] [--variants base p0=0.9 ...] [--steps 120] [--eval-limit 150]
         [--lr 1e-3]         (A/B learning rate of every variant; rows are keyed by it)
         [--train-items N]   (train on only the first N items of the training part: several epochs in the same
                              steps, the over-fitting regime where fine-tuned models grow over-confident)
@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from adapters.train import load_splits  # noqa: E402
-from bench.calibration import (  # noqa: E402
+from adapters.train import load_splits
+from bench.budget import (
     DEFAULT_LR,
     METRICS,
     SPLITS,
@@ -37,7 +33,7 @@ from bench.calibration import (  # noqa: E402
     capped_train,
     train_and_score,
 )
-from bench.common import RESULTS, command, write  # noqa: E402
+from bench.common import RESULTS, command, write
 
 # One knob at a time, from the benchmark's DALorRA setting (p0 0.5, τ 2/3, no KL warm-up, φ lr 0.05 constant).
 VARIANTS = {"lora": {"method": "lora"}, "base": {},

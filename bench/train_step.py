@@ -1,6 +1,6 @@
 """Training cost per step, side by side: DALorRA vs plain LoRA (and the other methods), interleaved rounds.
 
-    python bench/train_step.py [--methods lora dalorra map mcdropout] [--steps 8] [--rounds 3] [--dataset arc_easy/train]
+    python -m bench.train_step [--methods lora dalorra map mcdropout] [--steps 8] [--rounds 3] [--dataset arc_easy/train]
 
 The calibration benchmark's s/step column is taken whenever each run happened, so other jobs on the 2 cores
 blur it. Here every round trains each method for --steps steps on the same batches (same seed, the benchmark's
@@ -12,17 +12,13 @@ bench/results/train_step.{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from adapters.train import train_one  # noqa: E402
-from bench.calibration import add_budget_args, budget_config  # noqa: E402
-from bench.common import write  # noqa: E402
+from adapters.train import train_one
+from bench.budget import add_budget_args, budget_config
+from bench.common import write
 
 
 def main() -> None:

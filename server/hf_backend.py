@@ -115,7 +115,7 @@ class HFBackend(Backend):
     def _chunks(self, idx: list[int], requests: list[ScoreRequest]) -> list[list[int]]:
         """Split one adapter's requests into forwards of at most max_forward_rows rows (a request is never split).
 
-        Measured on a 2-core CPU (bench/results/serve.md): per-row cost grows with the batch (the cloze KV
+        Measured on a 2-core CPU (bench/results/serve_latency.md): per-row cost grows with the batch (the cloze KV
         cache is copied K times per row), so very large forwards lose; on a GPU raise the setting.
         """
         limit = self.settings.max_forward_rows

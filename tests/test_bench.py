@@ -3,7 +3,7 @@
 import pytest
 
 from adapters.train import TrainConfig, load_splits
-from bench.calibration import capped_train, method_knobs
+from bench.budget import capped_train, method_knobs
 
 
 def test_method_spec_sets_exactly_one_knob_and_rejects_unknown_ones():

@@ -1,6 +1,6 @@
 """Serving efficiency (issue: Efficiency): a real server process under bounded load, against two references.
 
-    python bench/serve.py [--samples 1 4 10 32] [--concurrency 1 8 32] [--modes cloze letter] [--quick]
+    python -m bench.serve_efficiency [--samples 1 4 10 32] [--concurrency 1 8 32] [--modes cloze letter] [--quick]
 
 In one run, on the same questions (ARC-Easy validation) and machine:
   * server grid: S × concurrency, closed-loop asyncio + httpx clients on loopback, a fixed number of
@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,11 +30,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from adapters.data import load_jsonl  # noqa: E402
-from bench.common import RESULTS, write  # noqa: E402
-from tests.server_utils import ServerProcess  # noqa: E402
+from adapters.data import load_jsonl
+from bench.common import RESULTS, write
+from bench.loopback import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "adapters" / "default" / "arc-easy-dalorra"
