@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .calibration import conformal_quantile, fit_threshold, metrics, prediction_set, risk_coverage
+from .calibration import conformal_quantile, fit_threshold, metrics, risk_coverage
 from .data import Item
+from .decision import DecisionPolicy
 from .scoring import encode, score
 from .uncertainty import concat_items, summarize
 
@@ -56,15 +57,8 @@ def calibrate_decisions(logits: np.ndarray, labels: np.ndarray, target_error: fl
 
 
 def abstain_mask(s: dict, decision: dict) -> tuple[np.ndarray, list[str | None]]:
-    """Which items abstain under a decision record, and why (first reason that applies)."""
-    B = len(s["confidence"])
-    reasons: list[str | None] = [None] * B
-    conf, epi = decision.get("confidence") or {}, decision.get("epistemic") or {}
-    for i in range(B):
-        if conf.get("valid") and s["confidence"][i] < conf["threshold"]:
-            reasons[i] = "low_confidence"
-        elif epi.get("valid") and s["epistemic_norm"][i] > epi["threshold"]:
-            reasons[i] = "high_epistemic"
+    """Which items abstain under a decision record, and why (the server's policy: adapters/decision.py)."""
+    reasons = DecisionPolicy.from_record(decision).reasons(s)
     return np.array([r is not None for r in reasons]), reasons
 
 
@@ -74,9 +68,9 @@ def decision_report(s: dict, labels: np.ndarray, decision: dict) -> dict:
     answered = ~abstain
     out = {"coverage": float(answered.mean()),
            "selective_error": float(1 - correct[answered].mean()) if answered.any() else None}
-    q = (decision.get("conformal") or {}).get("qhat")
-    if q is not None:
-        sets = [prediction_set(p, q) for p in s["probabilities"]]
+    policy = DecisionPolicy.from_record(decision)
+    if policy.conformal_qhat is not None:
+        sets = [policy.prediction_set(p) for p in s["probabilities"]]
         out["set_coverage"] = float(np.mean([labels[i] in st for i, st in enumerate(sets)]))
         out["mean_set_size"] = float(np.mean([len(st) for st in sets]))
     return out

@@ -17,26 +17,24 @@ from pathlib import Path
 import numpy as np
 
 from adapters.data import load_jsonl
+from adapters.decision import FIXED_SEED, DecisionPolicy, adaptive_rounds
 from adapters.uncertainty import sampling_settled, summarize
 from bench.common import write
 from server.settings import REPO, Settings
 
-FIXED_SEED = 0  # server/service.py's default draws
 
-
-def decisions(logits: np.ndarray, conf_t, epi_t) -> tuple[int, bool]:
+def decisions(logits: np.ndarray, policy: DecisionPolicy) -> tuple[int, bool]:
     s = summarize(logits[:, None, :])
-    abstain = (conf_t is not None and s["confidence"][0] < conf_t) or (
-        epi_t is not None and s["epistemic_norm"][0] > epi_t)
-    return int(s["answer_index"][0]), bool(abstain)
+    return int(s["answer_index"][0]), policy.reasons(s)[0] is not None
 
 
-def replay(full: np.ndarray, cfg: Settings, conf_t, epi_t) -> int:
+def replay(full: np.ndarray, cfg: Settings, policy: DecisionPolicy) -> int:
     """Samples the server's adaptive rounds would use for this item's (S, K) logits."""
-    S, n = len(full), 0
-    while n < S:
-        n += cfg.adaptive_first if n == 0 else min(cfg.adaptive_step, S - n)
-        if sampling_settled(full[:n], conf_t, epi_t, cfg.adaptive_tolerance, cfg.adaptive_z):
+    n = 0
+    for size in adaptive_rounds(len(full), cfg.adaptive_first, cfg.adaptive_step):
+        n += size
+        if sampling_settled(full[:n], policy.min_confidence, policy.max_epistemic, cfg.adaptive_tolerance,
+                            cfg.adaptive_z):
             break
     return n
 
@@ -74,14 +72,15 @@ def main() -> None:
         logits += [lg[:, b, : len(items[i + b].choices)] for b in range(lg.shape[1])]
     cfg = Settings()
     rec = model.record
-    dec = rec.get("decision") or {}
-    conf_t = dec.get("confidence", {}).get("threshold") if dec.get("confidence", {}).get("valid") else None
-    epi_t = dec.get("epistemic", {}).get("threshold") if dec.get("epistemic", {}).get("valid") else None
+    T = float(rec.get("temperature", 1.0))  # the server divides every mask's logits by it
+    policy = DecisionPolicy.from_record(rec.get("decision"))
+    conf_t, epi_t = policy.min_confidence, policy.max_epistemic
     used, differ, answer_differ = [], 0, 0
     for full in logits:
-        n = replay(full, cfg, conf_t, epi_t)
+        full = full / T
+        n = replay(full, cfg, policy)
         used.append(n)
-        d_full, d_ad = decisions(full, conf_t, epi_t), decisions(full[:n], conf_t, epi_t)
+        d_full, d_ad = decisions(full, policy), decisions(full[:n], policy)
         differ += d_full != d_ad
         answer_differ += d_full[0] != d_ad[0]
     used = np.array(used)
