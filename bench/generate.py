@@ -50,6 +50,7 @@ SCORES = {  # name → (function of the summary, what it means); higher = more l
     "1-confidence": (lambda s: 1 - s["confidence"], "1 − geometric-mean token probability (p̄)"),
     "loglik_std": (lambda s: s["loglik_std"], "spread of the answer's log-likelihood across masks"),
     "-loglik_mean": (lambda s: -s["loglik_mean"], "negative answer log-likelihood (mean over masks)"),
+    "tokens": (lambda s: s["tokens"], "answer length in tokens (a baseline: no model uncertainty at all)"),
 }
 
 
@@ -168,8 +169,19 @@ def report(rows: list[dict], sp: dict, a) -> None:
         return auroc(np.array([fn(r) for r in rs]), wrong) if 0 < wrong.sum() < len(rs) else None
 
     contains = np.array([r["contains_gold"] for r in rows], dtype=float)
+    def _ci(fn, rs, wrong, reps=2000):  # percentile bootstrap over questions, fixed seed
+        rng = np.random.default_rng(0)
+        x = np.array([fn(r) for r in rs])
+        got = []
+        for _ in range(reps):
+            i = rng.integers(0, len(rs), len(rs))
+            if 0 < wrong[i].sum() < len(i):
+                got.append(auroc(x[i], wrong[i]))
+        return [float(np.percentile(got, 2.5)), float(np.percentile(got, 97.5))] if got else None
+
     aurocs = {name: {"test": _auroc(fn, test, 1 - c_test), "all": _auroc(fn, rows, 1 - correct),
-                     "all_contains": _auroc(fn, rows, 1 - contains)} for name, (fn, _) in SCORES.items()}
+                     "all_ci95": _ci(fn, rows, 1 - correct), "all_contains": _auroc(fn, rows, 1 - contains)}
+              for name, (fn, _) in SCORES.items()}
     (RESULTS / "generate_decision.json").write_text(json.dumps({a.adapter: decision}, indent=2))
 
     data = {"adapter": a.adapter, "samples": a.samples, "max_tokens": a.max_tokens, "seeds": {"mask_seed": 0,
@@ -193,20 +205,28 @@ def report(rows: list[dict], sp: dict, a) -> None:
            f"Accuracy (normalised exact match): {correct.mean():.3f} overall, "
            f"{c_test.mean() if test else float('nan'):.3f} on the {len(test)} evaluation questions.", "",
            f"Answers containing the normalised gold phrase: {contains.mean():.3f} (a lenient secondary criterion).", "",
-           "| score (higher = more likely wrong) | meaning | AUROC, evaluation part | AUROC, all | AUROC, all, "
-           "wrong = gold not contained |", "|---|---|---|---|---|"]
+           "| score (higher = more likely wrong) | meaning | AUROC, evaluation part | AUROC, all [95% bootstrap CI] | "
+           "AUROC, all, wrong = gold not contained |", "|---|---|---|---|---|"]
 
     def f3(x):
         return "n/a" if x is None else f"{x:.3f}"
 
     for name, (_, meaning) in SCORES.items():
         v = aurocs[name]
-        md.append(f"| {name} | {meaning} | {f3(v['test'])} | {f3(v['all'])} | {f3(v['all_contains'])} |")
+        ci = v["all_ci95"]
+        ci_s = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+        md.append(f"| {name} | {meaning} | {f3(v['test'])} | {f3(v['all'])}{ci_s} | {f3(v['all_contains'])} |")
     md += ["", f"Thresholds fitted on the first {len(cal)} questions (target selective error {a.target_error}, "
            f"δ = 0.1): confidence {json.dumps(decision['confidence'].get('threshold'))} "
            f"(valid: {decision['confidence']['valid']}), epistemic {json.dumps(decision['epistemic'].get('threshold'))} "
            f"(valid: {decision['epistemic']['valid']}); on the evaluation part: coverage {dec_eval['coverage']}, "
            f"selective error {dec_eval['selective_error']}. Written to bench/results/generate_decision.json."]
+    md += ["", "Reproduce (the speed part and the answers ran in parallel here; the last command only reports): "
+           f"`python bench/generate.py --speed-out /tmp/speed.json --latency-repeats {a.latency_repeats}`, "
+           f"`python bench/generate.py --skip-speed --questions {len(rows)} --calibration {len(cal)}`, then "
+           f"`python bench/generate.py --questions {len(rows)} --calibration {len(cal)} --speed-in /tmp/speed.json` "
+           "(all with OMP_NUM_THREADS=1 here). Decoding is greedy; the S = 10 masks are the adapter's fixed draws "
+           "(mask seed 0). Per-item answers and scores are in generate.json."]
     write("generate", data, "\n".join(md))
 
 
