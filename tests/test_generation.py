@@ -151,3 +151,15 @@ def test_too_long_prompt_is_refused(model):
 
     with pytest.raises(BackendError, match="at most 5"):
         generate(model, GenerateRequest(adapter="a", prompt=PROMPT), threading.Lock(), 5)
+
+
+def test_benchmark_short_answers_and_exact_match():
+    """bench/generate.py: what counts as a short-answer question and as a correct answer."""
+    from bench.generate import NEEDS_CHOICES, normalise, short_answer_items
+
+    assert normalise(" The Carbon dioxide.\n") == "carbon dioxide"
+    assert normalise("an Apple!") == "apple" and normalise("sunlight") != normalise("sunlight is reduced")
+    items = short_answer_items(30)
+    assert len(items) == 30 and len({i for i, _, _ in items}) == 30
+    for _, q, gold in items:
+        assert len(gold.split()) <= 3 and q.rstrip().endswith("?") and not NEEDS_CHOICES.search(q)
