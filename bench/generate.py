@@ -1,6 +1,6 @@
 """Generated answers on the embedded model: cost of the uncertainty pass, and whether it predicts wrong answers.
 
-    python bench/generate.py [--adapter arc-easy-dalorra] [--questions 100] [--calibration 40]
+    python -m bench.generate [--adapter arc-easy-dalorra] [--questions 100] [--calibration 40]
         [--max-tokens 16] [--latency-repeats 6] [--samples 10] [--target-error 0.3]
 
 Runs the HF backend in this process (the server's own generate path, without HTTP):
@@ -13,8 +13,8 @@ Runs the HF backend in this process (the server's own generate path, without HTT
      the first --calibration ones; the generation thresholds are fitted on those first ones and written to
      bench/results/generate_decision.json (load it with DALORRA_GENERATION_DECISION).
 Writes bench/results/generate.json and generate.md. On a busy machine run the two parts in parallel:
-    python bench/generate.py --speed-out /tmp/speed.json  &  python bench/generate.py --skip-speed
-then python bench/generate.py --speed-in /tmp/speed.json (resumes every answer from --partial, measures nothing).
+    python -m bench.generate --speed-out /tmp/speed.json  &  python -m bench.generate --skip-speed
+then python -m bench.generate --speed-in /tmp/speed.json (resumes every answer from --partial, measures nothing).
 """
 
 from __future__ import annotations
@@ -24,18 +24,15 @@ import json
 import os
 import re
 import string
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from adapters.calibration import auroc  # noqa: E402
-from adapters.data import load_jsonl  # noqa: E402
-from bench.common import RESULTS, write  # noqa: E402
-from server.generation import GenerateRequest, decide, fit_generation_decision, summarize_answer  # noqa: E402
+from adapters.calibration import auroc
+from adapters.data import load_jsonl
+from bench.common import RESULTS, write
+from server.generation import GenerateRequest, decide, fit_generation_decision, summarize_answer
 
 NEEDS_CHOICES = re.compile(r"which of (the following|these)|best (describes|explains)|which statement|which two|"
                            r"which pair|which sentence|which list", re.I)
@@ -222,9 +219,9 @@ def report(rows: list[dict], sp: dict, a) -> None:
            f"(valid: {decision['epistemic']['valid']}); on the evaluation part: coverage {dec_eval['coverage']}, "
            f"selective error {dec_eval['selective_error']}. Written to bench/results/generate_decision.json."]
     md += ["", "Reproduce (the speed part and the answers ran in parallel here; the last command only reports): "
-           f"`python bench/generate.py --speed-out /tmp/speed.json --latency-repeats {a.latency_repeats}`, "
-           f"`python bench/generate.py --skip-speed --questions {len(rows)} --calibration {len(cal)}`, then "
-           f"`python bench/generate.py --questions {len(rows)} --calibration {len(cal)} --speed-in /tmp/speed.json` "
+           f"`python -m bench.generate --speed-out /tmp/speed.json --latency-repeats {a.latency_repeats}`, "
+           f"`python -m bench.generate --skip-speed --questions {len(rows)} --calibration {len(cal)}`, then "
+           f"`python -m bench.generate --questions {len(rows)} --calibration {len(cal)} --speed-in /tmp/speed.json` "
            "(all with OMP_NUM_THREADS=1 here). Decoding is greedy; the S = 10 masks are the adapter's fixed draws "
            "(mask seed 0). Per-item answers and scores are in generate.json."]
     write("generate", data, "\n".join(md))
