@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adapters.calibration import prediction_set
+from adapters.decision import FIXED_SEED, DecisionPolicy, adaptive_rounds
 from adapters.uncertainty import sampling_settled, softmax, summarize
 
 from .backend import Backend, BackendError, Scored, ScoreRequest
@@ -27,7 +27,6 @@ from .receipts import ReceiptError, ReceiptInvalid, Receipts
 
 log = logging.getLogger("dalorra.service")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-FIXED_SEED = 0  # the adapter's fixed mask draws: same question, same masks, same answer
 PUBLIC_KEYS = frozenset({"dev-only-change-me", "change-me-please"})  # published in old docs and compose files
 ADMISSION_MARGIN = 0.8  # admit only work whose estimated finish is within this share of the request deadline
 # dalorra_requests_total outcome of a failed /predict, by HTTP status (429 and 504 keep their old names)
@@ -270,11 +269,10 @@ class Service:
         cacheable = not item.fresh
         if not adaptive or req.samples <= self.s.adaptive_first:
             return await self._submit(req, cacheable, hits)
-        conf_t, epi_t = self._thresholds(item, rec)
+        policy = self._policy(item, rec)
         temperature = _temperature(rec)
         parts, mass, n = [], [], 0
-        while n < req.samples:
-            size = self.s.adaptive_first if n == 0 else min(self.s.adaptive_step, req.samples - n)
+        for size in adaptive_rounds(req.samples, self.s.adaptive_first, self.s.adaptive_step):
             got = await self._submit(replace(req, samples=size, first=n), cacheable, hits)
             lg, m = (got.logits, got.choice_mass) if isinstance(got, Scored) else (got, None)
             parts.append(lg)
@@ -283,7 +281,7 @@ class Service:
             n += size
             if len(lg) < size:  # the adapter has no more distinct draws (deterministic, ensemble)
                 break
-            if sampling_settled(np.concatenate(parts) / temperature, conf_t, epi_t,
+            if sampling_settled(np.concatenate(parts) / temperature, policy.min_confidence, policy.max_epistemic,
                                 self.s.adaptive_tolerance, self.s.adaptive_z):
                 break
         logits = np.concatenate(parts)
@@ -313,14 +311,10 @@ class Service:
         averaging, so probabilities, entropy and MI are those of the calibrated per-mask distributions."""
         return _temperature(self.records.get(adapter, {}))
 
-    def _thresholds(self, item: PredictItem, rec: dict) -> tuple[float | None, float | None]:
-        """The abstention thresholds in force: the request's overrides, else the adapter's valid fitted ones."""
-        decision = rec.get("decision") or {}
-        conf_t = item.min_confidence if item.min_confidence is not None else (
-            decision.get("confidence", {}).get("threshold") if decision.get("confidence", {}).get("valid") else None)
-        epi_t = item.max_epistemic if item.max_epistemic is not None else (
-            decision.get("epistemic", {}).get("threshold") if decision.get("epistemic", {}).get("valid") else None)
-        return conf_t, epi_t
+    @staticmethod
+    def _policy(item: PredictItem, rec: dict) -> DecisionPolicy:
+        """The policy in force: the request's threshold overrides, else the adapter's valid fitted ones."""
+        return DecisionPolicy.from_record(rec.get("decision"), item.min_confidence, item.max_epistemic)
 
     def _respond(self, item: PredictItem, req: ScoreRequest, rec: dict, logits: np.ndarray | Scored, t0: float,
                  wait: float, cached: bool = False) -> PredictResponse:
@@ -333,14 +327,8 @@ class Service:
                                                      "request; the adapter is likely broken: reload or retrain it")
         s = summarize(logits[:, None, :])  # (S, 1, K)
         one = {k: v[0] for k, v in s.items()}
-        decision = rec.get("decision") or {}
-        conf_t, epi_t = self._thresholds(item, rec)
-        reason = None
-        if conf_t is not None and one["confidence"] < conf_t:
-            reason = "low_confidence"
-        elif epi_t is not None and one["epistemic_norm"] > epi_t:
-            reason = "high_epistemic"
-        qhat = (decision.get("conformal") or {}).get("qhat")
+        policy = self._policy(item, rec)
+        reason = policy.reason(float(one["confidence"]), float(one["epistemic_norm"]))
         k = int(one["answer_index"])
         conf = float(one["confidence"])
         rid = item.id or uuid.uuid4().hex
@@ -367,7 +355,7 @@ class Service:
             aleatoric=float(one["aleatoric"]), aleatoric_norm=float(one["aleatoric_norm"]),
             epistemic=float(one["epistemic"]), epistemic_norm=float(one["epistemic_norm"]),
             decision="abstain" if reason else "answer", abstain_reason=reason,
-            prediction_set=prediction_set(one["probabilities"], qhat), samples=len(logits), choice_mass=mass,
+            prediction_set=policy.prediction_set(one["probabilities"]), samples=len(logits), choice_mass=mass,
             sample_probabilities=sample_probs, cached=cached, latency_ms=latency * 1000, receipt=receipt)
 
     # ---- feedback -------------------------------------------------------------------------------

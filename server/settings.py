@@ -14,21 +14,24 @@ REPO = Path(__file__).resolve().parent.parent
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DALORRA_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 serves the network (admin routes then need a "
+                      "token, and a fixed FEEDBACK_KEY is wanted for replicas)")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port")
     backend: str = Field("hf", description="hf (transformers, CPU or GPU) or vllm (mask bank; pip extra [vllm])")
     base_model: str | None = Field(None, description="HF id or directory; default the embedded SmolLM2")
-    device: str = "cpu"
+    device: str = Field("cpu", description="torch device of the HF backend (cpu, cuda, cuda:1, ...)")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
     adapters_dir: Path = Field(REPO / "adapters" / "default", description="adapters load by name from here")
-    default_adapter: str = "arc-easy-dalorra"
+    default_adapter: str = Field("arc-easy-dalorra", description="adapter loaded at start and used when a "
+                                 "request names none")
     preload: list[str] = Field(default_factory=list, description="more adapters to load at start")
-    default_samples: int = Field(10, ge=1)
-    max_samples: int = Field(64, ge=1)
+    default_samples: int = Field(10, ge=1, description="S when neither the request nor the adapter says")
+    max_samples: int = Field(64, ge=1, description="largest S a request may ask for")
     max_items: int = Field(64, ge=1, description="items per /predict request")
-    max_question_chars: int = Field(4000, ge=1)
-    max_choice_chars: int = Field(1000, ge=1)
-    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_question_chars: int = Field(4000, ge=1, description="longest question (characters)")
+    max_choice_chars: int = Field(1000, ge=1, description="longest choice (characters)")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body, counted on the bytes read "
+                                "(chunked included): 413 beyond")
     max_batch_rows: int = Field(160, ge=1, description="rows (Σ requests × S) per backend call")
     max_forward_rows: int = Field(20, ge=1, description="rows per model forward (HF backend splits larger batches)")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
@@ -43,7 +46,8 @@ class Settings(BaseSettings):
         "empty: any")
     feedback_key: str | None = Field(None, min_length=8, description="HMAC key for receipts, shared by replicas; "
                                      "unset: a random key per process (feedback then stays on that replica)")
-    receipt_ttl_s: float = Field(7 * 24 * 3600, gt=0)
+    receipt_ttl_s: float = Field(7 * 24 * 3600, gt=0, description="how long a prediction's receipt can be "
+                                 "used for feedback")
     result_cache_size: int = Field(4096, ge=0, description="seeded results kept (LRU); 0 disables the cache")
     length_bucketing: bool = Field(False, description="HF backend: group rows of similar length into a forward "
                                    "(measured 0.94× on the 2-core CPU: bench/results/optimisations.md)")
@@ -70,12 +74,14 @@ class Settings(BaseSettings):
     vllm_max_loras: int = Field(16, ge=1, description="distinct LoRAs in one vLLM batch; set it >= S")
     vllm_max_cpu_loras: int = Field(128, ge=1, description="LoRAs vLLM keeps in host memory (all banks)")
     vllm_max_lora_rank: int = Field(32, description="largest adapter rank (1, 8, 16, 32, 64, ...; ensembles: N·r)")
-    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="share of GPU memory vLLM may use")
     vllm_dtype: str = Field("auto", description="auto, float32, bfloat16, float16")
-    vllm_max_model_len: int = Field(2048, ge=16)
+    vllm_max_model_len: int = Field(2048, ge=16, description="vLLM context length")
     vllm_bank_dir: Path | None = Field(None, description="where bank members are written (default: /dev/shm)")
-    api_token: str | None = None
-    admin_token: str | None = None
+    api_token: str | None = Field(None, description="bearer token for /predict, /feedback and the OpenAI/KServe "
+                                  "routes; unset: open")
+    admin_token: str | None = Field(None, description="bearer token for adapter load/unload (else API_TOKEN); "
+                                    "none set: loopback clients only")
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod
@@ -88,3 +94,22 @@ class Settings(BaseSettings):
         if v not in ("hf", "vllm"):
             raise ValueError(f"backend={v!r}: one of 'hf' (transformers) or 'vllm' (mask bank)")
         return v
+
+
+def settings_table() -> str:
+    """The settings as a markdown table (docs/settings.md is this text; tests/test_settings_doc.py keeps it so)."""
+    rows = ["# Settings", "", "Environment variables (prefix `DALORRA_`), read and validated at start by "
+            "`server/settings.py`; `dalorra serve --help` lists the flags that override some of them. "
+            "Generated by `python -m server.settings`.", "",
+            "| variable | default | what it does |", "|---|---|---|"]
+    for name, f in Settings.model_fields.items():
+        default = f.default_factory() if f.default_factory is not None else f.default
+        if isinstance(default, Path):
+            default = default.relative_to(REPO) if default.is_relative_to(REPO) else default
+        shown = "unset" if default is None or default == [] else f"`{default}`"
+        rows.append(f"| `DALORRA_{name.upper()}` | {shown} | {(f.description or '').replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_table(), end="")
