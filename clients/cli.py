@@ -66,17 +66,3 @@ def _predict(a) -> int:
             return 1
     print(r.model_dump_json(indent=2) if a.json else render(r, a.choice))
     return 0
-
-
-def accuracy_and_ece(probs: list[list[float]], labels: list[int], n_bins: int = 15) -> tuple[float, float]:
-    """ACC and ECE exactly as adapters.calibration.metrics defines them (top-1 confidence in 15 equal-width
-    bins; ECE = Σ_bins |Σconf − Σcorrect| / n), in plain Python because the client installs without NumPy.
-    tests/test_install.py checks the two agree."""
-    conf_sum, correct_sum = [0.0] * n_bins, [0.0] * n_bins
-    for p, y in zip(probs, labels, strict=True):
-        top = max(range(len(p)), key=p.__getitem__)  # the first maximum, as np.argmax
-        b = min(max(int(p[top] * n_bins), 0), n_bins - 1)
-        conf_sum[b] += p[top]
-        correct_sum[b] += float(top == y)
-    n = len(labels)
-    return sum(correct_sum) / n, sum(abs(c - a) for c, a in zip(conf_sum, correct_sum, strict=True)) / n

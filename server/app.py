@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .backend import Backend, make_backend
+from .backend import Backend
 from .errors import ApiError
 from .guards import RequestGuard, host_name
 from .kserve import router as kserve_router
@@ -58,6 +58,17 @@ Svc = Annotated[Service, Depends(_service)]
 
 def _error(status: int, type_: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+
+
+def make_backend(settings) -> Backend:
+    """The configured backend; torch and vllm are imported here, never by routes, the batcher or the interface."""
+    if settings.backend == "vllm":
+        from .vllm_backend import VLLMBackend
+
+        return VLLMBackend(settings)
+    from .hf_backend import HFBackend
+
+    return HFBackend(settings)
 
 
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:

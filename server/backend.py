@@ -66,14 +66,3 @@ class Scored:
 
     logits: np.ndarray  # (S, K)
     choice_mass: float | None = None  # probability the unrestricted next-token distribution put on the K choices
-
-
-def make_backend(settings) -> Backend:
-    # torch and vllm are imported here, never by routes or the batcher
-    if settings.backend == "vllm":
-        from .vllm_backend import VLLMBackend
-
-        return VLLMBackend(settings)
-    from .hf_backend import HFBackend
-
-    return HFBackend(settings)

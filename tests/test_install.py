@@ -54,7 +54,7 @@ def test_train_help_through_the_entry_point():
 
 def test_client_summary_matches_calibration_metrics():
     from adapters.calibration import metrics
-    from clients.cli import accuracy_and_ece
+    from clients.batch import accuracy_and_ece
 
     rng = np.random.default_rng(0)
     for k in (2, 4, 7):
