@@ -149,7 +149,8 @@ def test_predict_end_to_end_through_vllm(backend, tmp_path):
         if DEFAULT.name not in backend.adapter_names():
             backend.load_adapter(DEFAULT.name, str(DEFAULT))
         ref = backend.score([ScoreRequest(DEFAULT.name, item["question"], tuple(item["choices"]), None, 4, 5)])[0]
-        np.testing.assert_allclose(body["probabilities"], softmax(ref.logits).mean(0), atol=1e-4)
+        T = json.loads((DEFAULT / "dalorra.json").read_text()).get("temperature", 1.0)  # the server applies it
+        np.testing.assert_allclose(body["probabilities"], softmax(ref.logits / T).mean(0), atol=1e-4)
         assert srv.metric("dalorra_requests_total", {"outcome": "ok"}) >= 1
         too_many = httpx.post(srv.url + "/predict", json={**item, "samples": 9}, timeout=60)
         assert too_many.status_code == 422 and "mask bank" in too_many.text
