@@ -50,7 +50,7 @@ from bench.budget import (
     train_and_score,
     wrong_answer_aurocs,
 )
-from bench.common import RESULTS, command, write
+from bench.common import RESULTS, command, mean_std, write
 
 
 def main() -> None:
@@ -169,14 +169,6 @@ def _added_rows(commands: list[str]) -> None:
         commands.append(command())
 
 
-def _ms(vals) -> str:
-    """mean ± sample standard deviation over seeds"""
-    vals = [v for v in vals if v is not None and not np.isnan(v)]
-    if not vals:
-        return "–"
-    return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
-
-
 def _write(rows, budgets, commands) -> None:
     groups: dict = {}
     for r in rows:
@@ -189,7 +181,7 @@ def _write(rows, budgets, commands) -> None:
             "mean_confidence" in r for r in rs) else "–"
 
     def au(rs, k):
-        return _ms([r[k] for r in rs]) if all(k in r for r in rs) else "–"
+        return mean_std([r[k] for r in rs]) if all(k in r for r in rs) else "–"
     table = []
     for regime in [g for g in REGIMES if any(k[0] == g for k in groups)]:
         table += [f"## Regime `{regime}`", "", f"Budget (identical for every method): {json.dumps(budgets.get(regime))}",
@@ -199,9 +191,9 @@ def _write(rows, budgets, commands) -> None:
             if rg != regime:
                 continue
             t = f"{np.mean([r['temperature'] for r in rs]):.2f}" if all("temperature" in r for r in rs) else "–"
-            table.append(f"| {ds} | {method} | {len(rs)} | {_ms([r['acc'] for r in rs])} | {rs[0]['chance']:.2f} | "
-                         f"{_ms([r['ece'] for r in rs])} | {gap(rs)} | {_ms([r['nll'] for r in rs])} | "
-                         f"{_ms([r['brier'] for r in rs])} | {_ms([r['aurc'] for r in rs])} | "
+            table.append(f"| {ds} | {method} | {len(rs)} | {mean_std([r['acc'] for r in rs])} | {rs[0]['chance']:.2f} | "
+                         f"{mean_std([r['ece'] for r in rs])} | {gap(rs)} | {mean_std([r['nll'] for r in rs])} | "
+                         f"{mean_std([r['brier'] for r in rs])} | {mean_std([r['aurc'] for r in rs])} | "
                          f"{np.mean([r['mean_epistemic'] for r in rs]):.4f} | {au(rs, 'auroc_confidence')} | "
                          f"{au(rs, 'auroc_entropy')} | {au(rs, 'auroc_mi')} | {t} | "
                          f"{np.mean([r['seconds_per_step'] for r in rs]):.2f} |")

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -54,3 +56,11 @@ def write(name: str, data: dict, table: str) -> Path:
     tmp.write_text(md)
     os.replace(tmp, RESULTS / f"{name}.md")
     return out
+
+
+def mean_std(vals) -> str:
+    """mean ± sample standard deviation over seeds"""
+    vals = [v for v in vals if v is not None and not np.isnan(v)]
+    if not vals:
+        return "–"
+    return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"

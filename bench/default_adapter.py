@@ -25,6 +25,7 @@ from adapters.calibration import auroc
 from adapters.data import load_jsonl
 from adapters.evaluate import decision_report, evaluate_logits, predict_logits
 from adapters.uncertainty import summarize
+from bench.budget import wrong_answer_aurocs
 from bench.common import RESULTS, command, write
 
 DEFAULT = Path(__file__).resolve().parents[1] / "adapters" / "default" / "arc-easy-dalorra"
@@ -54,15 +55,13 @@ def main() -> None:
     lo = predict_logits(model, ood, a.samples, seed=0, desc="ood") / T
     m = evaluate_logits(lg, labels)
     s, so = summarize(lg), summarize(lo)
-    wrong = s["answer_index"] != labels
     decision = rec.get("decision") or {}
     reports[a.label] = {
         "adapter": Path(a.adapter).name, "method": rec.get("method"), "command": command(),
         "adapter_config": rec.get("adapter"), "temperature": T, "test": a.test, "n_test": len(test),
         "ood": a.ood, "n_ood": len(ood), "samples": a.samples,
         **{k: m[k] for k in ("acc", "ece", "nll", "brier", "aurc", "mean_confidence", "mean_entropy")},
-        "auroc_wrong_confidence": auroc(-s["confidence"], wrong), "auroc_wrong_entropy": auroc(s["entropy"], wrong),
-        "auroc_wrong_mi": auroc(s["epistemic"], wrong),
+        **{k.replace("auroc_", "auroc_wrong_"): v for k, v in wrong_answer_aurocs(lg, labels).items()},
         "mean_mi_norm_test": float(s["epistemic_norm"].mean()), "mean_mi_norm_ood": float(so["epistemic_norm"].mean()),
         "auroc_ood_mi": auroc(np.r_[s["epistemic_norm"], so["epistemic_norm"]],
                               np.r_[np.zeros(len(test), bool), np.ones(len(ood), bool)]),

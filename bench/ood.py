@@ -32,7 +32,7 @@ from adapters.data import load_jsonl
 from adapters.evaluate import predict_logits
 from adapters.uncertainty import summarize
 from bench.budget import REGIMES, SPLITS, save_logits
-from bench.common import RESULTS, command, write
+from bench.common import RESULTS, command, mean_std, write
 
 OOD = ["mmlu_college_chemistry/test", "mmlu_college_physics/test", "winogrande/dev"]
 
@@ -112,18 +112,16 @@ def ood_row(id_logits: np.ndarray, id_labels: np.ndarray, ood_logits: np.ndarray
 
 
 def _write(rows: list[dict], commands: list[str], a: argparse.Namespace) -> None:
-    def ms(vals):
-        return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["train_dataset"], r["ood_dataset"], r["method"]), []).append(r)
     table = ["| train | OOD set | method | seeds | ID acc | OOD acc | chance | OOD ECE | OOD NLL | AUROC MI | "
              "AUROC entropy | AUROC −conf | mean MI/log K ID → OOD |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (tr, ood, method), rs in sorted(groups.items()):
-        table.append(f"| {tr} | {ood} | {method} | {len(rs)} | {ms([r['id_acc'] for r in rs])} | "
-                     f"{ms([r['acc'] for r in rs])} | {rs[0]['chance']:.2f} | {ms([r['ece'] for r in rs])} | "
-                     f"{ms([r['nll'] for r in rs])} | {ms([r['auroc_mi'] for r in rs])} | "
-                     f"{ms([r['auroc_entropy'] for r in rs])} | {ms([r['auroc_confidence'] for r in rs])} | "
+        table.append(f"| {tr} | {ood} | {method} | {len(rs)} | {mean_std([r['id_acc'] for r in rs])} | "
+                     f"{mean_std([r['acc'] for r in rs])} | {rs[0]['chance']:.2f} | {mean_std([r['ece'] for r in rs])} | "
+                     f"{mean_std([r['nll'] for r in rs])} | {mean_std([r['auroc_mi'] for r in rs])} | "
+                     f"{mean_std([r['auroc_entropy'] for r in rs])} | {mean_std([r['auroc_confidence'] for r in rs])} | "
                      f"{np.mean([r['mean_mi_id'] for r in rs]):.4f} → {np.mean([r['mean_mi_ood'] for r in rs]):.4f} |")
     table += ["", "AUROC: telling the OOD items (positive) from the in-distribution test items by normalised MI, "
               "normalised entropy, or −confidence (0.5 = no information; a deterministic method's MI is 0 everywhere, "

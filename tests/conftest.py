@@ -64,6 +64,15 @@ def tiny():
     return make_tiny
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """The tiny model saved to disk with the real tokenizer: a base model the trainer can load by path."""
+    d = tmp_path_factory.mktemp("tiny")
+    make_tiny(seed=1).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
 def randomize_lora(model, seed: int = 0, std: float = 0.05):
     """Give B non-zero values (B = 0 at init would make every mask look identical)."""
     import torch

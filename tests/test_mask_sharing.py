@@ -159,14 +159,6 @@ def test_shared_adapter_with_disagreeing_copies_is_refused(tokenizer, tmp_path):
         load_adapter(out, make_tiny(), tokenizer)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("tiny")
-    make_tiny(seed=1).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
-
-
 def test_training_keeps_a_shared_phi_tied(tmp_path, tiny_dir):
     rows = [{"question": f"Is {i} a number?", "choices": ["no", "yes"], "label": 1} for i in range(8)]
     data = tmp_path / "train.jsonl"

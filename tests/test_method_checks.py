@@ -64,14 +64,6 @@ ROWS = [("Is ice cold?", ["yes", "no"], 0), ("Is fire wet?", ["no", "yes", "mayb
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("tiny")
-    make_tiny(seed=1).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def hand_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("hand")
     rows = [{"id": str(i), "question": q, "choices": c, "label": y} for i, (q, c, y) in enumerate(ROWS)]

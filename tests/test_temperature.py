@@ -17,7 +17,7 @@ from adapters.train import load_splits, run
 from adapters.uncertainty import summarize
 from tests.conftest import make_tiny
 from tests.server_utils import ServerProcess
-from tests.test_train import _cfg, small_data, tiny_dir  # noqa: F401  (fixtures)
+from tests.test_train import _cfg, small_data  # noqa: F401  (fixture)
 
 
 def test_train_fits_a_temperature_and_the_thresholds_after_it(tmp_path, tiny_dir, small_data, tokenizer):  # noqa: F811

@@ -18,14 +18,6 @@ from tests.server_utils import free_port
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("tiny")
-    make_tiny(seed=1).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """A learnable toy task: the answer is always the choice 'yes'."""
     d = tmp_path_factory.mktemp("data")
