@@ -7,46 +7,8 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import MISSING
 from pathlib import Path
-
-TRAIN_HELP = {
-    "out": "adapter directory to write (atomically); checkpoints go to <out>.ckpt/",
-    "train": "training JSONL (path, or name/split under the data directory, e.g. arc_easy/train)",
-    "validation": "validation JSONL, evaluated every --eval-every steps (optional)",
-    "calibration": "calibration JSONL for abstention thresholds (default: --calib-fraction of train)",
-    "calib_fraction": "share of the training file held out for decision calibration",
-    "base_model": "HF model id or local directory (default: the embedded SmolLM2-135M-Instruct)",
-    "method": "dalorra | lora (MLE) | map (weight decay) | mcdropout | ensemble",
-    "r": "LoRA rank", "alpha": "LoRA alpha (scale = alpha / r)",
-    "targets": "module-name suffixes to adapt (comma-separated)",
-    "top_layers": "adapt only the top L decoder layers (default: all)",
-    "p0": "prior keep-probability of each rank component", "tau": "binary-Concrete temperature",
-    "hard": "straight-through hard masks during training (true/false)",
-    "mask_sharing": "which modules share one switch per rank index: module (the paper: none), rank (all layers of "
-                    "a module kind), layer (q_proj and v_proj of one layer)",
-    "train_items": "train on only the first N items left after the calibration split (several epochs over a capped "
-                   "set in the same steps); the calibration split is unchanged",
-    "train_samples": "mask draws per example per step (DALorRA; the likelihood is averaged over them)",
-    "lr": "learning rate of A and B", "lr_mask": "learning rate of the mask logits φ",
-    "mask_schedule": "φ's schedule: linear (warm-up + decay, like A/B) or constant (after warm-up)",
-    "weight_decay": "AdamW weight decay on A and B (method map: 0.01 when 0)",
-    "kl_weight": "weight λ of KL/N in the loss", "kl_warmup": "fraction of steps over which λ rises from 0",
-    "steps": "optimiser steps", "batch_size": "questions per step",
-    "grad_accum": "micro-batches per step (batch_size must divide by it)",
-    "warmup": "linear warm-up, as a fraction of steps", "mode": "scoring mode: cloze | letter",
-    "normalize": "cloze logit: none (summed log-prob) | tokens | chars", "max_length": "max prompt tokens",
-    "seed": "random seed (init, masks, data order)", "ensemble_size": "members of method=ensemble",
-    "eval_every": "validate every N steps", "eval_limit": "validation items used",
-    "eval_samples": "mask samples S at evaluation", "save_every": "checkpoint every N steps",
-    "train_limit": "use only the first N training items", "target_error": "abstention: selective error target",
-    "target_delta": "abstention: the target holds with confidence 1 − delta",
-    "conformal_alpha": "prediction sets aim at coverage 1 − alpha", "progress": "show a progress bar",
-    "calibrate": "fit abstention thresholds and the conformal quantile on the calibration split (true/false)",
-    "temperature_scaling": "fit one temperature by NLL on the calibration split, stored in dalorra.json and "
-                           "applied to every mask's choice logits before averaging (true/false)",
-    "stop_at": "stop after this step (time-boxed jobs); continue later with --resume",
-}
 
 
 def _bool(s: str) -> bool:
@@ -62,17 +24,15 @@ def add_train(sub) -> None:
 
     p = sub.add_parser("train", help="train a DALorRA (or baseline) adapter",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(TrainConfig):
-        if f.name == "extra":
-            continue
+    for f in TrainConfig.options():  # one flag per field, its help written once on the field
         flag = "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
         kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type).split(" ")[0].replace("None", "")
                                                                 .strip("| "), str)
         if f.name == "targets":
-            p.add_argument(flag, default=",".join(default), help=TRAIN_HELP[f.name])
+            p.add_argument(flag, default=",".join(default), help=f.metadata["help"])
         else:
-            p.add_argument(flag, type=kind, default=default, required=f.default is MISSING, help=TRAIN_HELP[f.name])
+            p.add_argument(flag, type=kind, default=default, required=f.default is MISSING, help=f.metadata["help"])
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt/ exactly where it stopped")
     p.set_defaults(func=_reporting_errors(_cmd_train))
 
@@ -80,20 +40,24 @@ def add_train(sub) -> None:
 def _cmd_train(a) -> int:
     from .train import TrainConfig, run
 
-    kw = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if f.name != "extra"}
+    kw = {f.name: getattr(a, f.name) for f in TrainConfig.options()}
     kw["targets"] = tuple(t.strip() for t in kw["targets"].split(",") if t.strip())
     rec = run(TrainConfig(**kw), resume=a.resume)
     if rec:
         v = rec.get("validation") or (rec.get("calibration") or {}).get("metrics") or {}
-        print(json.dumps({"adapter": a.out, **{k: v.get(k) for k in ("acc", "ece", "nll")}}))
+        out = {"adapter": a.out, **{k: v.get(k) for k in ("acc", "ece", "nll")}}
+        if "generation_decision" in rec:
+            out["generation_decision"] = rec["generation_decision"]
+        print(json.dumps(out))
     return 0
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate adapters on a JSONL: ACC, ECE, NLL, Brier, AURC, decisions",
+    p = sub.add_parser("eval", help="evaluate adapters on a JSONL: ACC, ECE, NLL, Brier, AURC, decisions; fit "
+                                    "the generation thresholds on a short-answer set",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("adapters", nargs="+", help="adapter directories ('none' = the base model zero-shot)")
-    p.add_argument("--data", required=True, action="append", help="JSONL to evaluate on (repeatable)")
+    p.add_argument("--data", action="append", default=[], help="JSONL to evaluate on (repeatable)")
     p.add_argument("--base-model", default=None, help="base model (default: embedded SmolLM2)")
     p.add_argument("--samples", type=int, default=10, help="mask samples S")
     p.add_argument("--seed", type=int, default=0, help="mask seed")
@@ -101,47 +65,95 @@ def add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="questions per forward")
     p.add_argument("--mode", choices=["letter", "cloze"], default=None, help="zero-shot scoring mode ('none')")
     p.add_argument("--out-dir", default=None, help="write predictions JSONL, metrics JSON and PNG plots here")
+    g = p.add_argument_group("generation thresholds", "answer the short-answer questions of a multiple-choice set "
+                             "(gold choice of at most 3 words, question ending with '?') greedily, score each "
+                             "answer at S masks and fit the thresholds the server applies to generated answers")
+    g.add_argument("--generation-set", default=None, metavar="DATASET_SPLIT_OR_JSONL",
+                   help="multiple-choice JSONL (path or name/split, e.g. arc_easy/validation) to fit them on")
+    g.add_argument("--generation-items", type=int, default=60, help="use at most N of its short-answer items")
+    g.add_argument("--generation-max-tokens", type=int, default=16, help="longest generated answer")
+    g.add_argument("--target-error", type=float, default=0.2, help="selective error target of the thresholds")
+    g.add_argument("--target-delta", type=float, default=0.1, help="the target holds with confidence 1 − delta")
+    g.add_argument("--generation-out", default=None, metavar="PATH",
+                   help="write {adapter name: record} here (a DALORRA_GENERATION_DECISION file) instead of "
+                        "generation_decision.json in each adapter directory")
     p.set_defaults(func=_reporting_errors(_cmd_eval))
 
 
 def _cmd_eval(a) -> int:
-    import numpy as np
-
     from .adapter_io import load_adapter, write_json_atomic
     from .basemodel import load_base
     from .config import AdapterConfig, PromptFormat
-    from .data import load_jsonl
-    from .evaluate import evaluate_logits, plot_reliability, predict_logits, write_predictions
     from .model import DalorraModel
-    from .uncertainty import summarize
 
-    results = []
+    if not a.data and not a.generation_set:
+        raise ValueError("nothing to do: give --data (choice metrics) and/or --generation-set (generation thresholds)")
+    if a.generation_set and "none" in a.adapters:
+        raise ValueError("--generation-set fits thresholds for an adapter; 'none' (the base model) has no directory")
+    if a.generation_set and a.generation_items < 1:
+        raise ValueError(f"--generation-items {a.generation_items}: must be >= 1")
+    results, fitted = [], {}
     for ad in a.adapters:
         base, tok = load_base(a.base_model)
         if ad == "none":
             model = DalorraModel(base, tok, AdapterConfig(), PromptFormat(mode=a.mode or "cloze"))
             model.set_mask_mode("off")
-            decision, T = None, 1.0
         else:
             model = load_adapter(ad, base, tok, a.base_model or "")
-            decision = model.record.get("decision")
-            T = float(model.record.get("temperature", 1.0))  # the fitted temperature, as the server applies it
-        for data in a.data:
-            items = load_jsonl(data, limit=a.limit)
-            logits = predict_logits(model, items, a.samples, a.seed, a.batch_size, desc=Path(data).stem) / T
-            labels = np.array([it.label for it in items])
-            m = {"adapter": ad, "data": data, "samples": a.samples, "temperature": T, **evaluate_logits(logits, labels, decision)}
-            results.append(m)
-            print(json.dumps(m))
-            if a.out_dir:
-                od = Path(a.out_dir)
-                od.mkdir(parents=True, exist_ok=True)
-                stem = f"{Path(ad).name}__{Path(data).parent.name}_{Path(data).stem}"
-                write_predictions(od / f"{stem}.predictions.jsonl", items, logits)
-                _plot_or_warn(plot_reliability, od / f"{stem}.png", summarize(logits)["probabilities"], labels, stem)
+        results += _eval_choices(a, ad, model)
+        if a.generation_set:
+            fitted[ad] = _fit_generation(a, ad, model)
     if a.out_dir:
         write_json_atomic(Path(a.out_dir) / "metrics.json", results)
+    if a.generation_out:
+        write_json_atomic(Path(a.generation_out), {Path(ad).name: rec for ad, rec in fitted.items()})
     return 0
+
+
+def _eval_choices(a, ad: str, model) -> list[dict]:
+    """Choice metrics of one adapter on every --data set (predictions and plots with --out-dir)."""
+    import numpy as np
+
+    from .data import load_jsonl
+    from .evaluate import evaluate_logits, plot_reliability, predict_logits, write_predictions
+    from .uncertainty import summarize
+
+    record = getattr(model, "record", None) or {}  # 'none': no record, no decision, T = 1
+    decision = record.get("decision")
+    T = float(record.get("temperature", 1.0))  # the fitted temperature, as the server applies it
+    results = []
+    for data in a.data:
+        items = load_jsonl(data, limit=a.limit)
+        logits = predict_logits(model, items, a.samples, a.seed, a.batch_size, desc=Path(data).stem) / T
+        labels = np.array([it.label for it in items])
+        m = {"adapter": ad, "data": data, "samples": a.samples, "temperature": T,
+             **evaluate_logits(logits, labels, decision)}
+        results.append(m)
+        print(json.dumps(m))
+        if a.out_dir:
+            od = Path(a.out_dir)
+            od.mkdir(parents=True, exist_ok=True)
+            stem = f"{Path(ad).name}__{Path(data).parent.name}_{Path(data).stem}"
+            write_predictions(od / f"{stem}.predictions.jsonl", items, logits)
+            _plot_or_warn(plot_reliability, od / f"{stem}.png", summarize(logits)["probabilities"], labels, stem)
+    return results
+
+
+def _fit_generation(a, ad: str, model) -> dict:
+    """Fit one adapter's generation thresholds on --generation-set; write them unless --generation-out collects."""
+    from .adapter_io import write_json_atomic
+    from .data import load_jsonl
+    from .short_answers import DECISION_FILE, decision_summary, fit_generation_thresholds
+
+    rec = fit_generation_thresholds(model, load_jsonl(a.generation_set), adapter=Path(ad).name,
+                                    source=a.generation_set, limit=a.generation_items, samples=a.samples,
+                                    target_error=a.target_error, delta=a.target_delta,
+                                    max_tokens=a.generation_max_tokens, mask_seed=a.seed)
+    where = a.generation_out or str(Path(ad) / DECISION_FILE)
+    if not a.generation_out:
+        write_json_atomic(Path(where), rec)
+    print(json.dumps({"adapter": ad, "generation_decision": decision_summary(rec), "written_to": where}))
+    return rec
 
 
 def _plot_or_warn(plot, path: Path, probs, labels, title: str) -> bool:

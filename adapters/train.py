@@ -15,7 +15,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -31,58 +31,86 @@ from .data import DataError, Item, load_jsonl, split
 from .evaluate import calibrate_decisions, evaluate_logits, predict_logits
 from .model import DalorraModel
 from .scoring import choice_logits, encode
+from .short_answers import (
+    DECISION_FILE,
+    SHORT_ANSWER,
+    decision_summary,
+    fit_generation_thresholds,
+    short_answer_items,
+)
 
 log = logging.getLogger("dalorra.train")
 
 
+def _opt(default=MISSING, help: str = "", **kw):
+    """A TrainConfig field with its one-line help (`dalorra train --help` is generated from these)."""
+    return field(default=default, metadata={"help": help}, **kw)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    out: str  # adapter directory to write
-    train: str = "arc_easy/train"  # JSONL path, or name/split under the data directory
-    validation: str | None = None  # JSONL for periodic validation (None: no validation during training)
-    calibration: str | None = None  # JSONL for decision calibration (None: carve calib_fraction from train)
-    calib_fraction: float = 0.1  # share of train held out for calibration when no file is given
-    base_model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    method: str = "dalorra"
-    r: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = ("q_proj", "v_proj", "lm_head")
-    top_layers: int | None = None  # adapt only the top L decoder layers (None: all)
-    p0: float = 0.5
-    tau: float = 2.0 / 3.0
-    hard: bool = True
-    mask_sharing: str = "module"  # module (the paper) | rank (one switch per rank index across layers) | layer
-    train_samples: int = 1  # mask draws per example per step (the ELBO's likelihood averaged over them)
-    lr: float = 1e-4  # A and B
-    lr_mask: float = 1e-2  # φ
-    mask_schedule: str = "linear"  # φ's schedule: linear (same as A/B) | constant
-    weight_decay: float = 0.0  # A and B; method=map defaults to 0.01 when this is 0
-    kl_weight: float = 1.0
-    kl_warmup: float = 0.0  # fraction of steps over which λ rises linearly from 0 to kl_weight
-    steps: int = 300
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup: float = 0.06
-    mode: str = "cloze"
-    normalize: str = "tokens"
-    max_length: int = 256
-    seed: int = 0
-    ensemble_size: int = 3
-    eval_every: int = 100
-    eval_limit: int = 200
-    eval_samples: int = 10
-    save_every: int = 50
-    train_limit: int | None = None  # read only the first N rows of the training file (before the split)
-    train_items: int | None = None  # train on only the first N items left after the calibration split (several
-    #                                 epochs in the same steps: the paper's regime); the split itself is unchanged
-    target_error: float = 0.2  # abstention: selective error target on the calibration split
-    target_delta: float = 0.1  # … held with confidence 1 − delta
-    conformal_alpha: float = 0.1
-    calibrate: bool = True  # fit abstention thresholds and the conformal quantile after training
-    temperature_scaling: bool = True  # fit one temperature on the calibration split (before the thresholds)
-    stop_at: int | None = None  # stop after this step without finishing (time-boxed jobs; resume later)
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
+    """Everything a training run does, written into the adapter it produces (dalorra.json `training.config`).
+    Each field is one `dalorra train --flag` (underscores become dashes) with the help text given here."""
+
+    out: str = _opt(help="adapter directory to write (atomically); checkpoints go to <out>.ckpt/")
+    train: str = _opt("arc_easy/train", "training JSONL (path, or name/split under the data directory, e.g. "
+                                        "arc_easy/train)")
+    validation: str | None = _opt(None, "validation JSONL, evaluated every --eval-every steps (optional)")
+    calibration: str | None = _opt(None, "calibration JSONL for temperature, abstention and generation thresholds "
+                                         "(default: --calib-fraction of train)")
+    calib_fraction: float = _opt(0.1, "share of the training file held out for calibration when no file is given")
+    base_model: str | None = _opt(None, "HF model id or local directory (default: the embedded "
+                                        "SmolLM2-135M-Instruct)")
+    method: str = _opt("dalorra", "dalorra | lora (MLE) | map (weight decay) | mcdropout | ensemble")
+    r: int = _opt(8, "LoRA rank")
+    alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / r)")
+    targets: tuple[str, ...] = _opt(("q_proj", "v_proj", "lm_head"), "module-name suffixes to adapt (comma-separated)")
+    top_layers: int | None = _opt(None, "adapt only the top L decoder layers (default: all)")
+    p0: float = _opt(0.5, "prior keep-probability of each rank component")
+    tau: float = _opt(2.0 / 3.0, "binary-Concrete temperature")
+    hard: bool = _opt(True, "straight-through hard masks during training (true/false)")
+    mask_sharing: str = _opt("module", "which modules share one switch per rank index: module (the paper: none), "
+                                       "rank (all layers of a module kind), layer (q_proj and v_proj of one layer)")
+    train_samples: int = _opt(1, "mask draws per example per step (DALorRA; the likelihood is averaged over them)")
+    lr: float = _opt(1e-4, "learning rate of A and B")
+    lr_mask: float = _opt(1e-2, "learning rate of the mask logits φ")
+    mask_schedule: str = _opt("linear", "φ's schedule: linear (warm-up + decay, like A/B) or constant (after "
+                                        "warm-up)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay on A and B (method map: 0.01 when 0)")
+    kl_weight: float = _opt(1.0, "weight λ of KL/N in the loss")
+    kl_warmup: float = _opt(0.0, "fraction of steps over which λ rises linearly from 0")
+    steps: int = _opt(300, "optimiser steps")
+    batch_size: int = _opt(8, "questions per step")
+    grad_accum: int = _opt(1, "micro-batches per step (batch_size must divide by it)")
+    warmup: float = _opt(0.06, "linear warm-up, as a fraction of steps")
+    mode: str = _opt("cloze", "scoring mode: cloze | letter")
+    normalize: str = _opt("tokens", "cloze logit: none (summed log-prob) | tokens | chars")
+    max_length: int = _opt(256, "max prompt tokens")
+    seed: int = _opt(0, "random seed (init, masks, data order)")
+    ensemble_size: int = _opt(3, "members of method=ensemble")
+    eval_every: int = _opt(100, "validate every N steps")
+    eval_limit: int = _opt(200, "validation items used")
+    eval_samples: int = _opt(10, "mask samples S at evaluation and calibration (the adapter's default S when served)")
+    save_every: int = _opt(50, "checkpoint every N steps")
+    train_limit: int | None = _opt(None, "read only the first N rows of the training file (before the split)")
+    train_items: int | None = _opt(None, "train on only the first N items left after the calibration split "
+                                         "(several epochs over a capped set in the same steps: the paper's regime); "
+                                         "the calibration split is unchanged")
+    target_error: float = _opt(0.2, "abstention: selective error target on the calibration split (choices and "
+                                    "generated answers)")
+    target_delta: float = _opt(0.1, "abstention: the target holds with confidence 1 − delta")
+    conformal_alpha: float = _opt(0.1, "prediction sets aim at coverage 1 − alpha")
+    calibrate: bool = _opt(True, "fit abstention thresholds and the conformal quantile on the calibration split "
+                                 "(true/false)")
+    temperature_scaling: bool = _opt(True, "fit one temperature by NLL on the calibration split, stored in "
+                                           "dalorra.json and applied to every mask's choice logits before "
+                                           "averaging (true/false)")
+    generation_items: int = _opt(60, "fit the thresholds for generated answers on up to N short-answer questions "
+                                     "of the calibration split, written to generation_decision.json (0: skip)")
+    generation_max_tokens: int = _opt(16, "longest generated answer when fitting the generation thresholds")
+    stop_at: int | None = _opt(None, "stop after this step (time-boxed jobs); continue later with --resume")
+    progress: bool = _opt(True, "show progress bars")
+    extra: dict = field(default_factory=dict)  # free-form notes kept in the record; not a command-line option
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.train_samples < 1:
@@ -93,6 +121,9 @@ class TrainConfig:
             raise ValueError("learning rates must be > 0")
         if not 0 <= self.warmup < 1 or not 0 <= self.kl_warmup <= 1:
             raise ValueError("warmup and kl_warmup are fractions of the steps")
+        if self.generation_items < 0 or self.generation_max_tokens < 1:
+            raise ValueError(f"generation_items={self.generation_items} must be >= 0 (0 skips the generation "
+                             f"thresholds) and generation_max_tokens={self.generation_max_tokens} >= 1")
 
     def adapter_config(self, n_layers: int) -> AdapterConfig:
         layers = None if self.top_layers is None else tuple(range(n_layers - self.top_layers, n_layers))
@@ -100,6 +131,14 @@ class TrainConfig:
                              p0=self.p0, tau=self.tau, hard=self.hard, mask_sharing=self.mask_sharing,
                              dropout=0.1 if self.method == "mcdropout" else 0.0,
                              stochastic=self.method == "dalorra")
+
+    @classmethod
+    def options(cls) -> list[Field]:
+        """The fields that are `dalorra train` flags (all but `extra`), each with metadata["help"]."""
+        return [f for f in fields(cls) if f.name != "extra"]
+
+    def calibration_name(self) -> str:
+        return self.calibration or f"{self.calib_fraction:.0%} of {self.train}"
 
     def prompt_format(self) -> PromptFormat:
         return PromptFormat(mode=self.mode, normalize=self.normalize, max_length=self.max_length)
@@ -270,6 +309,12 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train (with checkpoints under <out>.ckpt/), calibrate decisions, write the adapter. Returns its record."""
     rank, world = _dist()
     out = Path(cfg.out)
+    if cfg.calibrate and cfg.generation_items > 0:  # fail before training, not after it
+        _, _, calib = load_splits(cfg)
+        if not short_answer_items(calib, 1):
+            raise DataError(f"the calibration split ({cfg.calibration_name()}) has no short-answer items to fit the "
+                            f"generation thresholds on ({SHORT_ANSWER}); pass --generation-items 0 to skip them, "
+                            "or --calibration with such items")
     ckpt_dir = out.with_name(out.name + ".ckpt")
     if cfg.method == "ensemble":
         members, summaries = [], []
@@ -290,11 +335,11 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
     record = {"training": {**summary, "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}},
               "default_samples": cfg.eval_samples, "keep_histogram": keep_histogram(model)}
     decision, T = None, 1.0
+    split_name = cfg.calibration_name()
     if cfg.calibrate or cfg.temperature_scaling:
         calib_logits = predict_logits(model, calib, cfg.eval_samples, seed=0, progress=cfg.progress,
                                       desc="calibrate")
         calib_labels = np.array([it.label for it in calib])
-        split_name = cfg.calibration or f"{cfg.calib_fraction:.0%} of {cfg.train}"
         if cfg.temperature_scaling:  # one T for every mask's logits, fitted by NLL; thresholds come after it
             T = fit_temperature(calib_logits, calib_labels)
             record["temperature"] = T
@@ -311,7 +356,16 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
         record["validation"] = evaluate_logits(predict_logits(model, val, cfg.eval_samples, seed=0,
                                                               progress=cfg.progress, desc="validate") / T,
                                                np.array([it.label for it in val]), decision)
+    generation = None
+    if cfg.calibrate and cfg.generation_items > 0:  # thresholds for generated answers, on the same split
+        generation = fit_generation_thresholds(
+            model, calib, adapter=out.name, source=split_name,
+            limit=cfg.generation_items, samples=cfg.eval_samples, target_error=cfg.target_error,
+            delta=cfg.target_delta, max_tokens=cfg.generation_max_tokens, progress=cfg.progress)
+        record["generation_decision"] = {"file": DECISION_FILE, **decision_summary(generation)}
     save_adapter(model, out, extra=record)
+    if generation is not None:  # beside dalorra.json, where the server looks for it
+        write_json_atomic(out / DECISION_FILE, generation)
     if ckpt_dir.exists():
         write_json_atomic(ckpt_dir / "done.json", {"adapter": str(out)})
     if world > 1:

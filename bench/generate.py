@@ -9,7 +9,8 @@ Runs the HF backend in this process (the server's own generate path, without HTT
   2. short answers: ARC-Easy *test* questions whose gold choice is a phrase of at most 3 words and that do not
      need the choices ("which of the following" and similar are skipped); the adapter's own cloze prompt
      "Question: …\\nAnswer:", greedy, stop at a newline. Correct = normalised exact match (lower case, no
-     punctuation or articles). AUROC for predicting a *wrong* answer from each score, on the questions after
+     punctuation or articles). The set, the request and the match are adapters/short_answers.py's, which
+     `dalorra train` and `dalorra eval --generation-set` use to fit the thresholds the server applies. AUROC for predicting a *wrong* answer from each score, on the questions after
      the first --calibration ones; the generation thresholds are fitted on those first ones and written to
      bench/results/generate_decision.json (load it with DALORRA_GENERATION_DECISION).
 Writes bench/results/generate.json and generate.md. On a busy machine run the two parts in parallel:
@@ -22,20 +23,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import string
 import time
 from pathlib import Path
 
 import numpy as np
 
 from adapters.calibration import auroc
+from adapters.config import PromptFormat
 from adapters.data import load_jsonl
+from adapters.generation import (
+    GenerateRequest,
+    decide,
+    fit_generation_decision,
+    summarize_answer,
+    thresholds_of,
+)
+from adapters.short_answers import exact_match, normalise, short_answer_items, short_answer_request
 from bench.common import RESULTS, write
-from server.generation import GenerateRequest, decide, fit_generation_decision, summarize_answer
 
-NEEDS_CHOICES = re.compile(r"which of (the following|these)|best (describes|explains)|which statement|which two|"
-                           r"which pair|which sentence|which list", re.I)
 SPEED_PROMPTS = ["Question: Why do leaves change color in the fall?\nAnswer:",
                  "Question: How does the Moon affect the tides on Earth?\nAnswer:",
                  "Question: What happens to water when it freezes?\nAnswer:"]
@@ -49,22 +54,6 @@ SCORES = {  # name → (function of the summary, what it means); higher = more l
     "-loglik_mean": (lambda s: -s["loglik_mean"], "negative answer log-likelihood (mean over masks)"),
     "tokens": (lambda s: s["tokens"], "answer length in tokens (a baseline: no model uncertainty at all)"),
 }
-
-
-def normalise(text: str) -> str:
-    t = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return " ".join(w for w in t.split() if w not in ("a", "an", "the"))
-
-
-def short_answer_items(limit: int) -> list[tuple[str, str, str]]:
-    out = []
-    for it in load_jsonl("arc_easy/test"):
-        gold = it.choices[it.label]
-        if len(gold.split()) <= 3 and not NEEDS_CHOICES.search(it.question) and it.question.rstrip().endswith("?"):
-            out.append((it.id, it.question, gold))
-        if len(out) == limit:
-            break
-    return out
 
 
 def speed(be, adapter: str, samples: int, repeats: int, tokens: int = 32) -> dict:
@@ -117,21 +106,20 @@ def main() -> None:
     if todo:  # a pure report (every answer resumed, speed from a file) needs no model
         be = HFBackend(Settings())
         rec = be.load_adapter(a.adapter, str(Path(a.adapters_dir) / a.adapter))
-        fmt = rec.get("prompt", {}).get("template", "Question: {question}\nAnswer:")
+        fmt = PromptFormat.from_dict(rec.get("prompt") or {})
     if a.speed_out:
         Path(a.speed_out).write_text(json.dumps(speed(be, a.adapter, a.samples, a.latency_repeats)))
         return
-    for k, (qid, q, gold) in enumerate(short_answer_items(a.questions)):
+    for k, it in enumerate(short_answer_items(load_jsonl("arc_easy/test"), a.questions)):
+        qid, q, gold = it.id, it.question, it.choices[it.label]
         if k < len(rows):  # resumed: already answered in an earlier (interrupted) run
             assert rows[k]["id"] == qid, "the partial file belongs to other settings; delete it"
             continue
-        req = GenerateRequest(adapter=a.adapter, prompt=fmt.format(question=q, choices="", context=""),
-                              max_tokens=a.max_tokens, temperature=0.0, stop=("\n",), samples=a.samples)
-        res = be.generate(req)
+        res = be.generate(short_answer_request(it, fmt, a.adapter, a.samples, a.max_tokens))
         c = res.choices[0]
         s = summarize_answer(c.scores)
         rows.append({"id": qid, "question": q, "gold": gold, "answer": c.text, "finish_reason": c.finish_reason,
-                     "correct": normalise(c.text) == normalise(gold),
+                     "correct": exact_match(c.text, gold),
                      "contains_gold": f" {normalise(gold)} " in f" {normalise(c.text)} ", "decode_s": res.decode_seconds,
                      "score_s": res.score_seconds, **s})
         with partial.open("a") as f:
@@ -154,8 +142,6 @@ def report(rows: list[dict], sp: dict, a) -> None:
                                        np.array([r["epistemic_mean"] for r in cal]), c_cal, a.target_error)
     decision.update({"fitted_on": f"bench/generate.py: first {len(cal)} short-answer ARC-Easy test questions",
                      "samples": a.samples, "max_tokens": a.max_tokens})
-    from server.generation import thresholds_of
-
     conf_t, epi_t = thresholds_of(decision)
     answered = [decide(r, conf_t, epi_t) is None for r in test]
     dec_eval = {"coverage": float(np.mean(answered)) if test else None,

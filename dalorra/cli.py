@@ -14,7 +14,8 @@ COMMANDS = {
     "serve": ("server.cli", "start the HTTP server (settings also from DALORRA_* env vars)", "server"),
     "predict": ("clients.cli", "ask a running server (one question, or a JSONL file)", "client"),
     "train": ("adapters.cli", "train a DALorRA (or baseline) adapter", "server"),
-    "eval": ("adapters.cli", "evaluate adapters on a JSONL: ACC, ECE, NLL, Brier, AURC, decisions", "server"),
+    "eval": ("adapters.cli", "evaluate adapters on a JSONL: ACC, ECE, NLL, Brier, AURC, decisions; fit "
+                         "the generation thresholds on a short-answer set", "server"),
     "convert": ("adapters.cli", "convert the embedded GGUF model to the float cache now", "server"),
 }
 

@@ -19,16 +19,11 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from adapters.generation import GenerateRequest, GenerateResult, decide, summarize_answer, thresholds_of
+
 from .backend import BackendError
 from .errors import ApiError
-from .generation import (
-    GenerateRequest,
-    GenerateResult,
-    GenerationUnsupported,
-    decide,
-    summarize_answer,
-    thresholds_of,
-)
+from .generation import GenerationUnsupported
 
 log = logging.getLogger("dalorra.generation")
 

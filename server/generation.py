@@ -1,122 +1,14 @@
-"""Generated answers: the backend contract (requests, results) and the pure math of their uncertainty.
-
-A generated answer is decoded by the *mean-mask* network (every rank switch at its expectation,
-z = σ(φ): one deterministic LoRA, DESIGN §1 "inference" with E[z] in place of a draw), then its tokens
-y_1..y_T are scored teacher-forced under S hard mask draws z_1..z_S in one batched forward. With
-p_{s,t} = p(· | prompt, y_<t; z_s) over the whole vocabulary and p̄_t = (1/S) Σ_s p_{s,t}:
-
-  entropy_t    H[p̄_t]                        total uncertainty of the next-token distribution (nats)
-  aleatoric_t  (1/S) Σ_s H[p_{s,t}]
-  epistemic_t  H[p̄_t] − (1/S) Σ_s H[p_{s,t}]  mutual information between y_t and the mask (≥ 0)
-  loglik_s     Σ_t log p_{s,t}(y_t)           the answer's log-likelihood under mask s
-  confidence   exp((1/T) Σ_t log p̄_t(y_t))   geometric-mean probability of the answer's tokens
-
-No torch here: the backend returns these per-token arrays and the service summarises them.
-"""
+"""Generated answers: the backend contract. A backend's `generate` takes a GenerateRequest and returns a
+GenerateResult, or raises GenerationUnsupported. The types (and the uncertainty math over them) are the method's,
+in adapters/generation.py, shared with the offline fit of the generation thresholds; they are re-exported here
+under the server's name for the contract."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from adapters.generation import GeneratedChoice, GenerateRequest, GenerateResult, TokenScores
 
-import numpy as np
+__all__ = ["GeneratedChoice", "GenerateRequest", "GenerateResult", "GenerationUnsupported", "TokenScores"]
 
 
 class GenerationUnsupported(RuntimeError):
     """The backend cannot do this (maps to 501 with the reason)."""
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    adapter: str
-    prompt: str | None = None  # /v1/completions: raw text, the tokenizer's special tokens added
-    messages: tuple[tuple[str, str], ...] | None = None  # /v1/chat/completions: (role, content), chat template
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None  # sampling seed (None: fresh)
-    n: int = 1
-    top_logprobs: int | None = None  # None: no log-probs; 0: the chosen token's only; k: also the top k
-    samples: int = 10  # mask draws S of the uncertainty pass; 0 skips the pass
-    mask_seed: int = 0  # the adapter's fixed draws by default, like /predict
-    ignore_eos: bool = False  # keep decoding past end-of-sequence (vLLM's extension; benchmarks of fixed length)
-
-
-@dataclass
-class TokenScores:
-    """One answer scored under S masks: per-token arrays of length T, per-mask log-likelihoods (S, T)."""
-
-    entropy: np.ndarray  # (T,)
-    aleatoric: np.ndarray  # (T,)
-    epistemic: np.ndarray  # (T,)
-    mask_logprobs: np.ndarray  # (S, T): log p_{s,t}(y_t)
-    mean_logprobs: np.ndarray  # (T,): log p̄_t(y_t)
-
-
-@dataclass
-class GeneratedChoice:
-    text: str
-    finish_reason: str  # "stop" | "length" | "cancelled"
-    token_ids: list[int] = field(default_factory=list)  # the scored tokens (EOS included when it ended the answer)
-    tokens: list[str] = field(default_factory=list)  # their text, one entry per token
-    logprobs: list[float] | None = None  # the mean network's log p(y_t), T = 1 (not the sampling temperature)
-    top_logprobs: list[list[tuple[str, float]]] | None = None
-    scores: TokenScores | None = None
-
-
-@dataclass
-class GenerateResult:
-    prompt_tokens: int
-    choices: list[GeneratedChoice]
-    samples: int = 0  # distinct mask draws scored (1 for a deterministic adapter)
-    decode_seconds: float = 0.0  # mean-mask decoding
-    score_seconds: float = 0.0  # the S-mask uncertainty pass
-
-
-def summarize_answer(sc: TokenScores) -> dict:
-    """Sequence-level summary of one answer's token scores (definitions in the module docstring)."""
-    T = len(sc.entropy)
-    if T == 0:  # nothing was generated (cancelled before the first token)
-        return {"tokens": 0, "entropy_mean": 0.0, "entropy_max": 0.0, "epistemic_mean": 0.0, "epistemic_max": 0.0,
-                "aleatoric_mean": 0.0, "loglik_mean": 0.0, "loglik_std": 0.0, "loglik": 0.0, "confidence": 1.0}
-    ll_s = sc.mask_logprobs.sum(1)  # (S,)
-    return {
-        "tokens": T,
-        "entropy_mean": float(sc.entropy.mean()),
-        "entropy_max": float(sc.entropy.max()),
-        "epistemic_mean": float(sc.epistemic.mean()),
-        "epistemic_max": float(sc.epistemic.max()),
-        "aleatoric_mean": float(sc.aleatoric.mean()),
-        "loglik_mean": float(ll_s.mean()),  # mean over masks of the answer's log-likelihood
-        "loglik_std": float(ll_s.std()),  # its spread across masks (population std; 0 when S = 1)
-        "loglik": float(sc.mean_logprobs.sum()),  # log-likelihood under the model average p̄
-        "confidence": float(np.exp(sc.mean_logprobs.mean())),
-    }
-
-
-def decide(summary: dict, min_confidence: float | None, max_epistemic: float | None) -> str | None:
-    """The abstain reason (None: answer): confidence below its threshold, else mean epistemic above its own."""
-    if min_confidence is not None and summary["confidence"] < min_confidence:
-        return "low_confidence"
-    if max_epistemic is not None and summary["epistemic_mean"] > max_epistemic:
-        return "high_epistemic"
-    return None
-
-
-def thresholds_of(record: dict | None) -> tuple[float | None, float | None]:
-    """(min_confidence, max_epistemic) from a fitted generation decision record; invalid fits give None."""
-    record = record or {}
-    conf, epi = record.get("confidence") or {}, record.get("epistemic") or {}
-    return (conf.get("threshold") if conf.get("valid") else None,
-            epi.get("threshold") if epi.get("valid") else None)
-
-
-def fit_generation_decision(confidence: np.ndarray, epistemic_mean: np.ndarray, correct: np.ndarray,
-                            target_error: float, delta: float = 0.1) -> dict:
-    """Thresholds for generated answers, fitted on a calibration set exactly as the choice thresholds are
-    (adapters.calibration.fit_threshold: Clopper–Pearson bound on the selective error, fixed-sequence)."""
-    from adapters.calibration import fit_threshold
-
-    return {"signal": {"confidence": "exp(mean log p̄(y_t))", "epistemic": "mean_t MI_t (nats)"},
-            "confidence": fit_threshold(confidence, correct, target_error, delta, higher_is_surer=True),
-            "epistemic": fit_threshold(epistemic_mean, correct, target_error, delta, higher_is_surer=False)}

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from adapters.config import AdapterConfig, PromptFormat
+from adapters.generate import PromptTooLong, generate, mean_masks, score_answers, vocab_uncertainty
+from adapters.generation import GenerateRequest, TokenScores, decide, summarize_answer, thresholds_of
 from adapters.model import DalorraModel
 from adapters.uncertainty import summarize
-from server.generation import GenerateRequest, TokenScores, decide, summarize_answer, thresholds_of
-from server.hf_generate import generate, mean_masks, score_answers, vocab_uncertainty
 from tests.conftest import randomize_lora
 
 PROMPT = "Question: Which gas do plants take in from the air?\nAnswer:"
@@ -147,19 +147,24 @@ def test_seeded_sampling_n_and_cancel(model):
 
 
 def test_too_long_prompt_is_refused(model):
-    from server.backend import BackendError
-
-    with pytest.raises(BackendError, match="at most 5"):
+    with pytest.raises(PromptTooLong, match="at most 5"):
         generate(model, GenerateRequest(adapter="a", prompt=PROMPT), threading.Lock(), 5)
+    from server.backend import BackendError
+    from server.hf_generate import generate as served
+
+    with pytest.raises(BackendError, match="at most 5 .*DALORRA_MAX_PROMPT_TOKENS"):  # the server's 422
+        served(model, GenerateRequest(adapter="a", prompt=PROMPT), threading.Lock(), 5)
 
 
-def test_benchmark_short_answers_and_exact_match():
-    """bench/generate.py: what counts as a short-answer question and as a correct answer."""
-    from bench.generate import NEEDS_CHOICES, normalise, short_answer_items
+def test_short_answer_set_and_exact_match(data_dir):
+    """What counts as a short-answer question (the generation thresholds' set) and as a correct answer."""
+    from adapters.data import load_jsonl
+    from adapters.short_answers import NEEDS_CHOICES, normalise, short_answer_items
 
     assert normalise(" The Carbon dioxide.\n") == "carbon dioxide"
     assert normalise("an Apple!") == "apple" and normalise("sunlight") != normalise("sunlight is reduced")
-    items = short_answer_items(30)
-    assert len(items) == 30 and len({i for i, _, _ in items}) == 30
-    for _, q, gold in items:
-        assert len(gold.split()) <= 3 and q.rstrip().endswith("?") and not NEEDS_CHOICES.search(q)
+    items = short_answer_items(load_jsonl("arc_easy/test"), 30)
+    assert len(items) == 30 and len({it.id for it in items}) == 30
+    for it in items:
+        gold = it.choices[it.label]
+        assert len(gold.split()) <= 3 and it.question.rstrip().endswith("?") and not NEEDS_CHOICES.search(it.question)

@@ -61,8 +61,8 @@ def test_models_lists_loaded_adapters(client):
 
 
 def test_completion_equals_in_process_generation(client, server, reference):
-    from server.generation import GenerateRequest, summarize_answer
-    from server.hf_generate import generate
+    from adapters.generate import generate
+    from adapters.generation import GenerateRequest, summarize_answer
 
     prompt = f"Question: {QUESTION}\nAnswer:"
     r = client.completions.create(model="test-ad", prompt=prompt, max_tokens=12, temperature=0, stop=["\n"],

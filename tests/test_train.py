@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def small_data(tmp_path_factory):
 def _cfg(tmp_path, tiny_dir, data, **kw):
     base = dict(out=str(tmp_path / "ad"), train=str(data), base_model=str(tiny_dir), steps=12, batch_size=8,
                 lr=3e-3, lr_mask=0.1, mask_schedule="constant", eval_samples=3, save_every=4, progress=False,
-                calib_fraction=0.25)
+                calib_fraction=0.25, generation_items=2, generation_max_tokens=2)  # a token fit: the machine is busy
     return TrainConfig(**{**base, **kw})
 
 
@@ -84,7 +85,7 @@ def test_cli_two_processes_with_torchrun(tmp_path, tiny_dir, small_data, tokeniz
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "adapters.cli", "train", "--out", str(out), "--train", str(small_data), "--base-model",
            str(tiny_dir), "--steps", "4", "--batch-size", "8", "--eval-samples", "2", "--progress", "false",
-           "--calib-fraction", "0.25"]
+           "--calib-fraction", "0.25", "--generation-items", "2", "--generation-max-tokens", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _, err = proc.communicate(timeout=600)
@@ -94,14 +95,23 @@ def test_cli_two_processes_with_torchrun(tmp_path, tiny_dir, small_data, tokeniz
     assert proc.returncode == 0, err[-3000:]
     rec = json.loads((out / "dalorra.json").read_text())
     assert rec["training"]["world_size"] == 2
+    assert rec["generation_decision"]["items"] == 2 and (out / "generation_decision.json").is_file()  # rank 0 wrote
     load_adapter(out, make_tiny(seed=1), tokenizer)
 
 
 def test_cli_help_documents_every_option():
+    """The help is written once, on TrainConfig's fields; every field is a flag that shows it."""
     r = subprocess.run([sys.executable, "-m", "adapters.cli", "train", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
-    for opt in ("--method", "--p0", "--tau", "--lr-mask", "--kl-warmup", "--resume", "--top-layers", "--grad-accum"):
-        assert opt in r.stdout
+    text = " ".join(r.stdout.split())  # argparse wraps the help text
+    options = TrainConfig.options()
+    assert {f.name for f in options} == {f.name for f in fields(TrainConfig)} - {"extra"}
+    for f in options:
+        flag = "--" + f.name.replace("_", "-")
+        assert f.metadata.get("help"), f"TrainConfig.{f.name} has no help text"
+        assert flag in r.stdout, flag
+        assert " ".join(f.metadata["help"].split()[:4]) in text, f.name  # argparse shows the field's own help
+    assert "--resume" in r.stdout
 
 
 def test_eval_cli_writes_metrics_predictions_and_plots(tmp_path, tiny_dir, small_data):
