@@ -9,15 +9,18 @@
     dalorra.json                 method, adapter config, prompt format, answer tokens, base model + config
                                  hash, training summary, calibration record
 Directories are written to a temporary sibling and renamed into place, so a crash never leaves a
-half-written adapter that loads.
+half-written adapter that loads. `read_adapter` is the one reader: it checks a directory and returns it as plain
+data, from which `load_adapter` builds a DalorraModel (HF backend) and maskbank.BankSource a mask bank (vLLM).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .basemodel import config_hash, resolve_name
 from .config import AdapterConfig, PromptFormat
+from .masks import mask_groups
 from .model import DalorraModel
 from .scoring import letter_token_ids
 
@@ -118,7 +122,7 @@ def read_record(adapter_dir: str | os.PathLike) -> dict:
             "base_model": {"name": peft.get("base_model_name_or_path") or "", "config_hash": None}}
 
 
-def _check_peft_config(d: Path, cfg: AdapterConfig) -> None:
+def _read_peft_config(d: Path, cfg: AdapterConfig) -> dict:
     """adapter_config.json is what PEFT reads: it must parse and agree with the adapter that will serve."""
     try:
         peft = json.loads((d / "adapter_config.json").read_text())
@@ -130,22 +134,38 @@ def _check_peft_config(d: Path, cfg: AdapterConfig) -> None:
         raise AdapterError(f"{d}: adapter_config.json peft_type {peft.get('peft_type')!r} is not LORA")
     if "r" in peft and peft["r"] != cfg.r:
         raise AdapterError(f"{d}: adapter_config.json says r={peft['r']!r}, but the adapter has rank {cfg.r}")
+    return peft
 
 
-def load_adapter(adapter_dir: str | os.PathLike, base, tokenizer, base_name: str = "") -> DalorraModel:
-    """Inject the adapter into `base` (which it modifies) and return the DalorraModel.
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter directory as plain data, read and checked once (no base model needed)."""
 
-    Refuses with AdapterError when the adapter was trained for a different base architecture.
-    """
+    path: Path
+    record: dict  # dalorra.json, or one synthesised from adapter_config.json for a plain PEFT LoRA
+    config: AdapterConfig
+    fmt: PromptFormat
+    peft_config: dict  # adapter_config.json as written (mask-bank members reuse it)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module → (A (r, d_in), B (d_out, r)) as trained
+    mask_logits: dict[str, torch.Tensor]  # module → φ (r,); every module of a stochastic adapter has one
+    fixed_masks: dict[str, torch.Tensor]  # module → (M, r) member blocks (ensembles)
+    temperature: float  # the fitted temperature; 1 when none was fitted
+
+    def check_base(self, have_hash: str, served: str) -> None:
+        """Refuse a base model other than the one the adapter was trained on (by config hash)."""
+        want = self.record.get("base_model", {}).get("config_hash")
+        if want and want != have_hash:
+            raise AdapterError(
+                f"{self.path}: adapter was trained on base model {self.record['base_model'].get('name')!r} (config "
+                f"hash {want}), but the base model served is {served!r} with config hash {have_hash}. "
+                "Load the matching base model (--base-model) or retrain the adapter.")
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> AdapterFiles:
+    """Read and check an adapter directory: record, configs, the trained factors (format 2: the raw ones from
+    dalorra_masks.safetensors, not PEFT's mean network), φ, fixed masks and temperature. Raises AdapterError."""
     d = Path(adapter_dir)
     rec = read_record(d)
-    want = rec.get("base_model", {}).get("config_hash")
-    have = config_hash(base.config)
-    if want and want != have:
-        raise AdapterError(
-            f"{d}: adapter was trained on base model {rec['base_model'].get('name')!r} (config hash {want}), "
-            f"but the loaded base model {resolve_name(base_name)!r} has config hash {have}. "
-            "Load the matching base model (--base-model) or retrain the adapter.")
     try:
         cfg = AdapterConfig.from_dict(rec["adapter"])
         fmt = PromptFormat.from_dict(rec["prompt"])
@@ -153,35 +173,61 @@ def load_adapter(adapter_dir: str | os.PathLike, base, tokenizer, base_name: str
         masks = load_file(str(d / MASKS)) if (d / MASKS).is_file() else {}
     except Exception as exc:  # safetensors raises several types on a truncated file
         raise AdapterError(f"{d}: cannot read adapter files ({type(exc).__name__}: {exc})") from None
-    _check_peft_config(d, cfg)
-    model = DalorraModel(base, tokenizer, cfg, fmt, base_name=base_name or rec["base_model"].get("name", ""))
+    peft = _read_peft_config(d, cfg)
     state = {k.replace(".default", ""): v for k, v in weights.items()}
-    for name, layer in model.adapted.items():
-        try:
-            A = state[f"base_model.model.{name}.lora_A.weight"]
-            B = state[f"base_model.model.{name}.lora_B.weight"]
-        except KeyError:
-            raise AdapterError(f"{d}: no weights for module {name}") from None
+    factors = {}
+    for key in state:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
         if f"{name}.lora_A" in masks and f"{name}.lora_B" in masks:  # format 2: the raw factors
-            A, B = masks[f"{name}.lora_A"], masks[f"{name}.lora_B"]
+            factors[name] = (masks[f"{name}.lora_A"], masks[f"{name}.lora_B"])
+        elif key.replace(".lora_A.", ".lora_B.") in state:
+            factors[name] = (state[key], state[key.replace(".lora_A.", ".lora_B.")])
+        else:
+            raise AdapterError(f"{d}: module {name} has lora_A but no lora_B weights")
+    if not factors:
+        raise AdapterError(f"{d}: no LoRA weights in adapter_model.safetensors")
+    phi = {n: masks[f"{n}.mask_logits"] for n in factors if f"{n}.mask_logits" in masks}
+    fixed = {n: masks[f"{n}.fixed_masks"] for n in factors if f"{n}.fixed_masks" in masks}
+    for name, (A, B) in factors.items():
+        for what, t in (("lora_A", A), ("lora_B", B), ("mask_logits", phi.get(name)), ("fixed_masks", fixed.get(name))):
+            if t is not None and not bool(torch.isfinite(t).all()):  # NaN/inf would answer null probabilities
+                raise AdapterError(f"{d}: {name}.{what} holds NaN or infinite values")
+    if cfg.stochastic and len(phi) < len(factors):
+        raise AdapterError(f"{d}: a stochastic adapter without mask logits for every module")
+    for members in mask_groups(phi, cfg.mask_sharing).values():  # a shared φ is saved once per member
+        if any(not torch.equal(phi[n], phi[members[0]]) for n in members[1:]):
+            raise AdapterError(f"{d}: modules {members[0]} … {members[-1]} share one switch "
+                               f"({cfg.mask_sharing!r} sharing) but their saved mask logits differ")
+    t = rec.get("temperature", 1.0)
+    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
+        raise AdapterError(f"{d}: temperature {t!r} in {RECORD} must be a positive number (or absent: 1)")
+    return AdapterFiles(d, rec, cfg, fmt, peft, factors, phi, fixed, float(t))
+
+
+def load_adapter(adapter_dir: str | os.PathLike, base, tokenizer, base_name: str = "") -> DalorraModel:
+    """Inject the adapter into `base` (which it modifies) and return the DalorraModel.
+
+    Refuses with AdapterError when the adapter was trained for a different base architecture.
+    """
+    files = read_adapter(adapter_dir)
+    files.check_base(config_hash(base.config), resolve_name(base_name))
+    d, cfg = files.path, files.config
+    model = DalorraModel(base, tokenizer, cfg, files.fmt, base_name=base_name or files.record["base_model"].get("name", ""))
+    for name, layer in model.adapted.items():
+        if name not in files.factors:
+            raise AdapterError(f"{d}: no weights for module {name}")
+        A, B = files.factors[name]
         if A.shape != layer.lora_A.shape or B.shape != layer.lora_B.shape:
             raise AdapterError(f"{d}: {name} has shapes {tuple(A.shape)}/{tuple(B.shape)}, expected "
                                f"{tuple(layer.lora_A.shape)}/{tuple(layer.lora_B.shape)}")
-        for what, t in (("lora_A", A), ("lora_B", B), ("mask_logits", masks.get(f"{name}.mask_logits")),
-                        ("fixed_masks", masks.get(f"{name}.fixed_masks"))):
-            if t is not None and not bool(torch.isfinite(t).all()):  # NaN/inf would answer null probabilities
-                raise AdapterError(f"{d}: {name}.{what} holds NaN or infinite values")
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
-            if f"{name}.mask_logits" in masks:
-                layer.mask_logits.copy_(masks[f"{name}.mask_logits"])
-        if f"{name}.fixed_masks" in masks:
-            model.fixed_masks[name] = masks[f"{name}.fixed_masks"]
-    for members in model.mask_groups.values():  # a shared φ is saved once per member: the copies must agree
-        copies = [masks[f"{n}.mask_logits"] for n in members if f"{n}.mask_logits" in masks]
-        if any(not torch.equal(c, copies[0]) for c in copies[1:]):
-            raise AdapterError(f"{d}: modules {members[0]} … {members[-1]} share one switch "
-                               f"({cfg.mask_sharing!r} sharing) but their saved mask logits differ")
-    model.record = rec
+            if name in files.mask_logits:
+                layer.mask_logits.copy_(files.mask_logits[name])
+        if name in files.fixed_masks:
+            model.fixed_masks[name] = files.fixed_masks[name]
+    model.record = files.record
     return model

@@ -9,6 +9,9 @@ The layer wraps the base `nn.Linear` (as PEFT's LoRA layer does) and reads its m
     "mean"    z = σ(φ) (deterministic expectation)
     "rows"    z = self.row_masks, one (r,) mask per batch row: row i of the batch uses mask sample s(i)
     "concrete" training: a fresh binary-Concrete draw per row (hard straight-through if `hard`)
+
+LoRA input dropout is nn.Dropout (training; global RNG) unless `row_noise` is set: then each token's dropout mask
+comes from its own seeded stream (MC dropout at test time, reproducible whatever else shares the batch).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .masks import stream_seed
 
 MASK_MODES = ("off", "all", "mean", "rows", "concrete")
 
@@ -47,9 +52,14 @@ class MaskedLoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init for A
         # φ starts at logit(p0) so that q = prior and the KL is 0 at step 0.
         self.mask_logits = nn.Parameter(torch.full((r,), math.log(p0 / (1 - p0)), device=dev, dtype=dt))
+        self.dropout_p = dropout
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.mask_mode = "all"
-        self.row_masks: torch.Tensor | None = None  # (R, r), set by DalorraModel.masks(...)
+        self.row_masks: torch.Tensor | None = None  # (R, r), set by DalorraModel.row_masks(...)
+        # Seeded dropout, set by DalorraModel.row_masks(..., noise=(keys, pos)): token i of the input uses row
+        # pos[i] of the uniforms drawn from stream (keys[i], noise_id); keys broadcast over pos.
+        self.row_noise: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.noise_id = 0  # this module's share of every stream (DalorraModel numbers its modules)
 
     @property
     def keep_prob(self) -> torch.Tensor:
@@ -85,9 +95,29 @@ class MaskedLoraLinear(nn.Module):
             return self.concrete_mask(rows)
         raise ValueError(f"unknown mask mode {mode!r}; one of {MASK_MODES}")
 
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout at rate p on x (..., d_in), kept entries scaled by 1/(1−p) as nn.Dropout does.
+
+        Under row_noise a token's mask depends only on its stream key and position, so the same (seed, draw,
+        position) gets the same noise whatever the padding, the batch or the scoring path."""
+        if self.row_noise is None or self.dropout_p == 0:
+            return self.dropout(x)
+        keys, pos = (t.cpu() for t in self.row_noise)
+        if tuple(pos.shape) != tuple(x.shape[:-1]):
+            raise RuntimeError(f"dropout positions {tuple(pos.shape)} do not match an input of {tuple(x.shape)}")
+        keys = keys.reshape(*keys.shape, *[1] * (pos.dim() - keys.dim())).expand(pos.shape)
+        keep = torch.empty(*pos.shape, x.shape[-1], dtype=torch.bool)
+        for key in keys.unique().tolist():
+            sel = keys == key
+            g = torch.Generator().manual_seed(stream_seed(key, self.noise_id))
+            at = pos[sel]  # (N,) positions of this stream's tokens
+            u = torch.rand(int(at.max()) + 1, x.shape[-1], generator=g)  # row t: position t (prefix-consistent)
+            keep[sel] = u[at] >= self.dropout_p
+        return x * keep.to(device=x.device, dtype=x.dtype) / (1 - self.dropout_p)
+
     def lora_delta(self, x: torch.Tensor, weight_rows: torch.Tensor | None = None) -> torch.Tensor:
         """(alpha/r) · B diag(z_row) A x for x of shape (R, ..., d_in); `weight_rows` selects output rows of B."""
-        h = F.linear(self.dropout(x), self.lora_A)  # (R, ..., r)
+        h = F.linear(self._dropout(x), self.lora_A)  # (R, ..., r)
         z = self._mask(x.shape[0])
         if z is not None:
             h = h * z.view(z.shape[0], *([1] * (h.dim() - 2)), self.r)

@@ -17,49 +17,28 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .masks import draw_masks_from
+from .adapter_io import read_adapter
+from .masks import distinct_draws, draw_masks_from
 
 
 class BankSource:
-    """One adapter directory's LoRA weights and mask parameters, read once (no base model needed)."""
+    """One adapter directory (adapter_io.read_adapter) as the mask bank needs it (no base model needed)."""
 
     def __init__(self, adapter_dir: str | os.PathLike):
-        from .adapter_io import MASKS, AdapterError, read_record
-
-        self.dir = Path(adapter_dir)
-        self.record = read_record(self.dir)
-        try:
-            self.peft_config = json.loads((self.dir / "adapter_config.json").read_text())
-            self.weights = load_file(str(self.dir / "adapter_model.safetensors"))
-            masks = load_file(str(self.dir / MASKS)) if (self.dir / MASKS).is_file() else {}
-        except Exception as exc:  # safetensors raises several types on a truncated file
-            raise AdapterError(f"{self.dir}: cannot read adapter files ({type(exc).__name__}: {exc})") from None
-        self.a_keys = {k[: -len(".lora_A.weight")].removeprefix("base_model.model.").replace(".default", ""): k
-                       for k in self.weights if k.endswith(".lora_A.weight")}
-        if not self.a_keys:
-            raise AdapterError(f"{self.dir}: no LoRA weights in adapter_model.safetensors")
-        for n, k in self.a_keys.items():  # format 2: PEFT's file holds the mean network; the bank masks the raw factors
-            if f"{n}.lora_A" in masks and f"{n}.lora_B" in masks:
-                self.weights[k] = masks[f"{n}.lora_A"]
-                self.weights[k.replace(".lora_A.", ".lora_B.")] = masks[f"{n}.lora_B"]
-        self.ranks = {n: int(self.weights[k].shape[0]) for n, k in self.a_keys.items()}
-        self.stochastic = bool(self.record.get("adapter", {}).get("stochastic", False))
-        self.keep = ({n: torch.sigmoid(masks[f"{n}.mask_logits"]) for n in self.ranks}
-                     if self.stochastic and all(f"{n}.mask_logits" in masks for n in self.ranks) else None)
-        if self.stochastic and self.keep is None:
-            raise AdapterError(f"{self.dir}: a stochastic adapter without mask logits for every module")
-        self.fixed = {n: masks[f"{n}.fixed_masks"] for n in self.ranks if f"{n}.fixed_masks" in masks}
-        self.sharing = self.record.get("adapter", {}).get("mask_sharing", "module")
+        self.files = files = read_adapter(adapter_dir)
+        self.record = files.record
+        self.ranks = {n: int(A.shape[0]) for n, (A, _) in files.factors.items()}
+        self.stochastic = files.config.stochastic
+        self.keep = {n: torch.sigmoid(phi) for n, phi in files.mask_logits.items()} if self.stochastic else None
+        self.fixed = files.fixed_masks
+        self.sharing = files.config.mask_sharing
 
     def distinct(self) -> int | None:
-        """Distinct predictions the adapter can give (as DalorraModel.distinct_draws); None: unbounded."""
-        if self.record.get("method") == "mcdropout":
-            return None  # dropout on activations has no weight-space equivalent: refused by the bank
-        if self.fixed:
-            return max(int(b.shape[0]) for b in self.fixed.values())
-        return None if self.keep is not None else 1
+        """Distinct predictions the adapter can give (as DalorraModel.distinct_draws); None: unbounded.
+        MC dropout is None too: dropout on activations has no weight-space equivalent (the bank refuses it)."""
+        return distinct_draws(self.files.config.method, self.stochastic, self.fixed)
 
     def draw(self, members: int, seed: int) -> dict[str, torch.Tensor]:
         return draw_masks_from(self.ranks, self.keep, self.fixed, members, seed, sharing=self.sharing)
@@ -69,11 +48,12 @@ class BankSource:
         out = Path(out_dir)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            weights = dict(self.weights)
-            for name, key in self.a_keys.items():
-                weights[key] = (self.weights[key] * masks[name][index][:, None].to(self.weights[key].dtype)).contiguous()
+            weights = {}
+            for name, (A, B) in self.files.factors.items():
+                weights[f"base_model.model.{name}.lora_A.weight"] = (A * masks[name][index][:, None].to(A.dtype)).contiguous()
+                weights[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
             save_file(weights, str(tmp / "adapter_model.safetensors"))
-            (tmp / "adapter_config.json").write_text(json.dumps(self.peft_config, indent=2))
+            (tmp / "adapter_config.json").write_text(json.dumps(self.files.peft_config, indent=2))
             os.replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -2,11 +2,12 @@
 
 `draw_masks_from` is the one implementation of the mask draw: DalorraModel.draw_masks calls it, and the mask bank
 (adapters/maskbank.py, used by the vLLM backend) calls it on the adapter's files, so both give the same z_1..z_M
-for the same seed.
+for the same seed. `stream_seed` names the seeded streams of MC dropout's noise (adapters/scoring.py, layer.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import torch
@@ -64,3 +65,19 @@ def draw_masks_from(ranks: dict[str, int], keep: dict[str, torch.Tensor] | None,
                 if n not in fixed:
                     out[n][row] = z
     return out
+
+
+def distinct_draws(method: str, stochastic: bool, fixed: dict[str, torch.Tensor]) -> int | None:
+    """How many different predictions S draws can give: 1 for a deterministic adapter, M for an M-member
+    ensemble, None when every draw is new (DALorRA masks, MC dropout). Scoring more is wasted work."""
+    if method == "mcdropout" or (stochastic and not fixed):
+        return None
+    if fixed:
+        return max(int(b.shape[0]) for b in fixed.values())
+    return 1
+
+
+def stream_seed(*parts: int) -> int:
+    """A generator seed in [0, 2^63) that depends only on `parts` (the same on every machine and Python version)."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

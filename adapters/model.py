@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import AdapterConfig, PromptFormat
 from .layer import MASK_MODES, MaskedLoraLinear
-from .masks import draw_masks_from, mask_groups
+from .masks import distinct_draws, draw_masks_from, mask_groups
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
@@ -49,6 +49,8 @@ class DalorraModel(nn.Module):
                                      cfg.dropout)
             setattr(parent, child, layer)
             self.adapted[name] = layer
+        for i, name in enumerate(sorted(self.adapted)):  # every module its own dropout noise within a stream
+            self.adapted[name].noise_id = i
         # Shared switches: every member of a group holds the group's one φ parameter (the same tensor object).
         self.mask_groups = mask_groups(self.adapted, cfg.mask_sharing)
         for members in self.mask_groups.values():
@@ -109,13 +111,8 @@ class DalorraModel(nn.Module):
         return min(idx) if idx else len(self.decoder.layers)
 
     def distinct_draws(self) -> int | None:
-        """How many different predictions S draws can give: 1 for a deterministic adapter, M for an M-member
-        ensemble, None when every draw is new (DALorRA masks, MC dropout). Scoring more is wasted work."""
-        if self.cfg.method == "mcdropout" or (self.cfg.stochastic and not self.fixed_masks):
-            return None
-        if self.fixed_masks:
-            return max(int(b.shape[0]) for b in self.fixed_masks.values())
-        return 1
+        """Distinct predictions this adapter's draws can give (masks.distinct_draws); None: every draw is new."""
+        return distinct_draws(self.cfg.method, self.cfg.stochastic, self.fixed_masks)
 
     def concrete_masks(self, rows: int) -> dict[str, torch.Tensor]:
         """Training: one relaxed (straight-through) mask per row and module, differentiable in φ."""
@@ -128,9 +125,12 @@ class DalorraModel(nn.Module):
         return out
 
     @contextmanager
-    def row_masks(self, masks: dict[str, torch.Tensor] | None, index: torch.Tensor | None = None):
-        """Within the block, row i of every batch uses masks[name][index[i]] (None masks: all on)."""
-        prev = {n: (lay.mask_mode, lay.row_masks) for n, lay in self.adapted.items()}
+    def row_masks(self, masks: dict[str, torch.Tensor] | None, index: torch.Tensor | None = None,
+                  noise: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Within the block, row i of every batch uses masks[name][index[i]] (None masks: all on).
+
+        noise: (keys, pos), seeded dropout for every token of the next input (MaskedLoraLinear.row_noise)."""
+        prev = {n: (lay.mask_mode, lay.row_masks, lay.row_noise) for n, lay in self.adapted.items()}
         try:
             for name, layer in self.adapted.items():
                 if masks is None:
@@ -138,14 +138,16 @@ class DalorraModel(nn.Module):
                 else:
                     m = masks[name]
                     layer.mask_mode, layer.row_masks = "rows", (m if index is None else m[index])
+                layer.row_noise = noise
             yield
         finally:
             for name, layer in self.adapted.items():
-                layer.mask_mode, layer.row_masks = prev[name]
+                layer.mask_mode, layer.row_masks, layer.row_noise = prev[name]
 
     @contextmanager
     def mc_dropout(self, enabled: bool):
-        """MC dropout keeps the LoRA input dropout active at test time."""
+        """MC dropout keeps the LoRA input dropout active at test time, drawing from the global RNG (generation).
+        Scoring seeds it per row instead (row_masks(..., noise=...); adapters/scoring.py)."""
         drops = [layer.dropout for layer in self.adapted.values() if isinstance(layer.dropout, nn.Dropout)]
         prev = [d.training for d in drops]
         try:

@@ -7,6 +7,8 @@ Two modes (DESIGN §3), same output:
           short continuations); a choice's logit is its (optionally length-normalised) log-likelihood.
 A "row" is one (item, mask sample) pair; all rows go through one forward, row i under mask sample s(i).
 Items with different K share a batch: missing choices get logit −inf, so each softmax is over its own K.
+`score_draws` owns the expansion of requests into rows (mask draws, layout, clipping to distinct draws, MC-dropout
+seeding); offline `score` and the HF backend both call it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 from .config import PromptFormat
 from .data import Item
+from .masks import stream_seed
 
 MAX_CONTINUATION_TOKENS = 64
 
@@ -105,39 +108,54 @@ def _head(model, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Ten
 
 def choice_logits(model, enc: list[Encoded], row_items: list[int], masks: dict | None,
                   row_samples: torch.Tensor | None = None, cloze_cache: bool = True,
-                  shared_lower: bool = True) -> torch.Tensor:
+                  shared_lower: bool = True, row_keys: torch.Tensor | None = None) -> torch.Tensor:
     """(R, Kmax) choice logits for rows R; row i scores item enc[row_items[i]] under masks[·][row_samples[i]].
 
     masks None: whatever mask mode the layers are in (all on, mean, concrete for training, off).
     shared_lower: for a top-L adapter (no adapter below layer `lo`), run layers < lo once per distinct item
     instead of once per row (inference only; False gives the plain path the tests compare against).
+    row_keys: (R,) MC-dropout streams (score_draws makes them from (seed, draw)). Row i's prompt tokens take their
+    dropout noise from stream row_keys[i] at their positions, choice k's tokens from stream (row_keys[i], 1 + k),
+    so the noise never depends on padding, batch or path. None: dropout as the layers' mode says.
     """
     fmt = model.fmt
     device = next(model.base.parameters()).device
     kmax = max(enc[i].k for i in row_items)
     pad_id = model.tokenizer.pad_token_id
     valid = torch.tensor([[k < enc[i].k for k in range(kmax)] for i in row_items], device=device)  # (R, Kmax)
+    if row_keys is not None and masks is None:
+        raise ValueError("seeded dropout (row_keys) needs row masks")
+    ckeys = None if row_keys is None else torch.tensor(  # (R·Kmax,) stream of each (row, choice) continuation
+        [stream_seed(key, 1 + k) for key in row_keys.tolist() for k in range(kmax)], device=device)
 
-    def masked(index):
+    def masked(index, keys=None, pos=None):
+        """The next input's row j is scoring row index[j] (None: j); keys/pos: its tokens' dropout streams."""
         if masks is None:
             return nullcontext()
-        return model.row_masks(masks, row_samples[index] if index is not None else row_samples)
+        return model.row_masks(masks, row_samples[index] if index is not None else row_samples,
+                               None if keys is None else (keys, pos))
 
     lo = model.first_adapted_layer() if shared_lower and masks is not None and not torch.is_grad_enabled() else 0
     if lo > 0:  # top-L adapter: layers below `lo` run once per question, S rows only above
-        logits = _split_logits(model, enc, row_items, masks, row_samples, kmax, device, masked, lo)
+        logits = _split_logits(model, enc, row_items, kmax, device, masked, lo, row_keys, ckeys)
     elif fmt.mode == "letter":
         ids, attn, pos = _left_pad([enc[i].prompt for i in row_items], pad_id, device)
-        with masked(None):
+        with masked(None, row_keys, pos):
             h = model.decoder(input_ids=ids, attention_mask=attn, position_ids=pos,
                               use_cache=False).last_hidden_state[:, -1]  # (R, d)
-            rows = torch.tensor(letter_token_ids(model.tokenizer, fmt, kmax), device=device)
+        rows = torch.tensor(letter_token_ids(model.tokenizer, fmt, kmax), device=device)
+        with masked(None, row_keys, pos[:, -1]):
             logits = _head(model, h, rows)  # (R, Kmax)
     elif cloze_cache:
-        logits = _cloze_cached(model, enc, row_items, masks, row_samples, kmax, device, masked)
+        logits = _cloze_cached(model, enc, row_items, kmax, device, masked, row_keys, ckeys)
     else:
-        logits = _cloze_full(model, enc, row_items, kmax, device, masked)
+        logits = _cloze_full(model, enc, row_items, kmax, device, masked, row_keys, ckeys)
     return logits.masked_fill(~valid, float("-inf"))
+
+
+def _cont_pos(ids: torch.Tensor) -> torch.Tensor:
+    """(RK, Lc) positions of continuation tokens within their own dropout stream: 0, 1, …"""
+    return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
 
 
 def _cont_table(enc, row_items, kmax, device):
@@ -159,8 +177,9 @@ def _cont_table(enc, row_items, kmax, device):
     return ids.to(device), lens.to(device), torch.tensor(norms, device=device)
 
 
-def _gather_cont_logprobs(model, hidden, first_lp, ids, lens, masked_ctx, rk_index):
-    """Σ_t log p(cont_t | ·): token 0 from first_lp (RK, V); token t ≥ 1 from hidden[:, t−1] (RK, Lc, d)."""
+def _gather_cont_logprobs(model, hidden, first_lp, ids, lens, masked_ctx, rk_index, keys):
+    """Σ_t log p(cont_t | ·): token 0 from first_lp (RK, V); token t ≥ 1 from hidden[:, t−1] (RK, Lc, d).
+    keys: (RK,) dropout streams of the continuations (None: no seeded dropout)."""
     RK, Lc = ids.shape
     total = first_lp.gather(1, ids[:, :1]).squeeze(1)  # (RK,)
     if Lc > 1:
@@ -168,18 +187,19 @@ def _gather_cont_logprobs(model, hidden, first_lp, ids, lens, masked_ctx, rk_ind
         valid = t[None, :] < lens[:, None]  # (RK, Lc−1)
         rk, tt = valid.nonzero(as_tuple=True)  # only real continuation positions reach lm_head
         if rk.numel():
-            with masked_ctx(rk_index[rk]):
+            with masked_ctx(rk_index[rk], None if keys is None else keys[rk], tt):
                 lp = torch.log_softmax(_head(model, hidden[rk, tt]), -1)  # (N, V)
             tok_lp = lp.gather(1, ids[rk, tt + 1][:, None]).squeeze(1)
             total = total.index_add(0, rk, tok_lp)
     return total
 
 
-def _cloze_cached(model, enc, row_items, masks, row_samples, kmax, device, masked):
+def _cloze_cached(model, enc, row_items, kmax, device, masked, row_keys, ckeys):
     R = len(row_items)
     ids, attn, pos = _left_pad([enc[i].prompt for i in row_items], model.tokenizer.pad_token_id, device)
-    with masked(None):
+    with masked(None, row_keys, pos):
         out = model.decoder(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    with masked(None, row_keys, pos[:, -1]):
         first_lp = torch.log_softmax(_head(model, out.last_hidden_state[:, -1]), -1)  # (R, V)
     cache = out.past_key_values
     cache.batch_repeat_interleave(kmax)  # (R·Kmax) rows share their row's prompt keys/values
@@ -188,14 +208,14 @@ def _cloze_cached(model, enc, row_items, masks, row_samples, kmax, device, maske
     cattn = (torch.arange(cids.shape[1], device=device)[None, :] < lens[:, None]).long()
     attn2 = torch.cat([attn.repeat_interleave(kmax, 0), cattn], 1)  # (RK, Lp + Lc)
     pos2 = attn.sum(1).repeat_interleave(kmax)[:, None] + torch.arange(cids.shape[1], device=device)[None]
-    with masked(rk_row):
+    with masked(rk_row, ckeys, _cont_pos(cids)):
         hidden = model.decoder(input_ids=cids, attention_mask=attn2, position_ids=pos2,
                                past_key_values=cache, use_cache=False).last_hidden_state  # (RK, Lc, d)
-    total = _gather_cont_logprobs(model, hidden, first_lp[rk_row], cids, lens, masked, rk_row)
+    total = _gather_cont_logprobs(model, hidden, first_lp[rk_row], cids, lens, masked, rk_row, ckeys)
     return (total / norms).view(R, kmax)
 
 
-def _cloze_full(model, enc, row_items, kmax, device, masked):
+def _cloze_full(model, enc, row_items, kmax, device, masked, row_keys, ckeys):
     """Reference path: every (row, choice) as one full sequence prompt+continuation (K× the prompt cost)."""
     R = len(row_items)
     cids, lens, norms = _cont_table(enc, row_items, kmax, device)
@@ -203,14 +223,21 @@ def _cloze_full(model, enc, row_items, kmax, device, masked):
     seqs = [enc[row_items[r]].prompt + cids[j, : lens[j]].tolist() for j, r in enumerate(rk_row.tolist())]
     ids, attn, pos = _left_pad(seqs, model.tokenizer.pad_token_id, device)
     L = ids.shape[1]
-    with masked(rk_row):
+    keys = spos = None
+    if row_keys is not None:  # the cached path's streams: prompt tokens the row's, continuation tokens the choice's
+        n_prompt = torch.tensor([len(enc[row_items[r]].prompt) for r in rk_row.tolist()], device=device)[:, None]
+        in_cont = pos >= n_prompt  # (RK, L)
+        keys = torch.where(in_cont, ckeys[:, None], row_keys[rk_row][:, None])
+        spos = torch.where(in_cont, pos - n_prompt, pos)
+    with masked(rk_row, keys, spos):
         hidden = model.decoder(input_ids=ids, attention_mask=attn, position_ids=pos,
                                use_cache=False).last_hidden_state  # (RK, L, d)
     total = torch.zeros(len(seqs), device=device)
     for j in range(len(seqs)):  # plain loop: this path is the reference, not the fast one
         n = int(lens[j])
-        with masked(rk_row[j].repeat(n)):
-            lp = torch.log_softmax(_head(model, hidden[j, L - n - 1: L - 1]), -1)  # (n, V)
+        at = slice(L - n - 1, L - 1)  # the positions predicting the n continuation tokens
+        with masked(rk_row[j].repeat(n), None if keys is None else keys[j, at], None if keys is None else spos[j, at]):
+            lp = torch.log_softmax(_head(model, hidden[j, at]), -1)  # (n, V)
         total[j] = lp.gather(1, ids[j, L - n:][:, None]).sum()
     return (total / norms).view(R, kmax)
 
@@ -221,34 +248,79 @@ def rows_for(batch: int, samples: int) -> tuple[list[int], torch.Tensor]:
     return items, torch.arange(samples).repeat_interleave(batch)
 
 
+@dataclass(frozen=True)
+class DrawRequest:
+    """One request of score_draws: its items under mask draws first … first+samples−1 of `seed`."""
+
+    enc: list[Encoded]
+    samples: int
+    seed: int
+    first: int = 0  # adaptive rounds continue where the last one stopped
+
+
+def draws_to_score(model, samples: int, first: int = 0) -> int:
+    """Draws first … first+samples−1, clipped to the adapter's distinct ones: a deterministic adapter has 1 and an
+    M-member ensemble M (draw s is member s mod M), so more draws would only repeat rows; 0 past them."""
+    distinct = model.distinct_draws()
+    return samples if distinct is None else max(0, min(first + samples, distinct) - first)
+
+
 @torch.no_grad()
+def score_draws(model, requests: list[DrawRequest], cloze_cache: bool = True) -> list[np.ndarray]:
+    """Choice logits (S'_i, B_i, K_i) per request (float64, −inf for a missing choice), all rows in one forward.
+
+    S'_i = draws_to_score(model, samples, first); K_i the most choices among the request's items. Rows are
+    sample-major within a request (row = s·B_i + b). Draw s's masks and, for an MC-dropout adapter, its dropout
+    noise depend only on (seed, s), so a request gets the same logits whatever else shares the forward.
+    """
+    device = next(model.base.parameters()).device
+    counts = [draws_to_score(model, r.samples, r.first) for r in requests]
+    enc: list[Encoded] = []
+    row_items: list[int] = []
+    row_samples: list[int] = []
+    row_keys: list[int] = []
+    parts: dict[str, list[torch.Tensor]] = {}
+    for r, n in zip(requests, counts, strict=True):
+        if n:
+            for name, m in model.draw_masks(n, r.seed, r.first).items():
+                parts.setdefault(name, []).append(m)
+            for s in range(n):
+                row_items += range(len(enc), len(enc) + len(r.enc))
+                row_samples += [len(row_keys) + s] * len(r.enc)
+            row_keys += [stream_seed(r.seed, r.first + s) for s in range(n)]  # one dropout stream per draw
+        enc += r.enc
+    shapes = [(n, len(r.enc), max(e.k for e in r.enc)) for r, n in zip(requests, counts, strict=True)]
+    if not row_items:
+        return [np.zeros(shape) for shape in shapes]
+    mc = model.cfg.method == "mcdropout"
+    masks = {name: torch.cat(ms) for name, ms in parts.items()}  # name → (Σ S'_i, r)
+    samples = torch.tensor(row_samples, device=device)
+    keys = torch.tensor(row_keys, device=device)[samples] if mc else None
+    logits = choice_logits(model, enc, row_items, masks, samples, cloze_cache, row_keys=keys)
+    logits = logits.double().cpu().numpy()  # (R, Kmax)
+    out, start = [], 0
+    for n, b, k in shapes:
+        out.append(logits[start:start + n * b].reshape(n, b, -1)[..., :k])
+        start += n * b
+    return out
+
+
 def score(model, items: list[Item], samples: int = 10, seed: int = 0, batched: bool = True,
           cloze_cache: bool = True, encoded: list[Encoded] | None = None) -> np.ndarray:
     """Choice logits of shape (S', B, K) (float64, −inf for a missing choice) under S' hard mask draws.
 
-    S' = min(S, model.distinct_draws()): a deterministic adapter is scored once and an M-member ensemble
-    M times (each member weighted equally), since more draws would only repeat those rows.
-    Mask draws depend only on (seed, s), so an item gets the same answer whatever else is in its batch.
-    batched=False runs the S samples as S separate forwards (the reference the one-forward path must equal).
+    S' = draws_to_score(model, S): a deterministic adapter is scored once and an M-member ensemble M times (each
+    member weighted equally). Draws depend only on (seed, s), so an item gets the same answer whatever else is
+    in its batch. batched=False runs the S' samples as S' separate forwards (the reference the one-forward path
+    must equal).
     """
     if samples < 1:
         raise ValueError(f"samples={samples} must be >= 1")
-    samples = min(samples, model.distinct_draws() or samples)
     enc = encoded if encoded is not None else encode(items, model.tokenizer, model.fmt)
-    B = len(enc)
-    masks = model.draw_masks(samples, seed)
-    with model.mc_dropout(model.cfg.method == "mcdropout"), torch.random.fork_rng():
-        torch.manual_seed(seed)  # MC dropout draws
-        if batched:
-            row_items, row_samples = rows_for(B, samples)
-            logits = choice_logits(model, enc, row_items, masks, row_samples, cloze_cache)
-            return logits.view(samples, B, -1).double().cpu().numpy()
-        per = []
-        for s in range(samples):
-            one = {n: m[s: s + 1] for n, m in masks.items()}
-            per.append(choice_logits(model, enc, list(range(B)), one, torch.zeros(B, dtype=torch.long),
-                                     cloze_cache))
-        return torch.stack(per).double().cpu().numpy()
+    if batched:
+        return score_draws(model, [DrawRequest(enc, samples, seed)], cloze_cache)[0]
+    return np.concatenate([score_draws(model, [DrawRequest(enc, 1, seed, first=s)], cloze_cache)[0]
+                           for s in range(draws_to_score(model, samples))])
 
 
 # ---- top-L adapters: shared lower layers ---------------------------------------------------------------
@@ -291,7 +363,7 @@ def _run_layers(model, hidden, attn2d, pos, layers, cache: _StageCache | None, p
     return hidden
 
 
-def _split_logits(model, enc, row_items, masks, row_samples, kmax, device, masked, lo):
+def _split_logits(model, enc, row_items, kmax, device, masked, lo, row_keys, ckeys):
     dec = model.decoder
     lower, upper = dec.layers[:lo], dec.layers[lo:]
     uniq = sorted(set(row_items))
@@ -301,9 +373,10 @@ def _split_logits(model, enc, row_items, masks, row_samples, kmax, device, maske
     low_cache = _StageCache()
     h = _run_layers(model, dec.embed_tokens(ids), attn, pos, lower, low_cache, 0)  # (U, Lp, d), once per item
     up_cache = _StageCache()
-    with masked(None):
+    with masked(None, row_keys, pos[u_of]):
         h = _run_layers(model, h[u_of], attn[u_of], pos[u_of], upper, up_cache, 0)  # (R, Lp, d)
-        last = dec.norm(h[:, -1])
+    last = dec.norm(h[:, -1])
+    with masked(None, row_keys, pos[u_of][:, -1]):
         if model.fmt.mode == "letter":
             rows = torch.tensor(letter_token_ids(model.tokenizer, model.fmt, kmax), device=device)
             return _head(model, last, rows)
@@ -322,7 +395,7 @@ def _split_logits(model, enc, row_items, masks, row_samples, kmax, device, maske
     rk_row = torch.arange(R, device=device).repeat_interleave(kmax)
     up = up_cache.select(rk_row)
     up.frozen = True
-    with masked(rk_row):
+    with masked(rk_row, ckeys, _cont_pos(cids[rk])):
         hidden = dec.norm(_run_layers(model, hc[rk], attn_uk[rk], pos_uk[rk], upper, up, Lp))  # (R·K, Lc, d)
-    total = _gather_cont_logprobs(model, hidden, first_lp[rk_row], cids[rk], lens[rk], masked, rk_row)
+    total = _gather_cont_logprobs(model, hidden, first_lp[rk_row], cids[rk], lens[rk], masked, rk_row, ckeys)
     return (total / norms_u[rk]).view(R, kmax)

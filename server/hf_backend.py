@@ -12,7 +12,7 @@ import torch
 from adapters.adapter_io import load_adapter
 from adapters.basemodel import load_base
 from adapters.data import Item
-from adapters.scoring import choice_logits, encode
+from adapters.scoring import DrawRequest, encode, score_draws
 
 from .backend import Backend, BackendError, ScoreRequest
 
@@ -131,6 +131,7 @@ class HFBackend(Backend):
         return chunks + ([cur] if cur else [])
 
     def _score_group(self, model, reqs: list[ScoreRequest]) -> list[np.ndarray]:
+        """One forward for `reqs` (one adapter); a request the tokenizer refuses fails alone."""
         enc: list = []
         bad: dict[int, Exception] = {}
         for i, r in enumerate(reqs):  # a too-long request fails alone, with a 4xx
@@ -148,32 +149,9 @@ class HFBackend(Backend):
             for i, x in zip(good, res, strict=True):
                 merged[i] = x
             return merged
-        # Rows: request i contributes S_i rows, each under its own mask draw z_s(seed_i).
-        row_items, row_samples, parts = [], [], {}
-        offset = 0
-        distinct = model.distinct_draws()  # deterministic adapter: 1 row; ensemble: one per member
-        counts = [r.samples if distinct is None else max(0, min(r.first + r.samples, distinct) - r.first)
-                  for r in reqs]
-        for i, (r, n) in enumerate(zip(reqs, counts, strict=True)):
-            if n == 0:  # an adaptive round past the last distinct draw: nothing new to score
-                continue
-            draws = model.draw_masks(n, r.seed, first=r.first)
-            for name, m in draws.items():
-                parts.setdefault(name, []).append(m)
-            row_items += [i] * n
-            row_samples += list(range(offset, offset + n))
-            offset += n
-        if not row_items:
-            return [np.zeros((0, len(r.choices))) for r in reqs]
-        masks = {n: torch.cat(ms, 0) for n, ms in parts.items()}  # name → (Σ S_i, r)
-        with model.mc_dropout(model.cfg.method == "mcdropout"):
-            logits = choice_logits(model, enc, row_items, masks, torch.tensor(row_samples))  # (R, Kmax)
-        logits = logits.double().cpu().numpy()
-        res, start = [], 0
-        for r, n in zip(reqs, counts, strict=True):
-            res.append(logits[start:start + n, : len(r.choices)])
-            start += n
-        return res
+        # Rows, draws, clipping and MC-dropout seeding: adapters.scoring, as offline evaluation does.
+        draws = [DrawRequest([e], r.samples, r.seed, r.first) for e, r in zip(enc, reqs, strict=True)]
+        return [x[:, 0] for x in score_draws(model, draws)]  # (S'_i, K_i) each
 
 
 def _length(r: ScoreRequest) -> int:

@@ -79,19 +79,16 @@ class VLLMBackend(Backend):
     def load_adapter(self, name: str, path: str) -> dict:
         src = BankSource(path)
         rec = src.record
-        want = rec.get("base_model", {}).get("config_hash")
-        if want and want != self.config_hash:
-            raise AdapterError(f"{path}: adapter was trained on base model {rec['base_model'].get('name')!r} "
-                               f"(config hash {want}); the vLLM engine serves {self.base_path} ({self.config_hash})")
+        src.files.check_base(self.config_hash, self.base_path)
         rank = max(src.ranks.values())
         if rank > self.settings.vllm_max_lora_rank:
             raise AdapterError(f"{path}: rank {rank} exceeds the engine's max_lora_rank "
                                f"{self.settings.vllm_max_lora_rank}; restart with DALORRA_VLLM_MAX_LORA_RANK >= {rank}")
         distinct = src.distinct()
-        if rec.get("method") == "mcdropout":
+        if src.files.config.method == "mcdropout":
             raise AdapterError(f"{path}: MC-dropout adapters sample activations, which a LoRA bank cannot "
                                "represent; serve them with the hf backend")
-        fmt = PromptFormat.from_dict(rec["prompt"])
+        fmt = src.files.fmt
         if fmt.max_length + MAX_CONTINUATION_TOKENS > self.settings.vllm_max_model_len:
             raise AdapterError(f"{path}: prompts of up to {fmt.max_length} + {MAX_CONTINUATION_TOKENS} tokens do not "
                                f"fit DALORRA_VLLM_MAX_MODEL_LEN={self.settings.vllm_max_model_len}")

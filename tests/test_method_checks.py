@@ -225,11 +225,12 @@ def test_mc_dropout_is_active_at_test_time_and_seeded(tokenizer):
     assert a.shape == (3, 3, 3)  # MC dropout is never clipped to one draw
     assert _gap(a, c) > 1e-4  # another seed, other dropout masks
     assert _gap(a[0], a[1]) > 1e-4  # and the S draws of one call differ
-    assert all(not lay.dropout.training for lay in mc.adapted.values())  # dropout is off again afterwards
+    assert all(not lay.dropout.training and lay.row_noise is None for lay in mc.adapted.values())  # off again
     lora = models["lora"]
     x, y = score(lora, items, 3, seed=1), score(lora, items, 3, seed=2)
     assert x.shape == (1, 3, 3)  # deterministic: one draw
     np.testing.assert_array_equal(x, y)
+    assert min(_gap(a[s], x[0]) for s in range(3)) > 1e-4  # every MC draw differs from LoRA: dropout is on
     with torch.no_grad():  # and LoRA equals the MC model with its dropout off: dropout is the only difference
         mc.set_mask_mode("all")
         lora.set_mask_mode("all")
