@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,6 +33,9 @@ from .masks import mask_groups
 from .model import DalorraModel
 from .scoring import letter_token_ids
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 FORMAT_VERSION = 2  # 2: adapter_model.safetensors holds the mean-mask network, raw factors in MASKS
 RECORD = "dalorra.json"
 MASKS = "dalorra_masks.safetensors"
@@ -41,13 +45,16 @@ class AdapterError(ValueError):
     """An adapter directory is missing, corrupt, or does not fit the base model."""
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_json_atomic(path: Path, obj: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
     os.replace(tmp, path)
 
 
-def save_adapter(model: DalorraModel, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
+def save_adapter(model: DalorraModel, out_dir: str | os.PathLike, extra: dict | None = None,
+                 files: dict[str, dict] | None = None) -> Path:
+    """Write the adapter directory atomically: everything goes into a temporary sibling that replaces `out_dir`
+    in one rename. `extra` is merged into dalorra.json; `files` are more JSON files written beside it."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -86,6 +93,8 @@ def save_adapter(model: DalorraModel, out_dir: str | os.PathLike, extra: dict | 
             **(extra or {}),
         }
         (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, default=float))
+        for name, content in (files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2, default=float))
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -206,7 +215,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> AdapterFiles:
     return AdapterFiles(d, rec, cfg, fmt, peft, factors, phi, fixed, float(t))
 
 
-def load_adapter(adapter_dir: str | os.PathLike, base, tokenizer, base_name: str = "") -> DalorraModel:
+def load_adapter(adapter_dir: str | os.PathLike, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 base_name: str = "") -> DalorraModel:
     """Inject the adapter into `base` (which it modifies) and return the DalorraModel.
 
     Refuses with AdapterError when the adapter was trained for a different base architecture.

@@ -309,12 +309,6 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train (with checkpoints under <out>.ckpt/), calibrate decisions, write the adapter. Returns its record."""
     rank, world = _dist()
     out = Path(cfg.out)
-    if cfg.calibrate and cfg.generation_items > 0:  # fail before training, not after it
-        _, _, calib = load_splits(cfg)
-        if not short_answer_items(calib, 1):
-            raise DataError(f"the calibration split ({cfg.calibration_name()}) has no short-answer items to fit the "
-                            f"generation thresholds on ({SHORT_ANSWER}); pass --generation-items 0 to skip them, "
-                            "or --calibration with such items")
     ckpt_dir = out.with_name(out.name + ".ckpt")
     if cfg.method == "ensemble":
         members, summaries = [], []
@@ -356,16 +350,20 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
         record["validation"] = evaluate_logits(predict_logits(model, val, cfg.eval_samples, seed=0,
                                                               progress=cfg.progress, desc="validate") / T,
                                                np.array([it.label for it in val]), decision)
-    generation = None
+    files = {}
     if cfg.calibrate and cfg.generation_items > 0:  # thresholds for generated answers, on the same split
-        generation = fit_generation_thresholds(
-            model, calib, adapter=out.name, source=split_name,
-            limit=cfg.generation_items, samples=cfg.eval_samples, target_error=cfg.target_error,
-            delta=cfg.target_delta, max_tokens=cfg.generation_max_tokens, progress=cfg.progress)
-        record["generation_decision"] = {"file": DECISION_FILE, **decision_summary(generation)}
-    save_adapter(model, out, extra=record)
-    if generation is not None:  # beside dalorra.json, where the server looks for it
-        write_json_atomic(out / DECISION_FILE, generation)
+        if short_answer_items(calib, 1):
+            generation = fit_generation_thresholds(
+                model, calib, adapter=out.name, source=split_name,
+                limit=cfg.generation_items, samples=cfg.eval_samples, target_error=cfg.target_error,
+                delta=cfg.target_delta, max_tokens=cfg.generation_max_tokens, progress=cfg.progress)
+            files[DECISION_FILE] = generation  # beside dalorra.json, where the server looks for it
+            record["generation_decision"] = {"file": DECISION_FILE, **decision_summary(generation)}
+        else:  # e.g. WinoGrande: fill-in-the-blank options, no question answered in a few words
+            log.warning("no short-answer items in the calibration split (%s): generation thresholds not fitted; "
+                        "generated answers from this adapter are always answered", split_name)
+            record["generation_decision"] = {"file": None, "skipped": f"no short-answer items ({SHORT_ANSWER})"}
+    save_adapter(model, out, extra=record, files=files)
     if ckpt_dir.exists():
         write_json_atomic(ckpt_dir / "done.json", {"adapter": str(out)})
     if world > 1:

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from adapters.adapter_io import load_adapter, save_adapter
 from adapters.basemodel import load_base
 from adapters.config import AdapterConfig, PromptFormat
-from adapters.data import DataError, Item
+from adapters.data import Item
 from adapters.generation import decide, fit_generation_decision, thresholds_of
 from adapters.model import DalorraModel
 from adapters.short_answers import answer_short, short_answer_prompt
@@ -140,12 +140,12 @@ def test_train_writes_generation_decision(tmp_path, tiny_dir, small_data):  # no
     assert (stored["min_confidence"], stored["max_epistemic"]) == thresholds_of(full)
 
 
-def test_train_without_short_answers_fails_before_training_unless_skipped(tmp_path, tiny_dir):
+def test_train_without_short_answers_trains_and_says_why_no_generation_thresholds(tmp_path, tiny_dir):
     data = tmp_path / "statements.jsonl"
     data.write_text("".join(json.dumps({"question": f"{i} is a number", "choices": ["no", "yes"], "label": 1}) + "\n"
                             for i in range(16)))
-    with pytest.raises(DataError, match="no short-answer items.*--generation-items 0"):
-        run(_cfg(tmp_path, tiny_dir, data, steps=2))
-    assert not (tmp_path / "ad.ckpt").exists()  # refused before the first step
+    rec = run(_cfg(tmp_path, tiny_dir, data, steps=2))  # the default asks for them: skipped with the reason
+    assert rec["generation_decision"]["file"] is None and "no short-answer items" in rec["generation_decision"]["skipped"]
+    assert (tmp_path / "ad" / "dalorra.json").is_file() and not (tmp_path / "ad" / "generation_decision.json").exists()
     rec = run(_cfg(tmp_path, tiny_dir, data, steps=2, generation_items=0))
     assert "generation_decision" not in rec and not (tmp_path / "ad" / "generation_decision.json").exists()
