@@ -16,6 +16,10 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger("dalorra.basemodel")
 
@@ -96,7 +100,8 @@ def local_path(name: str | None) -> str:
     return str(target)
 
 
-def load_base(name: str | None = None, device: str = "cpu", dtype: str = "float32"):
+def load_base(name: str | None = None, device: str = "cpu",
+              dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return (model, tokenizer) in eval mode. `name`: None for the embedded default, an HF id or a directory."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,7 +125,7 @@ def load_base(name: str | None = None, device: str = "cpu", dtype: str = "float3
     return model, tok
 
 
-def config_hash(model_config) -> str:
+def config_hash(model_config: PretrainedConfig) -> str:
     """A short hash of the architecture fields that make adapter weights fit (not of the weights)."""
     keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "vocab_size", "tie_word_embeddings")

@@ -11,20 +11,26 @@ Decisions, fitted on a calibration split, never the test split:
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import numpy as np
 
 N_BINS = 15
 
 
-def confidence_bin(conf, n_bins: int = N_BINS):
+@overload
+def confidence_bin(conf: float, n_bins: int = ...) -> int: ...
+@overload
+def confidence_bin(conf: np.ndarray, n_bins: int = ...) -> np.ndarray: ...
+def confidence_bin(conf: float | np.ndarray, n_bins: int = N_BINS) -> int | np.ndarray:
     """Bin i covers [i/n, (i+1)/n); confidence 1.0 falls in the last bin. Works on floats and arrays."""
     if np.isscalar(conf):
         return min(int(conf * n_bins), n_bins - 1) if conf >= 0 else 0
     return np.clip((np.asarray(conf) * n_bins).astype(np.int64), 0, n_bins - 1)
 
 
-def bin_counts(conf: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS):
+def bin_counts(conf: np.ndarray, correct: np.ndarray,
+               n_bins: int = N_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per bin: (count, Σ confidence, Σ correct) — exactly what the server's counters accumulate."""
     b = confidence_bin(conf, n_bins)
     n = np.bincount(b, minlength=n_bins).astype(np.float64)

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import FunctionCtx
 
 from .masks import stream_seed
 
@@ -31,11 +32,11 @@ class _StraightThrough(torch.autograd.Function):
     """Forward: exactly 1[z̃ > 0.5]; backward: the gradient of z̃ (hard + soft − soft.detach() is not exact)."""
 
     @staticmethod
-    def forward(ctx, soft):
+    def forward(ctx: FunctionCtx, soft: torch.Tensor) -> torch.Tensor:
         return (soft > 0.5).to(soft.dtype)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         return grad
 
 

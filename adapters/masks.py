@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 
 import torch
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
-def mask_groups(names, sharing: str = "module") -> dict[str, list[str]]:
+def mask_groups(names: Iterable[str], sharing: str = "module") -> dict[str, list[str]]:
     """Modules that share one switch per rank index: group key → member module names (sorted).
 
     module: every module alone (the paper). rank: one group per module kind (q_proj, v_proj, lm_head), i.e. one

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -12,6 +13,9 @@ from torch import nn
 from .config import AdapterConfig, PromptFormat
 from .layer import MASK_MODES, MaskedLoraLinear
 from .masks import distinct_draws, draw_masks_from, mask_groups
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
@@ -28,8 +32,8 @@ def _wants(name: str, cfg: AdapterConfig) -> bool:
 class DalorraModel(nn.Module):
     """Holds the base model (frozen), its tokenizer, the adapted layers and the adapter's metadata."""
 
-    def __init__(self, base: nn.Module, tokenizer, cfg: AdapterConfig, fmt: PromptFormat | None = None,
-                 base_name: str = "", seed: int | None = None):
+    def __init__(self, base: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: AdapterConfig,
+                 fmt: PromptFormat | None = None, base_name: str = "", seed: int | None = None):
         super().__init__()
         self.base, self.tokenizer, self.cfg = base, tokenizer, cfg
         self.fmt = fmt or PromptFormat()
@@ -126,7 +130,7 @@ class DalorraModel(nn.Module):
 
     @contextmanager
     def row_masks(self, masks: dict[str, torch.Tensor] | None, index: torch.Tensor | None = None,
-                  noise: tuple[torch.Tensor, torch.Tensor] | None = None):
+                  noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> Iterator[None]:
         """Within the block, row i of every batch uses masks[name][index[i]] (None masks: all on).
 
         noise: (keys, pos), seeded dropout for every token of the next input (MaskedLoraLinear.row_noise)."""
@@ -145,7 +149,7 @@ class DalorraModel(nn.Module):
                 layer.mask_mode, layer.row_masks, layer.row_noise = prev[name]
 
     @contextmanager
-    def mc_dropout(self, enabled: bool):
+    def mc_dropout(self, enabled: bool) -> Iterator[None]:
         """MC dropout keeps the LoRA input dropout active at test time, drawing from the global RNG (generation).
         Scoring seeds it per row instead (row_masks(..., noise=...); adapters/scoring.py)."""
         drops = [layer.dropout for layer in self.adapted.values() if isinstance(layer.dropout, nn.Dropout)]

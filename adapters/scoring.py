@@ -13,8 +13,10 @@ seeding); offline `score` and the HF backend both call it.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +25,16 @@ import torch.nn.functional as F
 from .config import PromptFormat
 from .data import Item
 from .masks import stream_seed
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from .model import DalorraModel
+
+    # masked(index, keys, pos): the context in which the next input's rows use their masks and dropout streams
+    MaskedCtx = Callable[[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+                         AbstractContextManager[None]]
 
 MAX_CONTINUATION_TOKENS = 64
 
@@ -43,7 +55,7 @@ def render_prompt(item: Item, fmt: PromptFormat) -> str:
     return text
 
 
-def letter_token_ids(tokenizer, fmt: PromptFormat, k: int) -> list[int]:
+def letter_token_ids(tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, k: int) -> list[int]:
     """The token each answer letter becomes right after "Answer:" (with this tokenizer: ' A', not 'A')."""
     stem = tokenizer("Answer:", add_special_tokens=False).input_ids
     ids = []
@@ -55,7 +67,8 @@ def letter_token_ids(tokenizer, fmt: PromptFormat, k: int) -> list[int]:
     return ids
 
 
-def encode(items: list[Item], tokenizer, fmt: PromptFormat, strict: bool = False) -> list[Encoded]:
+def encode(items: list[Item], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat,
+           strict: bool = False) -> list[Encoded]:
     """Token ids per item. strict=True refuses an over-long prompt instead of left-truncating it."""
     out = []
     for item in items:
@@ -84,7 +97,8 @@ def encode(items: list[Item], tokenizer, fmt: PromptFormat, strict: bool = False
     return out
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _left_pad(seqs: list[list[int]], pad_id: int,
+              device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left padding; position ids count only real tokens, so padding never shifts RoPE positions."""
     L = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
@@ -96,7 +110,7 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), attn.to(device), pos.to(device)
 
 
-def _head(model, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+def _head(model: DalorraModel, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """lm_head on h (N, d), optionally only the output rows `rows` (letter tokens)."""
     head = model.lm_head
     if rows is None:
@@ -106,9 +120,10 @@ def _head(model, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Ten
     return F.linear(h, head.weight[rows], None if head.bias is None else head.bias[rows])
 
 
-def choice_logits(model, enc: list[Encoded], row_items: list[int], masks: dict | None,
-                  row_samples: torch.Tensor | None = None, cloze_cache: bool = True,
-                  shared_lower: bool = True, row_keys: torch.Tensor | None = None) -> torch.Tensor:
+def choice_logits(model: DalorraModel, enc: list[Encoded], row_items: list[int],
+                  masks: dict[str, torch.Tensor] | None, row_samples: torch.Tensor | None = None,
+                  cloze_cache: bool = True, shared_lower: bool = True,
+                  row_keys: torch.Tensor | None = None) -> torch.Tensor:
     """(R, Kmax) choice logits for rows R; row i scores item enc[row_items[i]] under masks[·][row_samples[i]].
 
     masks None: whatever mask mode the layers are in (all on, mean, concrete for training, off).
@@ -128,7 +143,8 @@ def choice_logits(model, enc: list[Encoded], row_items: list[int], masks: dict |
     ckeys = None if row_keys is None else torch.tensor(  # (R·Kmax,) stream of each (row, choice) continuation
         [stream_seed(key, 1 + k) for key in row_keys.tolist() for k in range(kmax)], device=device)
 
-    def masked(index, keys=None, pos=None):
+    def masked(index: torch.Tensor | None, keys: torch.Tensor | None = None,
+               pos: torch.Tensor | None = None) -> AbstractContextManager[None]:
         """The next input's row j is scoring row index[j] (None: j); keys/pos: its tokens' dropout streams."""
         if masks is None:
             return nullcontext()
@@ -158,7 +174,8 @@ def _cont_pos(ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
 
 
-def _cont_table(enc, row_items, kmax, device):
+def _cont_table(enc: list[Encoded], row_items: list[int], kmax: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Continuations of every (row, choice), right-padded: ids (R·Kmax, Lc), lengths (R·Kmax,), norms."""
     conts, norms = [], []
     for i in row_items:
@@ -177,7 +194,9 @@ def _cont_table(enc, row_items, kmax, device):
     return ids.to(device), lens.to(device), torch.tensor(norms, device=device)
 
 
-def _gather_cont_logprobs(model, hidden, first_lp, ids, lens, masked_ctx, rk_index, keys):
+def _gather_cont_logprobs(model: DalorraModel, hidden: torch.Tensor, first_lp: torch.Tensor,
+                          ids: torch.Tensor, lens: torch.Tensor, masked_ctx: MaskedCtx,
+                          rk_index: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
     """Σ_t log p(cont_t | ·): token 0 from first_lp (RK, V); token t ≥ 1 from hidden[:, t−1] (RK, Lc, d).
     keys: (RK,) dropout streams of the continuations (None: no seeded dropout)."""
     RK, Lc = ids.shape
@@ -194,7 +213,9 @@ def _gather_cont_logprobs(model, hidden, first_lp, ids, lens, masked_ctx, rk_ind
     return total
 
 
-def _cloze_cached(model, enc, row_items, kmax, device, masked, row_keys, ckeys):
+def _cloze_cached(model: DalorraModel, enc: list[Encoded], row_items: list[int], kmax: int,
+                  device: torch.device, masked: MaskedCtx, row_keys: torch.Tensor | None,
+                  ckeys: torch.Tensor | None) -> torch.Tensor:
     R = len(row_items)
     ids, attn, pos = _left_pad([enc[i].prompt for i in row_items], model.tokenizer.pad_token_id, device)
     with masked(None, row_keys, pos):
@@ -215,7 +236,9 @@ def _cloze_cached(model, enc, row_items, kmax, device, masked, row_keys, ckeys):
     return (total / norms).view(R, kmax)
 
 
-def _cloze_full(model, enc, row_items, kmax, device, masked, row_keys, ckeys):
+def _cloze_full(model: DalorraModel, enc: list[Encoded], row_items: list[int], kmax: int,
+                device: torch.device, masked: MaskedCtx, row_keys: torch.Tensor | None,
+                ckeys: torch.Tensor | None) -> torch.Tensor:
     """Reference path: every (row, choice) as one full sequence prompt+continuation (K× the prompt cost)."""
     R = len(row_items)
     cids, lens, norms = _cont_table(enc, row_items, kmax, device)
@@ -258,7 +281,7 @@ class DrawRequest:
     first: int = 0  # adaptive rounds continue where the last one stopped
 
 
-def draws_to_score(model, samples: int, first: int = 0) -> int:
+def draws_to_score(model: DalorraModel, samples: int, first: int = 0) -> int:
     """Draws first … first+samples−1, clipped to the adapter's distinct ones: a deterministic adapter has 1 and an
     M-member ensemble M (draw s is member s mod M), so more draws would only repeat rows; 0 past them."""
     distinct = model.distinct_draws()
@@ -266,7 +289,8 @@ def draws_to_score(model, samples: int, first: int = 0) -> int:
 
 
 @torch.no_grad()
-def score_draws(model, requests: list[DrawRequest], cloze_cache: bool = True) -> list[np.ndarray]:
+def score_draws(model: DalorraModel, requests: list[DrawRequest],
+                cloze_cache: bool = True) -> list[np.ndarray]:
     """Choice logits (S'_i, B_i, K_i) per request (float64, −inf for a missing choice), all rows in one forward.
 
     S'_i = draws_to_score(model, samples, first); K_i the most choices among the request's items. Rows are
@@ -305,7 +329,7 @@ def score_draws(model, requests: list[DrawRequest], cloze_cache: bool = True) ->
     return out
 
 
-def score(model, items: list[Item], samples: int = 10, seed: int = 0, batched: bool = True,
+def score(model: DalorraModel, items: list[Item], samples: int = 10, seed: int = 0, batched: bool = True,
           cloze_cache: bool = True, encoded: list[Encoded] | None = None) -> np.ndarray:
     """Choice logits of shape (S', B, K) (float64, −inf for a missing choice) under S' hard mask draws.
 
@@ -327,11 +351,12 @@ def score(model, items: list[Item], samples: int = 10, seed: int = 0, batched: b
 class _StageCache:
     """Keys/values per decoder layer for one stage; `frozen` passes read the cache without growing it."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.frozen = False
 
-    def update(self, k, v, layer_idx, *args, **kwargs):
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx in self.kv:
             pk, pv = self.kv[layer_idx]
             k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
@@ -345,7 +370,8 @@ class _StageCache:
         return out
 
 
-def _run_layers(model, hidden, attn2d, pos, layers, cache: _StageCache | None, past: int):
+def _run_layers(model: DalorraModel, hidden: torch.Tensor, attn2d: torch.Tensor, pos: torch.Tensor,
+                layers: Iterable[nn.Module], cache: _StageCache | None, past: int) -> torch.Tensor:
     """hidden (R, Lq, d) through `layers`; attn2d (R, past + Lq) marks real tokens, causal within the new ones."""
     R, Lq, _ = hidden.shape
     q = torch.arange(Lq, device=hidden.device)[:, None] + past
@@ -363,7 +389,9 @@ def _run_layers(model, hidden, attn2d, pos, layers, cache: _StageCache | None, p
     return hidden
 
 
-def _split_logits(model, enc, row_items, kmax, device, masked, lo, row_keys, ckeys):
+def _split_logits(model: DalorraModel, enc: list[Encoded], row_items: list[int], kmax: int,
+                  device: torch.device, masked: MaskedCtx, lo: int, row_keys: torch.Tensor | None,
+                  ckeys: torch.Tensor | None) -> torch.Tensor:
     dec = model.decoder
     lower, upper = dec.layers[:lo], dec.layers[lo:]
     uniq = sorted(set(row_items))
