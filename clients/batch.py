@@ -11,9 +11,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
+
+    from adapters.data import Item
+
+    from .client import Client
 
 
-def _key(it, index: int) -> str:
+def _key(it: Item, index: int) -> str:
     return it.id if it.id else f"line-{index + 1}"  # echoed back as the response id, so a resume finds it
 
 
@@ -32,7 +40,7 @@ def _done(path: str | None) -> dict[str, dict]:
     return rows
 
 
-def run_batch(c, a) -> int:
+def run_batch(c: Client, a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from adapters.data import load_jsonl

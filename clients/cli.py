@@ -7,9 +7,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.protocol import PredictResponse
 
 
-def add_predict(sub) -> None:
+def add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="ask a running server (one question, or a JSONL file)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--url", default=os.environ.get("DALORRA_URL", "http://127.0.0.1:8000"), help="server URL")
@@ -34,7 +38,7 @@ def _bar(p: float, width: int = 30) -> str:
     return "█" * n + "·" * (width - n)
 
 
-def render(r, choices: list[str]) -> str:
+def render(r: PredictResponse, choices: list[str]) -> str:
     lines = []
     for i, (c, p) in enumerate(zip(choices, r.probabilities, strict=True)):
         mark = "→" if i == r.answer_index else " "
@@ -46,7 +50,7 @@ def render(r, choices: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _predict(a) -> int:
+def _predict(a: argparse.Namespace) -> int:
     from .client import Client, DalorraError
 
     with Client(a.url, token=a.token) as c:

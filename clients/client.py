@@ -47,7 +47,7 @@ class Unreachable(DalorraError):
     """No HTTP answer at all: nothing listens at the URL, or the server did not answer in time."""
 
 
-def _unreachable(url, exc: httpx.TransportError) -> Unreachable:
+def _unreachable(url: httpx.URL, exc: httpx.TransportError) -> Unreachable:
     if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
         return Unreachable(0, "timeout", f"{url} did not answer in time ({type(exc).__name__}); raise the timeout "
                                          "or lower samples")
@@ -80,7 +80,7 @@ def _retry_after(resp: httpx.Response, attempt: int, backoff: float) -> float:
         return backoff * 2 ** attempt
 
 
-def _items(question, choices, kw) -> Any:
+def _items(question: str, choices: list[str], kw: dict[str, Any]) -> dict[str, Any]:
     return PredictItem(question=question, choices=list(choices), **kw).model_dump(exclude_none=True)
 
 

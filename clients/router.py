@@ -11,8 +11,12 @@ import inspect
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from server.protocol import PredictResponse
+
+if TYPE_CHECKING:
+    from .client import AsyncClient, Client
 
 Fallback = Callable[[str, list[str], PredictResponse], "int | Awaitable[int]"]
 
@@ -29,7 +33,7 @@ class Routed:
 class AbstainRouter:
     """Sync router over `clients.client.Client`. The fallback returns the index of its chosen answer."""
 
-    def __init__(self, client, fallback: Callable[[str, list[str], PredictResponse], int],
+    def __init__(self, client: Client, fallback: Callable[[str, list[str], PredictResponse], int],
                  send_feedback: bool = True, **predict_kw):
         self.client, self.fallback, self.send_feedback = client, fallback, send_feedback
         self.predict_kw = predict_kw
@@ -58,7 +62,7 @@ class AbstainRouter:
 class AsyncAbstainRouter:
     """Async router over `clients.client.AsyncClient`; the fallback may be sync or async."""
 
-    def __init__(self, client, fallback: Fallback, send_feedback: bool = True, **predict_kw):
+    def __init__(self, client: AsyncClient, fallback: Fallback, send_feedback: bool = True, **predict_kw):
         self.client, self.fallback, self.send_feedback = client, fallback, send_feedback
         self.predict_kw = predict_kw
         self.counts: Counter[str] = Counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
@@ -60,7 +61,7 @@ def _error(status: int, type_: str, message: str, headers: dict | None = None) -
     return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
 
 
-def make_backend(settings) -> Backend:
+def make_backend(settings: Settings) -> Backend:
     """The configured backend; torch and vllm are imported here, never by routes, the batcher or the interface."""
     if settings.backend == "vllm":
         from .vllm_backend import VLLMBackend
@@ -76,7 +77,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     metrics = Metrics()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         be = backend or make_backend(settings)
         app.state.service = Service(settings, be, metrics)
         await app.state.service.start()
@@ -116,7 +117,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                                                           "(send {} as the body)")
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError):
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return _error(exc.status, exc.type, exc.message, exc.headers)
 
     def _count_refused(path: str, status: int) -> None:
@@ -125,7 +126,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             metrics.requests.labels("unknown", "rejected" if status == 429 else "invalid").inc()
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
         _count_refused(request.url.path, 422)
         bad_json = [e for e in errs if e.get("type") == "json_invalid"]
@@ -140,17 +141,17 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                                         and ("PredictItem" in e["loc"][1]) and not e["loc"][1].startswith(branch))]
         errs = mine or errs
 
-        def where(loc) -> str:
+        def where(loc: Sequence[int | str]) -> str:
             return ".".join(str(x) for x in loc if x != "body" and not (isinstance(x, str) and "PredictItem" in x))
         msg = "; ".join(f"{where(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errs[:5])
         return _error(422, "invalid_request", msg or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, "http_error", str(exc.detail), exc.headers)  # 405 keeps its Allow
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         _count_refused(request.url.path, 500)
         return _error(500, "internal_error", "the server failed on this request; it has been logged")
@@ -160,63 +161,64 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     @app.post("/predict", response_model=PredictResponse | list[PredictResponse], responses=ERRORS,
               dependencies=[Depends(user)])
-    async def predict(body: PredictItem | list[PredictItem], svc: Svc):
+    async def predict(body: PredictItem | list[PredictItem],
+                      svc: Svc) -> PredictResponse | list[PredictResponse]:
         """One item → one response; a list → a list, in order."""
         if isinstance(body, list):
             return await svc.predict(body)
         return (await svc.predict([body]))[0]
 
     @app.post("/feedback", response_model=FeedbackResponse, responses=ERRORS, dependencies=[Depends(user)])
-    async def feedback(body: FeedbackRequest, svc: Svc):
+    async def feedback(body: FeedbackRequest, svc: Svc) -> FeedbackResponse:
         """The true label of an earlier prediction (by its receipt); feeds the calibration counters."""
         return svc.feedback(body)
 
     @app.get("/v1/adapters", response_model=AdapterList)
-    async def list_adapters(svc: Svc):
+    async def list_adapters(svc: Svc) -> AdapterList:
         return AdapterList(default=settings.default_adapter, adapters=[svc.describe(n) for n in svc.available()])
 
     @app.get("/v1/adapters/{name}", response_model=AdapterInfo, responses=ERRORS)
-    async def describe_adapter(name: str, svc: Svc):
+    async def describe_adapter(name: str, svc: Svc) -> AdapterInfo:
         if name not in svc.records:
             svc.adapter_path(name)  # 404 / 422 when it does not exist at all
         return svc.describe(name)
 
     @app.post("/v1/adapters/{name}/load", response_model=AdapterInfo, responses=ERRORS,
               dependencies=[Depends(admin)])
-    async def load_adapter(name: str, svc: Svc):
+    async def load_adapter(name: str, svc: Svc) -> AdapterInfo:
         await svc.load(name)
         return svc.describe(name)
 
     @app.post("/v1/adapters/{name}/unload", response_model=AdapterInfo, responses=ERRORS,
               dependencies=[Depends(admin)])
-    async def unload_adapter(name: str, svc: Svc):
+    async def unload_adapter(name: str, svc: Svc) -> AdapterInfo:
         await svc.unload(name)
         return svc.describe(name)
 
-    @app.get("/health/live")
-    @app.get("/v2/health/live")
-    async def live():
+    @app.get("/health/live", response_model=None)
+    @app.get("/v2/health/live", response_model=None)
+    async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @app.get("/health/ready", responses={503: {"model": ErrorResponse}})
-    @app.get("/v2/health/ready", responses={503: {"model": ErrorResponse}})
-    async def ready(svc: Svc):
+    @app.get("/health/ready", response_model=None, responses={503: {"model": ErrorResponse}})
+    @app.get("/v2/health/ready", response_model=None, responses={503: {"model": ErrorResponse}})
+    async def ready(svc: Svc) -> JSONResponse | dict[str, bool]:
         if not svc.ready():
             return _error(503, "not_ready", "model or adapter not loaded, or draining", {"Retry-After": "5"})
         return {"ready": True}
 
-    @app.get("/v2/models/{adapter}/ready", responses={404: {"model": ErrorResponse}})
-    async def model_ready(adapter: str, svc: Svc):
+    @app.get("/v2/models/{adapter}/ready", response_model=None, responses={404: {"model": ErrorResponse}})
+    async def model_ready(adapter: str, svc: Svc) -> JSONResponse | dict[str, str | bool]:
         if adapter not in svc.records or not svc.ready():
             return _error(404 if adapter not in svc.records else 503, "not_ready", f"adapter {adapter!r} not ready")
         return {"name": adapter, "ready": True}
 
     @app.get("/metrics")
-    async def prometheus():
+    async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)
-    async def page():
+    async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
     # OpenAI-compatible routes and KServe v2 inference (server/openai_api.py, server/kserve.py)

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from adapters.generate import OnToken
+
+    from .generation import GenerateRequest, GenerateResult
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,8 @@ class Backend(abc.ABC):
 
         All rows (Σ S_i) of one adapter go through one forward."""
 
-    def generate(self, request, on_token=None, cancelled=None):
+    def generate(self, request: GenerateRequest, on_token: OnToken | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> GenerateResult:
         """Decode a GenerateRequest with the mean-mask network and score the answer under S masks
         (server/generation.py); returns a GenerateResult. A backend that cannot raises GenerationUnsupported."""
         from .generation import GenerationUnsupported

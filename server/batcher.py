@@ -15,8 +15,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .backend import Backend, ScoreRequest
+from .backend import Backend, Scored, ScoreRequest
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class Overloaded(Exception):
@@ -82,7 +86,7 @@ class Batcher:
     def release(self, rows: int) -> None:
         self.admitted_rows = max(0, self.admitted_rows - rows)
 
-    async def submit(self, req: ScoreRequest, admitted: bool = False):
+    async def submit(self, req: ScoreRequest, admitted: bool = False) -> np.ndarray | Scored:
         """Queue one request; returns its (S, K) logits or raises its own error.
 
         admitted=True: its rows were reserved by admit() (the caller releases them); otherwise they are

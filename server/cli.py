@@ -6,7 +6,7 @@ import argparse
 import os
 
 
-def add_serve(sub) -> None:
+def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start the HTTP server (settings also from DALORRA_* env vars)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--host", default=None, help="bind address (DALORRA_HOST, default 127.0.0.1)")
@@ -24,7 +24,7 @@ def add_serve(sub) -> None:
     p.set_defaults(func=_serve)
 
 
-def _serve(a) -> int:
+def _serve(a: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 import h11
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-async def send_error(send, status: int, type_: str, message: str, headers: dict | None = None) -> None:
+async def send_error(send: Send, status: int, type_: str, message: str, headers: dict | None = None) -> None:
     """The API's one error shape, written straight to ASGI (used before the app sees the request)."""
     body = json.dumps({"error": {"type": type_, "message": message}}).encode()
     hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -38,13 +40,13 @@ class RequestGuard:
     """ASGI middleware: refuses a Host not in `allowed_hosts` (when given), and reads a request body whole,
     up to `max_body_bytes` and within `body_timeout_s` per read, before the app sees it."""
 
-    def __init__(self, app, max_body_bytes: int, body_timeout_s: float, allowed_hosts: list[str] | None = None,
-                 on_reject=None):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float,
+                 allowed_hosts: list[str] | None = None, on_reject: Callable[[str, int], None] | None = None):
         self.app, self.limit, self.timeout = app, max_body_bytes, body_timeout_s
         self.allowed = {h.lower() for h in allowed_hosts or []}
         self.on_reject = on_reject or (lambda path, status: None)
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
@@ -78,7 +80,7 @@ class RequestGuard:
                 return await send_error(send, 413, "too_large", f"body exceeds {self.limit} bytes")
         replayed = False
 
-        async def replay():
+        async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
@@ -106,7 +108,7 @@ def head_timeout_protocol(seconds: float) -> type[H11Protocol]:
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
                 self.transport.close()
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm_head_timer()
 
@@ -115,7 +117,7 @@ def head_timeout_protocol(seconds: float) -> type[H11Protocol]:
             if not self.transport.is_closing():
                 self._arm_head_timer()
 
-        def connection_lost(self, exc) -> None:
+        def connection_lost(self, exc: Exception | None) -> None:
             if self._head_timer is not None:
                 self._head_timer.cancel()
             super().connection_lost(exc)

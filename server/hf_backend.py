@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,13 +18,20 @@ from adapters.scoring import DrawRequest, encode, score_draws
 
 from .backend import Backend, BackendError, ScoreRequest
 
+if TYPE_CHECKING:
+    from adapters.generate import OnToken
+    from adapters.model import DalorraModel
+
+    from .generation import GenerateRequest, GenerateResult
+    from .settings import Settings
+
 log = logging.getLogger("dalorra.hf")
 
 
 class HFBackend(Backend):
     name = "hf"
 
-    def __init__(self, settings):
+    def __init__(self, settings: Settings):
         self.settings = settings
         if settings.threads:
             torch.set_num_threads(settings.threads)
@@ -41,7 +50,7 @@ class HFBackend(Backend):
         return model.record
 
     @torch.no_grad()
-    def _compile(self, model, name: str) -> float:
+    def _compile(self, model: DalorraModel, name: str) -> float:
         """torch.compile the graph-break-free parts of every decoder layer (MLP, RMSNorms; dynamic shapes) and
         run warm-up batches so the compile cost is paid at load, not by the first user.
 
@@ -60,7 +69,8 @@ class HFBackend(Backend):
         log.info("adapter %s: torch.compile + warm-up took %.1f s", name, seconds)
         return seconds
 
-    def generate(self, request, on_token=None, cancelled=None):
+    def generate(self, request: GenerateRequest, on_token: OnToken | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> GenerateResult:
         """Text generation (server/hf_generate.py): the lock is taken per decoding step, not for the whole answer."""
         from .hf_generate import generate
 
@@ -95,7 +105,7 @@ class HFBackend(Backend):
                         out[i] = res
         return out  # type: ignore[return-value]
 
-    def _score_isolated(self, model, reqs: list[ScoreRequest]) -> list[np.ndarray | Exception]:
+    def _score_isolated(self, model: DalorraModel, reqs: list[ScoreRequest]) -> list[np.ndarray | Exception]:
         """One forward for the chunk; if it fails, each request again on its own, so an unexpected error
         (a bad input the checks missed, a bug) fails only the request that causes it."""
         try:
@@ -130,7 +140,7 @@ class HFBackend(Backend):
             rows += requests[i].rows
         return chunks + ([cur] if cur else [])
 
-    def _score_group(self, model, reqs: list[ScoreRequest]) -> list[np.ndarray]:
+    def _score_group(self, model: DalorraModel, reqs: list[ScoreRequest]) -> list[np.ndarray]:
         """One forward for `reqs` (one adapter); a request the tokenizer refuses fails alone."""
         enc: list = []
         bad: dict[int, Exception] = {}

@@ -91,19 +91,19 @@ def items_from(body: InferRequest, adapter: str) -> list[PredictItem]:
 def router() -> APIRouter:
     r = APIRouter(tags=["kserve-v2"])
 
-    @r.get("/v2")
-    async def server_metadata(request: Request):
+    @r.get("/v2", response_model=None)
+    async def server_metadata(request: Request) -> dict:
         return {"name": "dalorra", "version": request.app.version, "extensions": []}
 
-    @r.get("/v2/models/{name}")
-    async def model_metadata(name: str, request: Request):
+    @r.get("/v2/models/{name}", response_model=None)
+    async def model_metadata(name: str, request: Request) -> JSONResponse | dict:
         svc = request.app.state.service
         if name not in svc.records:
             return _err(404, f"model {name!r} is not loaded")
         return {"name": name, "versions": [], "platform": "dalorra", "inputs": INPUTS, "outputs": OUTPUTS}
 
-    @r.post("/v2/models/{name}/infer")
-    async def infer(name: str, body: InferRequest, request: Request):
+    @r.post("/v2/models/{name}/infer", response_model=None)
+    async def infer(name: str, body: InferRequest, request: Request) -> JSONResponse | dict:
         svc = request.app.state.service
         if name not in svc.records:
             return _err(404, f"model {name!r} is not loaded")

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from .errors import ApiError
 from .gen_service import GenerationService, new_id
-from .generation import GenerateResult
+from .generation import GenerateRequest, GenerateResult
 from .openai_protocol import ChatCompletionRequest, CompletionRequest, _Common
 from .protocol import PredictItem
 
@@ -36,7 +37,7 @@ def openai_error(exc: ApiError) -> JSONResponse:
                         status_code=exc.status, headers=exc.headers)
 
 
-def _sse(obj) -> str:
+def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
@@ -72,20 +73,20 @@ def _check(body: _Common) -> None:
 def router() -> APIRouter:
     r = APIRouter(tags=["openai"])
 
-    @r.get("/v1/models")
-    async def list_models(request: Request):
+    @r.get("/v1/models", response_model=None)
+    async def list_models(request: Request) -> dict:
         svc = request.app.state.service
         return {"object": "list", "data": [_model_card(n, rec) for n, rec in svc.records.items()]}
 
-    @r.get("/v1/models/{model}")
-    async def get_model(model: str, request: Request):
+    @r.get("/v1/models/{model}", response_model=None)
+    async def get_model(model: str, request: Request) -> JSONResponse | dict:
         rec = request.app.state.service.records.get(model)
         if rec is None:
             return openai_error(ApiError(404, "model_not_found", f"model {model!r} is not loaded"))
         return _model_card(model, rec)
 
     @r.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         try:
             _check(body)
             if isinstance(body.prompt, list):
@@ -106,7 +107,7 @@ def router() -> APIRouter:
             return openai_error(exc)
 
     @r.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         try:
             _check(body)
             try:
@@ -139,7 +140,8 @@ def _model_card(name: str, rec: dict) -> dict:
             "root": (rec.get("base_model") or {}).get("name"), "parent": None}
 
 
-async def _respond(g: GenerationService, req, body, chat: bool):
+async def _respond(g: GenerationService, req: GenerateRequest, body: _Common,
+                   chat: bool) -> JSONResponse | StreamingResponse:
     rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
     obj = "chat.completion" if chat else "text_completion"
     if not body.stream:
@@ -163,7 +165,7 @@ async def _respond(g: GenerationService, req, body, chat: bool):
         return _sse({"id": rid, "object": chunk_obj, "created": created, "model": req.adapter, "choices": choices,
                      **extra})
 
-    async def sse():
+    async def sse() -> AsyncIterator[str]:
         offsets = [0] * req.n
         try:
             if chat:
@@ -197,7 +199,8 @@ async def _respond(g: GenerationService, req, body, chat: bool):
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _multiple_choice(request: Request, body, question: str, context: str | None, chat: bool):
+async def _multiple_choice(request: Request, body: _Common, question: str, context: str | None,
+                           chat: bool) -> JSONResponse | StreamingResponse:
     """Answer by scoring the listed choices, exactly as POST /predict does; `uncertainty` is its response."""
     if body.n != 1:
         raise ApiError(422, "invalid_request", "multiple choice returns one answer: n must be 1")
@@ -218,7 +221,7 @@ async def _multiple_choice(request: Request, body, question: str, context: str |
         choice.update({"delta": {"role": "assistant", "content": pr.answer}} if chat else {"text": pr.answer})
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        async def sse():
+        async def sse() -> AsyncIterator[str]:
             yield _sse({"id": rid, "object": obj, "created": created, "model": pr.adapter, "choices": [choice]})
             yield "data: [DONE]\n\n"
 

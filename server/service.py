@@ -12,6 +12,7 @@ import uuid
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from .errors import ApiError
 from .metrics import Metrics
 from .protocol import AdapterInfo, FeedbackRequest, FeedbackResponse, PredictItem, PredictResponse
 from .receipts import ReceiptError, ReceiptInvalid, Receipts
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger("dalorra.service")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -60,7 +64,7 @@ def not_unicode(text: str) -> bool:
 
 
 class Service:
-    def __init__(self, settings, backend: Backend, metrics: Metrics):
+    def __init__(self, settings: Settings, backend: Backend, metrics: Metrics):
         self.s, self.backend, self.metrics = settings, backend, metrics
         self.receipts = Receipts(feedback_key(settings.feedback_key), settings.receipt_ttl_s)
         self.records: dict[str, dict] = {}  # loaded adapter name → its JSON record
@@ -69,7 +73,7 @@ class Service:
         self._load_lock = asyncio.Lock()
         # Results of seeded requests: (adapter, load generation, request fields) → logits. A reload bumps
         # the generation, so stale entries are never served; LRU-bounded by RESULT_CACHE_SIZE.
-        self.cache: OrderedDict[tuple, object] = OrderedDict()
+        self.cache: OrderedDict[tuple, np.ndarray | Scored] = OrderedDict()
         self.generation: dict[str, int] = {}
         self.active = 0  # /predict calls in progress (stop() waits for them)
         self.busy: Counter[str] = Counter()  # adapter → admitted items not yet answered (unload waits for them)
@@ -261,7 +265,8 @@ class Service:
         return [self._respond(it, r, p.record, lg, t0, wait, cached=all(h))
                 for it, r, p, lg, h in zip(items, reqs, plans, logits, hits, strict=True)]
 
-    async def _score(self, item: PredictItem, req: ScoreRequest, rec: dict, hits: list[bool]):
+    async def _score(self, item: PredictItem, req: ScoreRequest, rec: dict,
+                     hits: list[bool]) -> np.ndarray | Scored:
         """All S draws in one go, or (adaptive) rounds of draws until sampling_settled() says more cannot
         change the outcome. Admission reserved all S rows up front: an accepted request is never refused
         half-way."""
@@ -289,7 +294,7 @@ class Service:
             return Scored(logits, sum(m * k for m, k in mass) / max(1, sum(k for _, k in mass)))
         return logits
 
-    async def _submit(self, req: ScoreRequest, cacheable: bool, hits: list[bool]):
+    async def _submit(self, req: ScoreRequest, cacheable: bool, hits: list[bool]) -> np.ndarray | Scored:
         """The batcher, behind a cache of seeded results: the same question, seed and draws give the same logits."""
         size = self.s.result_cache_size
         key = (req.adapter, self.generation.get(req.adapter, 0), req)

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod
-    def _hosts(cls, v):
+    def _hosts(cls, v: str | list[str]) -> list[str]:
         return [h.strip().lower() for h in v.split(",") if h.strip()] if isinstance(v, str) else v
 
     @field_validator("backend")

@@ -21,8 +21,10 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,9 +33,17 @@ from adapters.basemodel import config_hash, local_path
 from adapters.config import PromptFormat
 from adapters.data import Item
 from adapters.maskbank import BankSource
-from adapters.scoring import MAX_CONTINUATION_TOKENS, encode, letter_token_ids
+from adapters.scoring import MAX_CONTINUATION_TOKENS, Encoded, encode, letter_token_ids
 
 from .backend import Backend, BackendError, Scored, ScoreRequest
+
+if TYPE_CHECKING:
+    from vllm import LLM
+
+    from adapters.generate import OnToken
+
+    from .generation import GenerateRequest, GenerateResult
+    from .settings import Settings
 
 log = logging.getLogger("dalorra.vllm")
 
@@ -52,7 +62,7 @@ class Bank:
 class VLLMBackend(Backend):
     name = "vllm"
 
-    def __init__(self, settings, llm=None):
+    def __init__(self, settings: Settings, llm: LLM | None = None):
         from transformers import AutoConfig, AutoTokenizer
 
         self.settings = s = settings
@@ -193,7 +203,7 @@ class VLLMBackend(Backend):
                                "(DALORRA_VLLM_BANK_SIZE); ask for fewer samples")
         return np.random.default_rng(seed).permutation(m)[first:first + samples].tolist()
 
-    def _prompts(self, bank: Bank, members: list[int], enc) -> tuple[list, np.ndarray]:
+    def _prompts(self, bank: Bank, members: list[int], enc: list[Encoded]) -> tuple[list, np.ndarray]:
         """One (prompt tokens, forced token, LoRA) per scored token; index rows = (sample, choice)."""
         e = enc[0]
         if bank.fmt.mode == "letter":  # steps: (choice, prefix tokens, forced target token)
@@ -224,7 +234,8 @@ class VLLMBackend(Backend):
             res.append(float(lp[target].logprob))
         return res
 
-    def generate(self, request, on_token=None, cancelled=None):
+    def generate(self, request: GenerateRequest, on_token: OnToken | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> GenerateResult:
         from .generation import GenerationUnsupported
 
         raise GenerationUnsupported(

@@ -10,6 +10,7 @@ import argparse
 
 from clients.client import Client
 from clients.router import AbstainRouter
+from server.protocol import PredictResponse
 
 QUESTIONS = [
     ("Which of these is a source of light?", ["the Sun", "the Moon", "a mirror", "a rock"], 0),
@@ -18,7 +19,7 @@ QUESTIONS = [
 ]
 
 
-def ask_a_human(question: str, choices: list[str], prediction) -> int:
+def ask_a_human(question: str, choices: list[str], prediction: PredictResponse) -> int:
     # A real application would page a person or call a larger model; here the answer key stands in.
     return next(k for q, _, k in QUESTIONS if q == question)
 
