@@ -7,8 +7,15 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import MISSING
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .model import DalorraModel
 
 
 def _bool(s: str) -> bool:
@@ -19,7 +26,7 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def add_train(sub) -> None:
+def add_train(sub: argparse._SubParsersAction) -> None:
     from .train import TrainConfig
 
     p = sub.add_parser("train", help="train a DALorRA (or baseline) adapter",
@@ -37,7 +44,7 @@ def add_train(sub) -> None:
     p.set_defaults(func=_reporting_errors(_cmd_train))
 
 
-def _cmd_train(a) -> int:
+def _cmd_train(a: argparse.Namespace) -> int:
     from .train import TrainConfig, run
 
     kw = {f.name: getattr(a, f.name) for f in TrainConfig.options()}
@@ -52,7 +59,7 @@ def _cmd_train(a) -> int:
     return 0
 
 
-def add_eval(sub) -> None:
+def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate adapters on a JSONL: ACC, ECE, NLL, Brier, AURC, decisions; fit "
                                     "the generation thresholds on a short-answer set",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -80,7 +87,7 @@ def add_eval(sub) -> None:
     p.set_defaults(func=_reporting_errors(_cmd_eval))
 
 
-def _cmd_eval(a) -> int:
+def _cmd_eval(a: argparse.Namespace) -> int:
     from .adapter_io import load_adapter, write_json_atomic
     from .basemodel import load_base
     from .config import AdapterConfig, PromptFormat
@@ -110,7 +117,7 @@ def _cmd_eval(a) -> int:
     return 0
 
 
-def _eval_choices(a, ad: str, model) -> list[dict]:
+def _eval_choices(a: argparse.Namespace, ad: str, model: DalorraModel) -> list[dict]:
     """Choice metrics of one adapter on every --data set (predictions and plots with --out-dir)."""
     import numpy as np
 
@@ -139,7 +146,7 @@ def _eval_choices(a, ad: str, model) -> list[dict]:
     return results
 
 
-def _fit_generation(a, ad: str, model) -> dict:
+def _fit_generation(a: argparse.Namespace, ad: str, model: DalorraModel) -> dict:
     """Fit one adapter's generation thresholds on --generation-set; write them unless --generation-out collects."""
     from .adapter_io import write_json_atomic
     from .data import load_jsonl
@@ -156,7 +163,8 @@ def _fit_generation(a, ad: str, model) -> dict:
     return rec
 
 
-def _plot_or_warn(plot, path: Path, probs, labels, title: str) -> bool:
+def _plot_or_warn(plot: Callable[[Path, np.ndarray, np.ndarray, str], None], path: Path, probs: np.ndarray,
+                  labels: np.ndarray, title: str) -> bool:
     """The reliability plot needs matplotlib (an optional extra); without it the metrics are still written."""
     try:
         plot(path, probs, labels, title)
@@ -167,23 +175,23 @@ def _plot_or_warn(plot, path: Path, probs, labels, title: str) -> bool:
     return True
 
 
-def add_convert(sub) -> None:
+def add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert the embedded GGUF model to the float cache now")
     p.add_argument("--base-model", default=None)
     p.set_defaults(func=_reporting_errors(_cmd_convert))
 
 
-def _cmd_convert(a) -> int:
+def _cmd_convert(a: argparse.Namespace) -> int:
     from .basemodel import local_path
 
     print(local_path(a.base_model))
     return 0
 
 
-def _reporting_errors(cmd):
+def _reporting_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """A bad input (data, adapter, base model, value) ends the command with its message and exit status 2."""
 
-    def run(a) -> int:
+    def run(a: argparse.Namespace) -> int:
         from .adapter_io import AdapterError
         from .basemodel import BaseModelError
         from .data import DataError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,10 +17,13 @@ from .decision import DecisionPolicy
 from .scoring import encode, score
 from .uncertainty import concat_items, summarize
 
+if TYPE_CHECKING:
+    from .model import DalorraModel
+
 
 @torch.no_grad()
-def predict_logits(model, items: list[Item], samples: int = 10, seed: int = 0, batch_size: int = 8,
-                   progress: bool = True, desc: str = "eval") -> np.ndarray:
+def predict_logits(model: DalorraModel, items: list[Item], samples: int = 10, seed: int = 0,
+                   batch_size: int = 8, progress: bool = True, desc: str = "eval") -> np.ndarray:
     """(S, B, K) choice logits for all items, batch_size questions × S masks per forward."""
     was_training = model.training
     model.eval()

@@ -16,13 +16,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .generation import GeneratedChoice, GenerateRequest, GenerateResult, TokenScores
 from .scoring import _left_pad
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .model import DalorraModel
 
 TOKEN_CHUNK = 16  # answer positions reduced at once in the uncertainty pass: (S, 16, V) float64 ≈ 63 MB at S = 10
 
@@ -37,7 +43,7 @@ class PromptTooLong(PromptError):
     """The prompt has more tokens than the caller's limit."""
 
 
-def prompt_ids(model, req: GenerateRequest, max_tokens: int | None = None) -> list[int]:
+def prompt_ids(model: DalorraModel, req: GenerateRequest, max_tokens: int | None = None) -> list[int]:
     """Token ids of the request's prompt: raw text (with the tokenizer's BOS, if any) or the chat template."""
     tok = model.tokenizer
     if req.messages is not None:
@@ -54,7 +60,7 @@ def prompt_ids(model, req: GenerateRequest, max_tokens: int | None = None) -> li
         raise PromptTooLong(f"prompt is {len(ids)} tokens; at most {max_tokens}")
     return ids
 
-def eos_ids(model) -> set[int]:
+def eos_ids(model: DalorraModel) -> set[int]:
     ids = set()
     gc = getattr(model.base, "generation_config", None)
     e = getattr(gc, "eos_token_id", None) if gc is not None else None
@@ -64,7 +70,7 @@ def eos_ids(model) -> set[int]:
     return ids
 
 
-def mean_masks(model) -> dict[str, torch.Tensor] | None:
+def mean_masks(model: DalorraModel) -> dict[str, torch.Tensor] | None:
     """E[z] per module, shape (1, r); None means all switches on (no stochastic switches to average)."""
     if model.fixed_masks:  # ensembles: the mean of the member blocks (the average of the members' ΔW)
         draws = model.draw_masks(model.distinct_draws() or 1, 0)
@@ -90,7 +96,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
 class _Decoded:
     """One choice's tokens and text, with stop strings and incremental (streamable) text."""
 
-    def __init__(self, tok, stop: tuple[str, ...]):
+    def __init__(self, tok: PreTrainedTokenizerBase, stop: tuple[str, ...]):
         self.tok, self.stop = tok, stop
         self.ids: list[int] = []
         self.text, self.sent, self.cut = "", 0, None
@@ -133,8 +139,9 @@ class _Decoded:
 
 
 @torch.no_grad()
-def generate(model, req: GenerateRequest, lock=None, max_prompt_tokens: int | None = None,
-             on_token: OnToken | None = None, cancelled: Callable[[], bool] = lambda: False) -> GenerateResult:
+def generate(model: DalorraModel, req: GenerateRequest, lock: AbstractContextManager[object] | None = None,
+             max_prompt_tokens: int | None = None, on_token: OnToken | None = None,
+             cancelled: Callable[[], bool] = lambda: False) -> GenerateResult:
     """Decode req.n answers with the mean-mask network, then (req.samples > 0) score them under S masks.
 
     on_token streams each choice's new text as it becomes final; cancelled() is polled once per step."""
@@ -224,8 +231,8 @@ def vocab_uncertainty(lp: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tens
 
 
 @torch.no_grad()
-def score_answers(model, prompt: list[int], answers: list[list[int]], samples: int, seed: int,
-                  lock=None) -> tuple[list[TokenScores], int]:
+def score_answers(model: DalorraModel, prompt: list[int], answers: list[list[int]], samples: int, seed: int,
+                  lock: AbstractContextManager[object] | None = None) -> tuple[list[TokenScores], int]:
     """Teacher-forced scores of every answer under S' = min(S, distinct draws) masks, all rows in one forward.
 
     Row (j, s) is prompt + answer_j under mask z_s(seed); the logits at the positions before each answer token

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -23,6 +24,9 @@ from tqdm import tqdm
 from .config import CLOZE_TEMPLATE, PromptFormat
 from .data import DataError, Item
 from .generation import GenerateRequest, fit_generation_decision, summarize_answer, thresholds_of
+
+if TYPE_CHECKING:
+    from .model import DalorraModel
 
 MAX_ANSWER_WORDS = 3
 STOP = ("\n",)
@@ -77,8 +81,8 @@ def short_answer_request(item: Item, fmt: PromptFormat, adapter: str, samples: i
                            temperature=0.0, stop=STOP, samples=samples, mask_seed=mask_seed)
 
 
-def answer_short(model, items: list[Item], adapter: str, samples: int, max_tokens: int = 16, mask_seed: int = 0,
-                 progress: bool = True) -> list[dict]:
+def answer_short(model: DalorraModel, items: list[Item], adapter: str, samples: int, max_tokens: int = 16,
+                 mask_seed: int = 0, progress: bool = True) -> list[dict]:
     """Generate and score every item's answer; one row per item: id, gold, answer, correct and the summary."""
     from .generate import generate  # torch: imported when answers are generated
 
@@ -94,9 +98,9 @@ def answer_short(model, items: list[Item], adapter: str, samples: int, max_token
     return rows
 
 
-def fit_generation_thresholds(model, items: list[Item], *, adapter: str = "", source: str, limit: int | None,
-                              samples: int, target_error: float, delta: float = 0.1, max_tokens: int = 16,
-                              mask_seed: int = 0, progress: bool = True) -> dict:
+def fit_generation_thresholds(model: DalorraModel, items: list[Item], *, adapter: str = "", source: str,
+                              limit: int | None, samples: int, target_error: float, delta: float = 0.1,
+                              max_tokens: int = 16, mask_seed: int = 0, progress: bool = True) -> dict:
     """The generation decision record (the file the server reads) fitted on the short-answer items of `items`."""
     if samples < 1:
         raise ValueError(f"samples={samples}: the generation thresholds need the uncertainty pass (S >= 1)")

@@ -15,8 +15,10 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +44,7 @@ from .short_answers import (
 log = logging.getLogger("dalorra.train")
 
 
-def _opt(default=MISSING, help: str = "", **kw):
+def _opt(default: object = MISSING, help: str = "", **kw: Any) -> Any:
     """A TrainConfig field with its one-line help (`dalorra train --help` is generated from these)."""
     return field(default=default, metadata={"help": help}, **kw)
 
@@ -148,7 +150,7 @@ class Interrupted(RuntimeError):
     """Training stopped early on purpose (--stop-at); the checkpoint allows --resume."""
 
 
-def _dist():
+def _dist() -> tuple[int, int]:
     """(rank, world) from torchrun/accelerate environment variables; initialises the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
@@ -157,7 +159,7 @@ def _dist():
     return int(os.environ.get("RANK", "0")), world
 
 
-def _lr_lambda(total: int, warmup: float, constant: bool = False):
+def _lr_lambda(total: int, warmup: float, constant: bool = False) -> Callable[[int], float]:
     w = max(1, int(round(warmup * total)))
 
     def f(step: int) -> float:
@@ -188,7 +190,8 @@ def _batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
     return order[pos * batch:(pos + 1) * batch]
 
 
-def train_one(cfg: TrainConfig, seed: int, ckpt_path: Path, resume: bool, rank: int = 0, world: int = 1):
+def train_one(cfg: TrainConfig, seed: int, ckpt_path: Path, resume: bool, rank: int = 0,
+              world: int = 1) -> tuple[DalorraModel, dict]:
     """Train one adapter; returns (model, train summary). Checkpoints to ckpt_path every save_every steps."""
     torch.manual_seed(seed)
     random.seed(seed)

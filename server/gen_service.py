@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapters.generation import GenerateRequest, GenerateResult, decide, summarize_answer, thresholds_of
 
@@ -25,11 +26,14 @@ from .backend import BackendError
 from .errors import ApiError
 from .generation import GenerationUnsupported
 
+if TYPE_CHECKING:
+    from .service import Service
+
 log = logging.getLogger("dalorra.generation")
 
 
 class GenerationService:
-    def __init__(self, svc):
+    def __init__(self, svc: Service):
         self.svc, self.s, self.metrics = svc, svc.s, svc.metrics
         self.busy = 0
         self.waiting = 0
@@ -51,7 +55,8 @@ class GenerationService:
                            {"Retry-After": "5"})
         return rec
 
-    def plan(self, adapter: str, *, prompt: str | None = None, messages=None, max_tokens: int | None,
+    def plan(self, adapter: str, *, prompt: str | None = None,
+             messages: tuple[tuple[str, str], ...] | None = None, max_tokens: int | None,
              temperature: float, top_p: float, stop: tuple[str, ...], seed: int | None, n: int,
              top_logprobs: int | None, samples: int | None, mask_seed: int | None,
              ignore_eos: bool = False) -> GenerateRequest:
@@ -90,7 +95,7 @@ class GenerationService:
         self.busy += 1
         self.metrics.gen_slots.set(self.busy)
 
-    def _release(self, fut=None) -> None:
+    def _release(self, fut: asyncio.Future[GenerateResult] | None = None) -> None:
         if fut is not None and not fut.cancelled():
             fut.exception()  # retrieved here (a cancelled stream never reads it), so asyncio does not warn
         self.busy -= 1

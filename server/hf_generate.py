@@ -5,14 +5,20 @@ interleave with a long generation; a prompt it cannot take becomes a BackendErro
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 from adapters import generate as method
 from adapters.generation import GenerateRequest, GenerateResult
 
 from .backend import BackendError
 
+if TYPE_CHECKING:
+    from adapters.model import DalorraModel
 
-def generate(model, req: GenerateRequest, lock, max_prompt_tokens: int, on_token: method.OnToken | None = None,
+
+def generate(model: DalorraModel, req: GenerateRequest, lock: AbstractContextManager[object],
+             max_prompt_tokens: int, on_token: method.OnToken | None = None,
              cancelled: Callable[[], bool] = lambda: False) -> GenerateResult:
     try:
         return method.generate(model, req, lock, max_prompt_tokens, on_token, cancelled)
