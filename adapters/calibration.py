@@ -29,8 +29,9 @@ def confidence_bin(conf: float | np.ndarray, n_bins: int = N_BINS) -> int | np.n
     return np.clip((np.asarray(conf) * n_bins).astype(np.int64), 0, n_bins - 1)
 
 
-def bin_counts(conf: np.ndarray, correct: np.ndarray,
-               n_bins: int = N_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bin_counts(
+    conf: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per bin: (count, Σ confidence, Σ correct) — exactly what the server's counters accumulate."""
     b = confidence_bin(conf, n_bins)
     n = np.bincount(b, minlength=n_bins).astype(np.float64)
@@ -94,7 +95,7 @@ def auroc(score: np.ndarray, positive: np.ndarray) -> float:
         j = i
         while j + 1 < len(s_sorted) and s_sorted[j + 1] == s_sorted[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -135,8 +136,13 @@ def _binom_cdf(k: int, n: int, p: float) -> float:
     if p >= 1:
         return 1.0 if k >= n else 0.0
     lp, lq = math.log(p), math.log1p(-p)
-    return min(1.0, sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
-                                 + i * lp + (n - i) * lq) for i in range(k + 1)))
+    return min(
+        1.0,
+        sum(
+            math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq)
+            for i in range(k + 1)
+        ),
+    )
 
 
 def clopper_pearson_upper(errors: int, n: int, delta: float) -> float:
@@ -155,8 +161,14 @@ def clopper_pearson_upper(errors: int, n: int, delta: float) -> float:
     return hi
 
 
-def fit_threshold(signal: np.ndarray, correct: np.ndarray, target: float, delta: float = 0.1,
-                  higher_is_surer: bool = True, min_answered: int = 10) -> dict:
+def fit_threshold(
+    signal: np.ndarray,
+    correct: np.ndarray,
+    target: float,
+    delta: float = 0.1,
+    higher_is_surer: bool = True,
+    min_answered: int = 10,
+) -> dict:
     """Answer when signal ≥ t (confidence) or ≤ t (epistemic, higher_is_surer=False).
 
     Candidate thresholds are scanned from the strictest to the loosest; each is accepted while the
@@ -184,12 +196,22 @@ def fit_threshold(signal: np.ndarray, correct: np.ndarray, target: float, delta:
         best = (s_sorted[j], answered, errors, ucb)
     base = {"target_error": target, "delta": delta, "n_calibration": n}
     if best is None:
-        return {**base, "valid": False, "threshold": None,
-                "reason": f"no threshold keeps the selective error ≤ {target} at confidence {1 - delta} "
-                          f"on {n} calibration items"}
+        return {
+            **base,
+            "valid": False,
+            "threshold": None,
+            "reason": f"no threshold keeps the selective error ≤ {target} at confidence {1 - delta} "
+            f"on {n} calibration items",
+        }
     t = best[0] if higher_is_surer else -best[0]
-    return {**base, "valid": True, "threshold": float(t), "coverage": best[1] / n,
-            "selective_error": best[2] / best[1], "error_upper_bound": best[3]}
+    return {
+        **base,
+        "valid": True,
+        "threshold": float(t),
+        "coverage": best[1] / n,
+        "selective_error": best[2] / best[1],
+        "error_upper_bound": best[3],
+    }
 
 
 def conformal_quantile(probs: np.ndarray, labels: np.ndarray, alpha: float = 0.1) -> dict:
@@ -198,8 +220,12 @@ def conformal_quantile(probs: np.ndarray, labels: np.ndarray, alpha: float = 0.1
     n = len(scores)
     rank = math.ceil((n + 1) * (1 - alpha))
     if rank > n:
-        return {"alpha": alpha, "valid": False, "qhat": None,
-                "reason": f"{n} calibration items are too few for coverage {1 - alpha}"}
+        return {
+            "alpha": alpha,
+            "valid": False,
+            "qhat": None,
+            "reason": f"{n} calibration items are too few for coverage {1 - alpha}",
+        }
     qhat = float(np.sort(scores)[rank - 1])
     return {"alpha": alpha, "valid": True, "qhat": qhat, "n_calibration": n}
 

@@ -29,17 +29,23 @@ def _bool(s: str) -> bool:
 def add_train(sub: argparse._SubParsersAction) -> None:
     from .train import TrainConfig
 
-    p = sub.add_parser("train", help="train a DALorRA (or baseline) adapter",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="train a DALorRA (or baseline) adapter",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     for f in TrainConfig.options():  # one flag per field, its help written once on the field
         flag = "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
-        kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type).split(" ")[0].replace("None", "")
-                                                                .strip("| "), str)
+        kind = {"int": int, "float": float, "bool": _bool}.get(
+            str(f.type).split(" ")[0].replace("None", "").strip("| "), str
+        )
         if f.name == "targets":
             p.add_argument(flag, default=",".join(default), help=f.metadata["help"])
         else:
-            p.add_argument(flag, type=kind, default=default, required=f.default is MISSING, help=f.metadata["help"])
+            p.add_argument(
+                flag, type=kind, default=default, required=f.default is MISSING, help=f.metadata["help"]
+            )
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt/ exactly where it stopped")
     p.set_defaults(func=_reporting_errors(_cmd_train))
 
@@ -60,9 +66,12 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate adapters on a JSONL: ACC, ECE, NLL, Brier, AURC, decisions; fit "
-                                    "the generation thresholds on a short-answer set",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "eval",
+        help="evaluate adapters on a JSONL: ACC, ECE, NLL, Brier, AURC, decisions; fit "
+        "the generation thresholds on a short-answer set",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("adapters", nargs="+", help="adapter directories ('none' = the base model zero-shot)")
     p.add_argument("--data", action="append", default=[], help="JSONL to evaluate on (repeatable)")
     p.add_argument("--base-model", default=None, help="base model (default: embedded SmolLM2)")
@@ -70,20 +79,35 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="mask seed")
     p.add_argument("--limit", type=int, default=None, help="first N items only")
     p.add_argument("--batch-size", type=int, default=8, help="questions per forward")
-    p.add_argument("--mode", choices=["letter", "cloze"], default=None, help="zero-shot scoring mode ('none')")
+    p.add_argument(
+        "--mode", choices=["letter", "cloze"], default=None, help="zero-shot scoring mode ('none')"
+    )
     p.add_argument("--out-dir", default=None, help="write predictions JSONL, metrics JSON and PNG plots here")
-    g = p.add_argument_group("generation thresholds", "answer the short-answer questions of a multiple-choice set "
-                             "(gold choice of at most 3 words, question ending with '?') greedily, score each "
-                             "answer at S masks and fit the thresholds the server applies to generated answers")
-    g.add_argument("--generation-set", default=None, metavar="DATASET_SPLIT_OR_JSONL",
-                   help="multiple-choice JSONL (path or name/split, e.g. arc_easy/validation) to fit them on")
+    g = p.add_argument_group(
+        "generation thresholds",
+        "answer the short-answer questions of a multiple-choice set "
+        "(gold choice of at most 3 words, question ending with '?') greedily, score each "
+        "answer at S masks and fit the thresholds the server applies to generated answers",
+    )
+    g.add_argument(
+        "--generation-set",
+        default=None,
+        metavar="DATASET_SPLIT_OR_JSONL",
+        help="multiple-choice JSONL (path or name/split, e.g. arc_easy/validation) to fit them on",
+    )
     g.add_argument("--generation-items", type=int, default=60, help="use at most N of its short-answer items")
     g.add_argument("--generation-max-tokens", type=int, default=16, help="longest generated answer")
     g.add_argument("--target-error", type=float, default=0.2, help="selective error target of the thresholds")
-    g.add_argument("--target-delta", type=float, default=0.1, help="the target holds with confidence 1 − delta")
-    g.add_argument("--generation-out", default=None, metavar="PATH",
-                   help="write {adapter name: record} here (a DALORRA_GENERATION_DECISION file) instead of "
-                        "generation_decision.json in each adapter directory")
+    g.add_argument(
+        "--target-delta", type=float, default=0.1, help="the target holds with confidence 1 − delta"
+    )
+    g.add_argument(
+        "--generation-out",
+        default=None,
+        metavar="PATH",
+        help="write {adapter name: record} here (a DALORRA_GENERATION_DECISION file) instead of "
+        "generation_decision.json in each adapter directory",
+    )
     p.set_defaults(func=_reporting_errors(_cmd_eval))
 
 
@@ -94,9 +118,13 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from .model import DalorraModel
 
     if not a.data and not a.generation_set:
-        raise ValueError("nothing to do: give --data (choice metrics) and/or --generation-set (generation thresholds)")
+        raise ValueError(
+            "nothing to do: give --data (choice metrics) and/or --generation-set (generation thresholds)"
+        )
     if a.generation_set and "none" in a.adapters:
-        raise ValueError("--generation-set fits thresholds for an adapter; 'none' (the base model) has no directory")
+        raise ValueError(
+            "--generation-set fits thresholds for an adapter; 'none' (the base model) has no directory"
+        )
     if a.generation_set and a.generation_items < 1:
         raise ValueError(f"--generation-items {a.generation_items}: must be >= 1")
     results, fitted = [], {}
@@ -133,8 +161,13 @@ def _eval_choices(a: argparse.Namespace, ad: str, model: DalorraModel) -> list[d
         items = load_jsonl(data, limit=a.limit)
         logits = predict_logits(model, items, a.samples, a.seed, a.batch_size, desc=Path(data).stem) / T
         labels = np.array([it.label for it in items])
-        m = {"adapter": ad, "data": data, "samples": a.samples, "temperature": T,
-             **evaluate_logits(logits, labels, decision)}
+        m = {
+            "adapter": ad,
+            "data": data,
+            "samples": a.samples,
+            "temperature": T,
+            **evaluate_logits(logits, labels, decision),
+        }
         results.append(m)
         print(json.dumps(m))
         if a.out_dir:
@@ -142,7 +175,9 @@ def _eval_choices(a: argparse.Namespace, ad: str, model: DalorraModel) -> list[d
             od.mkdir(parents=True, exist_ok=True)
             stem = f"{Path(ad).name}__{Path(data).parent.name}_{Path(data).stem}"
             write_predictions(od / f"{stem}.predictions.jsonl", items, logits)
-            _plot_or_warn(plot_reliability, od / f"{stem}.png", summarize(logits)["probabilities"], labels, stem)
+            _plot_or_warn(
+                plot_reliability, od / f"{stem}.png", summarize(logits)["probabilities"], labels, stem
+            )
     return results
 
 
@@ -152,10 +187,18 @@ def _fit_generation(a: argparse.Namespace, ad: str, model: DalorraModel) -> dict
     from .data import load_jsonl
     from .short_answers import DECISION_FILE, decision_summary, fit_generation_thresholds
 
-    rec = fit_generation_thresholds(model, load_jsonl(a.generation_set), adapter=Path(ad).name,
-                                    source=a.generation_set, limit=a.generation_items, samples=a.samples,
-                                    target_error=a.target_error, delta=a.target_delta,
-                                    max_tokens=a.generation_max_tokens, mask_seed=a.seed)
+    rec = fit_generation_thresholds(
+        model,
+        load_jsonl(a.generation_set),
+        adapter=Path(ad).name,
+        source=a.generation_set,
+        limit=a.generation_items,
+        samples=a.samples,
+        target_error=a.target_error,
+        delta=a.target_delta,
+        max_tokens=a.generation_max_tokens,
+        mask_seed=a.seed,
+    )
     where = a.generation_out or str(Path(ad) / DECISION_FILE)
     if not a.generation_out:
         write_json_atomic(Path(where), rec)
@@ -163,14 +206,22 @@ def _fit_generation(a: argparse.Namespace, ad: str, model: DalorraModel) -> dict
     return rec
 
 
-def _plot_or_warn(plot: Callable[[Path, np.ndarray, np.ndarray, str], None], path: Path, probs: np.ndarray,
-                  labels: np.ndarray, title: str) -> bool:
+def _plot_or_warn(
+    plot: Callable[[Path, np.ndarray, np.ndarray, str], None],
+    path: Path,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    title: str,
+) -> bool:
     """The reliability plot needs matplotlib (an optional extra); without it the metrics are still written."""
     try:
         plot(path, probs, labels, title)
     except ImportError as exc:
-        print(f"dalorra eval: {exc.name or 'matplotlib'} is not installed, so {path.name} was skipped; the metrics "
-              "and predictions are written (pip install matplotlib for the plots)", file=sys.stderr)
+        print(
+            f"dalorra eval: {exc.name or 'matplotlib'} is not installed, so {path.name} was skipped; the metrics "
+            "and predictions are written (pip install matplotlib for the plots)",
+            file=sys.stderr,
+        )
         return False
     return True
 

@@ -13,7 +13,9 @@ MODES = ("letter", "cloze")
 MASK_SHARING = ("module", "rank", "layer")
 NORMALIZE = ("none", "tokens", "chars")
 
-LETTER_TEMPLATE = "Select one of the choices that answers the following question: {question} Choices: {choices} Answer:"
+LETTER_TEMPLATE = (
+    "Select one of the choices that answers the following question: {question} Choices: {choices} Answer:"
+)
 CLOZE_TEMPLATE = "Question: {question}\nAnswer:"
 
 
@@ -30,7 +32,9 @@ class AdapterConfig:
     r: int = 8  # rank of every adapted module
     alpha: float = 16.0  # LoRA scale numerator: ΔW = (alpha / r) B diag(z) A
     targets: tuple[str, ...] = ("q_proj", "v_proj", "lm_head")  # module-name suffixes to adapt
-    layers: tuple[int, ...] | None = None  # decoder layer indices to adapt (None: all); lm_head is always kept if targeted
+    layers: tuple[int, ...] | None = (
+        None  # decoder layer indices to adapt (None: all); lm_head is always kept if targeted
+    )
     p0: float = 0.5  # prior keep-probability of each rank component
     tau: float = 2.0 / 3.0  # binary-Concrete temperature for training masks
     hard: bool = True  # straight-through hard masks while training
@@ -48,7 +52,10 @@ class AdapterConfig:
         _check(0.0 < self.p0 < 1.0, f"p0={self.p0} must lie strictly between 0 and 1 (try 0.5)")
         _check(self.tau > 0, f"tau={self.tau} must be > 0 (default 2/3)")
         _check(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
-        _check(self.mask_sharing in MASK_SHARING, f"mask_sharing={self.mask_sharing!r} is not one of {MASK_SHARING}")
+        _check(
+            self.mask_sharing in MASK_SHARING,
+            f"mask_sharing={self.mask_sharing!r} is not one of {MASK_SHARING}",
+        )
         object.__setattr__(self, "targets", tuple(self.targets))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
@@ -82,9 +89,13 @@ class AdapterConfig:
 class PromptFormat:
     """How one multiple-choice item becomes K choice logits (DESIGN §3, 'Scoring modes')."""
 
-    mode: str = "cloze"  # letter: last-position logits of the K letter tokens; cloze: log-likelihood of each choice
+    mode: str = (
+        "cloze"  # letter: last-position logits of the K letter tokens; cloze: log-likelihood of each choice
+    )
     template: str = ""  # "" picks the mode's default template; fields {question} {context} {choices}
-    normalize: str = "tokens"  # cloze only: none (summed log-prob) | tokens (mean per token) | chars (per character)
+    normalize: str = (
+        "tokens"  # cloze only: none (summed log-prob) | tokens (mean per token) | chars (per character)
+    )
     max_length: int = 256  # prompt tokens kept (left-truncated); continuation tokens are capped at 64
     letters: tuple[str, ...] = field(default_factory=lambda: tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
 

@@ -31,7 +31,9 @@ class Item:
         for c in self.choices:
             if not isinstance(c, str) or not c.strip():
                 raise ValueError("every choice must be a non-empty string")
-        if self.label is not None and not (isinstance(self.label, int) and 0 <= self.label < len(self.choices)):
+        if self.label is not None and not (
+            isinstance(self.label, int) and 0 <= self.label < len(self.choices)
+        ):
             raise ValueError(f"label {self.label!r} is not an index into {len(self.choices)} choices")
         object.__setattr__(self, "choices", tuple(self.choices))
 
@@ -42,7 +44,11 @@ def default_data_dir() -> Path:
     if env:
         return Path(env)
     beside = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
-    return beside if beside.is_dir() or not Path("/work/shared/datasets").is_dir() else Path("/work/shared/datasets")
+    return (
+        beside
+        if beside.is_dir() or not Path("/work/shared/datasets").is_dir()
+        else Path("/work/shared/datasets")
+    )
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
@@ -77,9 +83,15 @@ def load_jsonl(path: str | os.PathLike, limit: int | None = None, require_labels
             if not isinstance(row["choices"], list):
                 raise DataError(f"{p}:{lineno}: 'choices' must be a list of strings")
             try:
-                items.append(Item(question=row["question"], choices=tuple(row["choices"]),
-                                  label=row.get("label"), id=str(row.get("id", f"{p.stem}-{lineno}")),
-                                  context=row.get("context")))
+                items.append(
+                    Item(
+                        question=row["question"],
+                        choices=tuple(row["choices"]),
+                        label=row.get("label"),
+                        id=str(row.get("id", f"{p.stem}-{lineno}")),
+                        context=row.get("context"),
+                    )
+                )
             except ValueError as exc:
                 raise DataError(f"{p}:{lineno}: {exc}") from None
             if limit is not None and len(items) >= limit:

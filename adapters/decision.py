@@ -33,13 +33,16 @@ class DecisionPolicy:
     conformal_qhat: float | None = None
 
     @classmethod
-    def from_record(cls, decision: dict | None, min_confidence: float | None = None,
-                    max_epistemic: float | None = None) -> DecisionPolicy:
+    def from_record(
+        cls, decision: dict | None, min_confidence: float | None = None, max_epistemic: float | None = None
+    ) -> DecisionPolicy:
         """The adapter's fitted (valid) thresholds, each replaced by a request's override when one is given."""
         d = decision or {}
-        return cls(min_confidence if min_confidence is not None else _valid_threshold(d.get("confidence")),
-                   max_epistemic if max_epistemic is not None else _valid_threshold(d.get("epistemic")),
-                   (d.get("conformal") or {}).get("qhat"))
+        return cls(
+            min_confidence if min_confidence is not None else _valid_threshold(d.get("confidence")),
+            max_epistemic if max_epistemic is not None else _valid_threshold(d.get("epistemic")),
+            (d.get("conformal") or {}).get("qhat"),
+        )
 
     def reason(self, confidence: float, epistemic_norm: float) -> str | None:
         """None (answer) or why to abstain; the first rule that applies wins."""
@@ -51,8 +54,10 @@ class DecisionPolicy:
 
     def reasons(self, summary: dict[str, np.ndarray]) -> list[str | None]:
         """`reason` for every item of an `uncertainty.summarize` result."""
-        return [self.reason(float(c), float(e)) for c, e in zip(summary["confidence"], summary["epistemic_norm"],
-                                                                 strict=True)]
+        return [
+            self.reason(float(c), float(e))
+            for c, e in zip(summary["confidence"], summary["epistemic_norm"], strict=True)
+        ]
 
     def prediction_set(self, probabilities: np.ndarray) -> list[int]:
         return prediction_set(probabilities, self.conformal_qhat)

@@ -22,16 +22,26 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def predict_logits(model: DalorraModel, items: list[Item], samples: int = 10, seed: int = 0,
-                   batch_size: int = 8, progress: bool = True, desc: str = "eval") -> np.ndarray:
+def predict_logits(
+    model: DalorraModel,
+    items: list[Item],
+    samples: int = 10,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "eval",
+) -> np.ndarray:
     """(S, B, K) choice logits for all items, batch_size questions × S masks per forward."""
     was_training = model.training
     model.eval()
     enc = encode(items, model.tokenizer, model.fmt)
     chunks = []
     for i in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress, leave=False):
-        chunks.append(score(model, items[i:i + batch_size], samples=samples, seed=seed,
-                            encoded=enc[i:i + batch_size]))
+        chunks.append(
+            score(
+                model, items[i : i + batch_size], samples=samples, seed=seed, encoded=enc[i : i + batch_size]
+            )
+        )
     model.train(was_training)
     return concat_items(chunks)
 
@@ -48,8 +58,9 @@ def evaluate_logits(logits: np.ndarray, labels: np.ndarray, decision: dict | Non
     return out
 
 
-def calibrate_decisions(logits: np.ndarray, labels: np.ndarray, target_error: float = 0.2,
-                        delta: float = 0.1, alpha: float = 0.1) -> dict:
+def calibrate_decisions(
+    logits: np.ndarray, labels: np.ndarray, target_error: float = 0.2, delta: float = 0.1, alpha: float = 0.1
+) -> dict:
     """Fit abstention thresholds (confidence; epistemic MI) and a conformal quantile on a calibration split."""
     s = summarize(logits)
     correct = (s["answer_index"] == labels).astype(np.float64)
@@ -70,8 +81,10 @@ def decision_report(s: dict, labels: np.ndarray, decision: dict) -> dict:
     abstain, _ = abstain_mask(s, decision)
     correct = s["answer_index"] == labels
     answered = ~abstain
-    out = {"coverage": float(answered.mean()),
-           "selective_error": float(1 - correct[answered].mean()) if answered.any() else None}
+    out = {
+        "coverage": float(answered.mean()),
+        "selective_error": float(1 - correct[answered].mean()) if answered.any() else None,
+    }
     policy = DecisionPolicy.from_record(decision)
     if policy.conformal_qhat is not None:
         sets = [policy.prediction_set(p) for p in s["probabilities"]]
@@ -86,10 +99,20 @@ def write_predictions(path: Path, items: list[Item], logits: np.ndarray) -> None
     with tmp.open("w") as f:
         for i, it in enumerate(items):
             k = len(it.choices)
-            f.write(json.dumps({"id": it.id, "label": it.label, "answer_index": int(s["answer_index"][i]),
-                                "probabilities": s["probabilities"][i, :k].round(6).tolist(),
-                                "confidence": float(s["confidence"][i]), "entropy": float(s["entropy"][i]),
-                                "epistemic": float(s["epistemic"][i])}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": it.id,
+                        "label": it.label,
+                        "answer_index": int(s["answer_index"][i]),
+                        "probabilities": s["probabilities"][i, :k].round(6).tolist(),
+                        "confidence": float(s["confidence"][i]),
+                        "entropy": float(s["entropy"][i]),
+                        "epistemic": float(s["epistemic"][i]),
+                    }
+                )
+                + "\n"
+            )
     os.replace(tmp, path)
 
 
@@ -107,7 +130,13 @@ def plot_reliability(path: Path, probs: np.ndarray, labels: np.ndarray, title: s
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 4))
     centers = (np.arange(N_BINS) + 0.5) / N_BINS
     with np.errstate(invalid="ignore"):
-        ax1.bar(centers, np.where(n > 0, a / np.maximum(n, 1), 0), width=1 / N_BINS, edgecolor="k", label="accuracy")
+        ax1.bar(
+            centers,
+            np.where(n > 0, a / np.maximum(n, 1), 0),
+            width=1 / N_BINS,
+            edgecolor="k",
+            label="accuracy",
+        )
     ax1.plot([0, 1], [0, 1], "r--", label="perfect calibration")
     ax1.set(xlabel="confidence", ylabel="accuracy", title=f"Reliability: {title}")
     ax1.legend()

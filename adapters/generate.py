@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 
     from .model import DalorraModel
 
-TOKEN_CHUNK = 16  # answer positions reduced at once in the uncertainty pass: (S, 16, V) float64 ≈ 63 MB at S = 10
+TOKEN_CHUNK = (
+    16  # answer positions reduced at once in the uncertainty pass: (S, 16, V) float64 ≈ 63 MB at S = 10
+)
 
 OnToken = Callable[[int, str, dict | None], None]  # (choice index, new text, token info) while decoding
 
@@ -49,8 +51,9 @@ def prompt_ids(model: DalorraModel, req: GenerateRequest, max_tokens: int | None
     if req.messages is not None:
         if not getattr(tok, "chat_template", None):
             raise PromptError("the base model's tokenizer has no chat template; use /v1/completions")
-        text = tok.apply_chat_template([{"role": r, "content": c} for r, c in req.messages],
-                                       add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": r, "content": c} for r, c in req.messages], add_generation_prompt=True, tokenize=False
+        )
         ids = tok(text, add_special_tokens=False).input_ids
     else:
         ids = tok(req.prompt or "", add_special_tokens=True).input_ids
@@ -59,6 +62,7 @@ def prompt_ids(model: DalorraModel, req: GenerateRequest, max_tokens: int | None
     if max_tokens is not None and len(ids) > max_tokens:
         raise PromptTooLong(f"prompt is {len(ids)} tokens; at most {max_tokens}")
     return ids
+
 
 def eos_ids(model: DalorraModel) -> set[int]:
     ids = set()
@@ -124,7 +128,7 @@ class _Decoded:
             safe = len(self.text) - (max(map(len, self.stop)) - 1 if self.stop else 0)
             if self.text.endswith("\ufffd"):
                 safe = min(safe, len(self.text) - 1)
-        out = self.text[self.sent: max(self.sent, safe)]
+        out = self.text[self.sent : max(self.sent, safe)]
         self.sent = max(self.sent, safe)
         return out
 
@@ -139,9 +143,14 @@ class _Decoded:
 
 
 @torch.no_grad()
-def generate(model: DalorraModel, req: GenerateRequest, lock: AbstractContextManager[object] | None = None,
-             max_prompt_tokens: int | None = None, on_token: OnToken | None = None,
-             cancelled: Callable[[], bool] = lambda: False) -> GenerateResult:
+def generate(
+    model: DalorraModel,
+    req: GenerateRequest,
+    lock: AbstractContextManager[object] | None = None,
+    max_prompt_tokens: int | None = None,
+    on_token: OnToken | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> GenerateResult:
     """Decode req.n answers with the mean-mask network, then (req.samples > 0) score them under S masks.
 
     on_token streams each choice's new text as it becomes final; cancelled() is polled once per step."""
@@ -200,18 +209,30 @@ def generate(model: DalorraModel, req: GenerateRequest, lock: AbstractContextMan
             if rest:
                 on_token(i, rest, None)
         kept = d.scored_ids()
-        choices.append(GeneratedChoice(
-            text=d.final_text(), finish_reason=finish, token_ids=kept, tokens=[tok.decode([t]) for t in kept],
-            logprobs=lps[i][: len(kept)] if req.top_logprobs is not None else None,
-            top_logprobs=tops[i][: len(kept)] if req.top_logprobs is not None else None))
+        choices.append(
+            GeneratedChoice(
+                text=d.final_text(),
+                finish_reason=finish,
+                token_ids=kept,
+                tokens=[tok.decode([t]) for t in kept],
+                logprobs=lps[i][: len(kept)] if req.top_logprobs is not None else None,
+                top_logprobs=tops[i][: len(kept)] if req.top_logprobs is not None else None,
+            )
+        )
     samples, t1 = 0, time.perf_counter()
     if req.samples > 0 and not was_cancelled:
-        scores, samples = score_answers(model, prompt, [c.token_ids for c in choices], req.samples, req.mask_seed,
-                                        lock)
+        scores, samples = score_answers(
+            model, prompt, [c.token_ids for c in choices], req.samples, req.mask_seed, lock
+        )
         for c, s in zip(choices, scores, strict=True):
             c.scores = s
-    return GenerateResult(prompt_tokens=len(prompt), choices=choices, samples=samples, decode_seconds=t1 - t0,
-                          score_seconds=time.perf_counter() - t1)
+    return GenerateResult(
+        prompt_tokens=len(prompt),
+        choices=choices,
+        samples=samples,
+        decode_seconds=t1 - t0,
+        score_seconds=time.perf_counter() - t1,
+    )
 
 
 def vocab_uncertainty(lp: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -225,14 +246,24 @@ def vocab_uncertainty(lp: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tens
     lpbar = torch.logsumexp(lp, 0) - math.log(S)  # (T, V): log of the average probability
     H = torch.special.entr(lpbar.exp()).sum(-1)  # (T,)
     alea = h_s.mean(0)
-    return {"entropy": H, "aleatoric": alea, "epistemic": (H - alea).clamp(min=0.0),
-            "mask_logprobs": lp.gather(-1, y.expand(S, -1)[..., None]).squeeze(-1),
-            "mean_logprobs": lpbar.gather(-1, y[:, None]).squeeze(-1)}
+    return {
+        "entropy": H,
+        "aleatoric": alea,
+        "epistemic": (H - alea).clamp(min=0.0),
+        "mask_logprobs": lp.gather(-1, y.expand(S, -1)[..., None]).squeeze(-1),
+        "mean_logprobs": lpbar.gather(-1, y[:, None]).squeeze(-1),
+    }
 
 
 @torch.no_grad()
-def score_answers(model: DalorraModel, prompt: list[int], answers: list[list[int]], samples: int, seed: int,
-                  lock: AbstractContextManager[object] | None = None) -> tuple[list[TokenScores], int]:
+def score_answers(
+    model: DalorraModel,
+    prompt: list[int],
+    answers: list[list[int]],
+    samples: int,
+    seed: int,
+    lock: AbstractContextManager[object] | None = None,
+) -> tuple[list[TokenScores], int]:
     """Teacher-forced scores of every answer under S' = min(S, distinct draws) masks, all rows in one forward.
 
     Row (j, s) is prompt + answer_j under mask z_s(seed); the logits at the positions before each answer token
@@ -253,8 +284,9 @@ def score_answers(model: DalorraModel, prompt: list[int], answers: list[list[int
     with nullcontext() if lock is None else lock, torch.random.fork_rng(), model.mc_dropout(mc):
         torch.manual_seed(seed)  # MC dropout's draws, as in scoring.score
         with model.row_masks(masks, row_s):
-            hidden = model.decoder(input_ids=ids, attention_mask=attn, position_ids=pos,
-                                   use_cache=False).last_hidden_state  # (R, L, d), R = len(live)·S
+            hidden = model.decoder(
+                input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False
+            ).last_hidden_state  # (R, L, d), R = len(live)·S
         for r, j in enumerate(live):
             y = torch.tensor(answers[j], device=device)
             T = len(y)
@@ -262,12 +294,15 @@ def score_answers(model: DalorraModel, prompt: list[int], answers: list[list[int
             parts: dict[str, list[torch.Tensor]] = {}
             for a in range(0, T, TOKEN_CHUNK):  # bounded memory: (S, chunk, V) at a time
                 b = min(T, a + TOKEN_CHUNK)
-                h = hidden[rows, L - T - 1 + a: L - T - 1 + b]  # (S, b−a, d): positions predicting y_a..y_{b−1}
+                h = hidden[
+                    rows, L - T - 1 + a : L - T - 1 + b
+                ]  # (S, b−a, d): positions predicting y_a..y_{b−1}
                 with model.row_masks(masks, torch.arange(S, device=device)):
                     lp = torch.log_softmax(model.lm_head(h).float(), -1)  # (S, b−a, V)
                 for k, v in vocab_uncertainty(lp, y[a:b]).items():
                     parts.setdefault(k, []).append(v)
             cat = {k: torch.cat(v, -1).cpu().numpy() for k, v in parts.items()}
-            out[j] = TokenScores(cat["entropy"], cat["aleatoric"], cat["epistemic"], cat["mask_logprobs"],
-                                 cat["mean_logprobs"])
+            out[j] = TokenScores(
+                cat["entropy"], cat["aleatoric"], cat["epistemic"], cat["mask_logprobs"], cat["mean_logprobs"]
+            )
     return out, S

@@ -30,7 +30,9 @@ from .calibration import fit_threshold
 class GenerateRequest:
     adapter: str
     prompt: str | None = None  # /v1/completions: raw text, the tokenizer's special tokens added
-    messages: tuple[tuple[str, str], ...] | None = None  # /v1/chat/completions: (role, content), chat template
+    messages: tuple[tuple[str, str], ...] | None = (
+        None  # /v1/chat/completions: (role, content), chat template
+    )
     max_tokens: int = 16
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
@@ -40,7 +42,9 @@ class GenerateRequest:
     top_logprobs: int | None = None  # None: no log-probs; 0: the chosen token's only; k: also the top k
     samples: int = 10  # mask draws S of the uncertainty pass; 0 skips the pass
     mask_seed: int = 0  # the adapter's fixed draws by default, like /predict
-    ignore_eos: bool = False  # keep decoding past end-of-sequence (vLLM's extension; benchmarks of fixed length)
+    ignore_eos: bool = (
+        False  # keep decoding past end-of-sequence (vLLM's extension; benchmarks of fixed length)
+    )
 
 
 @dataclass
@@ -58,7 +62,9 @@ class TokenScores:
 class GeneratedChoice:
     text: str
     finish_reason: str  # "stop" | "length" | "cancelled"
-    token_ids: list[int] = field(default_factory=list)  # the scored tokens (EOS included when it ended the answer)
+    token_ids: list[int] = field(
+        default_factory=list
+    )  # the scored tokens (EOS included when it ended the answer)
     tokens: list[str] = field(default_factory=list)  # their text, one entry per token
     logprobs: list[float] | None = None  # the mean network's log p(y_t), T = 1 (not the sampling temperature)
     top_logprobs: list[list[tuple[str, float]]] | None = None
@@ -78,8 +84,18 @@ def summarize_answer(sc: TokenScores) -> dict:
     """Sequence-level summary of one answer's token scores (definitions in the module docstring)."""
     T = len(sc.entropy)
     if T == 0:  # nothing was generated (cancelled before the first token)
-        return {"tokens": 0, "entropy_mean": 0.0, "entropy_max": 0.0, "epistemic_mean": 0.0, "epistemic_max": 0.0,
-                "aleatoric_mean": 0.0, "loglik_mean": 0.0, "loglik_std": 0.0, "loglik": 0.0, "confidence": 1.0}
+        return {
+            "tokens": 0,
+            "entropy_mean": 0.0,
+            "entropy_max": 0.0,
+            "epistemic_mean": 0.0,
+            "epistemic_max": 0.0,
+            "aleatoric_mean": 0.0,
+            "loglik_mean": 0.0,
+            "loglik_std": 0.0,
+            "loglik": 0.0,
+            "confidence": 1.0,
+        }
     ll_s = sc.mask_logprobs.sum(1)  # (S,)
     return {
         "tokens": T,
@@ -108,14 +124,23 @@ def thresholds_of(record: dict | None) -> tuple[float | None, float | None]:
     """(min_confidence, max_epistemic) from a fitted generation decision record; invalid fits give None."""
     record = record or {}
     conf, epi = record.get("confidence") or {}, record.get("epistemic") or {}
-    return (conf.get("threshold") if conf.get("valid") else None,
-            epi.get("threshold") if epi.get("valid") else None)
+    return (
+        conf.get("threshold") if conf.get("valid") else None,
+        epi.get("threshold") if epi.get("valid") else None,
+    )
 
 
-def fit_generation_decision(confidence: np.ndarray, epistemic_mean: np.ndarray, correct: np.ndarray,
-                            target_error: float, delta: float = 0.1) -> dict:
+def fit_generation_decision(
+    confidence: np.ndarray,
+    epistemic_mean: np.ndarray,
+    correct: np.ndarray,
+    target_error: float,
+    delta: float = 0.1,
+) -> dict:
     """Thresholds for generated answers, fitted on a calibration set exactly as the choice thresholds are
     (calibration.fit_threshold: Clopper–Pearson bound on the selective error, fixed-sequence)."""
-    return {"signal": {"confidence": "exp(mean log p̄(y_t))", "epistemic": "mean_t MI_t (nats)"},
-            "confidence": fit_threshold(confidence, correct, target_error, delta, higher_is_surer=True),
-            "epistemic": fit_threshold(epistemic_mean, correct, target_error, delta, higher_is_surer=False)}
+    return {
+        "signal": {"confidence": "exp(mean log p̄(y_t))", "epistemic": "mean_t MI_t (nats)"},
+        "confidence": fit_threshold(confidence, correct, target_error, delta, higher_is_surer=True),
+        "epistemic": fit_threshold(epistemic_mean, correct, target_error, delta, higher_is_surer=False),
+    }

@@ -41,8 +41,16 @@ class _StraightThrough(torch.autograd.Function):
 
 
 class MaskedLoraLinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, p0: float, tau: float = 2 / 3,
-                 hard: bool = True, dropout: float = 0.0):
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        alpha: float,
+        p0: float,
+        tau: float = 2 / 3,
+        hard: bool = True,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.r, self.scaling, self.p0, self.tau, self.hard = r, alpha / r, p0, tau, hard
@@ -105,14 +113,18 @@ class MaskedLoraLinear(nn.Module):
             return self.dropout(x)
         keys, pos = (t.cpu() for t in self.row_noise)
         if tuple(pos.shape) != tuple(x.shape[:-1]):
-            raise RuntimeError(f"dropout positions {tuple(pos.shape)} do not match an input of {tuple(x.shape)}")
+            raise RuntimeError(
+                f"dropout positions {tuple(pos.shape)} do not match an input of {tuple(x.shape)}"
+            )
         keys = keys.reshape(*keys.shape, *[1] * (pos.dim() - keys.dim())).expand(pos.shape)
         keep = torch.empty(*pos.shape, x.shape[-1], dtype=torch.bool)
         for key in keys.unique().tolist():
             sel = keys == key
             g = torch.Generator().manual_seed(stream_seed(key, self.noise_id))
             at = pos[sel]  # (N,) positions of this stream's tokens
-            u = torch.rand(int(at.max()) + 1, x.shape[-1], generator=g)  # row t: position t (prefix-consistent)
+            u = torch.rand(
+                int(at.max()) + 1, x.shape[-1], generator=g
+            )  # row t: position t (prefix-consistent)
             keep[sel] = u[at] >= self.dropout_p
         return x * keep.to(device=x.device, dtype=x.dtype) / (1 - self.dropout_p)
 

@@ -31,7 +31,9 @@ class BankSource:
         self.record = files.record
         self.ranks = {n: int(A.shape[0]) for n, (A, _) in files.factors.items()}
         self.stochastic = files.config.stochastic
-        self.keep = {n: torch.sigmoid(phi) for n, phi in files.mask_logits.items()} if self.stochastic else None
+        self.keep = (
+            {n: torch.sigmoid(phi) for n, phi in files.mask_logits.items()} if self.stochastic else None
+        )
         self.fixed = files.fixed_masks
         self.sharing = files.config.mask_sharing
 
@@ -50,7 +52,9 @@ class BankSource:
         try:
             weights = {}
             for name, (A, B) in self.files.factors.items():
-                weights[f"base_model.model.{name}.lora_A.weight"] = (A * masks[name][index][:, None].to(A.dtype)).contiguous()
+                weights[f"base_model.model.{name}.lora_A.weight"] = (
+                    A * masks[name][index][:, None].to(A.dtype)
+                ).contiguous()
                 weights[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
             save_file(weights, str(tmp / "adapter_model.safetensors"))
             (tmp / "adapter_config.json").write_text(json.dumps(self.files.peft_config, indent=2))

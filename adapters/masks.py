@@ -37,9 +37,15 @@ def mask_groups(names: Iterable[str], sharing: str = "module") -> dict[str, list
     return groups  # insertion order: by each group's first (sorted) member name
 
 
-def draw_masks_from(ranks: dict[str, int], keep: dict[str, torch.Tensor] | None,
-                    fixed: dict[str, torch.Tensor], samples: int, seed: int, first: int = 0,
-                    sharing: str = "module") -> dict[str, torch.Tensor]:
+def draw_masks_from(
+    ranks: dict[str, int],
+    keep: dict[str, torch.Tensor] | None,
+    fixed: dict[str, torch.Tensor],
+    samples: int,
+    seed: int,
+    first: int = 0,
+    sharing: str = "module",
+) -> dict[str, torch.Tensor]:
     """Hard masks z_first .. z_{first+S-1} per module, name → (S, r) float32 on the CPU.
 
     Sample s depends only on (seed, s), so draws are prefix-consistent: the first 4 of 10 draws are the 4

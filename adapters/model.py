@@ -32,8 +32,15 @@ def _wants(name: str, cfg: AdapterConfig) -> bool:
 class DalorraModel(nn.Module):
     """Holds the base model (frozen), its tokenizer, the adapted layers and the adapter's metadata."""
 
-    def __init__(self, base: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: AdapterConfig,
-                 fmt: PromptFormat | None = None, base_name: str = "", seed: int | None = None):
+    def __init__(
+        self,
+        base: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        cfg: AdapterConfig,
+        fmt: PromptFormat | None = None,
+        base_name: str = "",
+        seed: int | None = None,
+    ):
         super().__init__()
         self.base, self.tokenizer, self.cfg = base, tokenizer, cfg
         self.fmt = fmt or PromptFormat()
@@ -49,8 +56,9 @@ class DalorraModel(nn.Module):
         for name in targets:
             parent_name, _, child = name.rpartition(".")
             parent = base.get_submodule(parent_name) if parent_name else base
-            layer = MaskedLoraLinear(getattr(parent, child), cfg.r, cfg.alpha, cfg.p0, cfg.tau, cfg.hard,
-                                     cfg.dropout)
+            layer = MaskedLoraLinear(
+                getattr(parent, child), cfg.r, cfg.alpha, cfg.p0, cfg.tau, cfg.hard, cfg.dropout
+            )
             setattr(parent, child, layer)
             self.adapted[name] = layer
         for i, name in enumerate(sorted(self.adapted)):  # every module its own dropout noise within a stream
@@ -103,7 +111,9 @@ class DalorraModel(nn.Module):
         """Hard masks z_first..z_{first+S-1} per module, z_s ~ Bernoulli(σ(φ)) from (seed, s): name → (S, r)."""
         ranks = {n: lay.r for n, lay in self.adapted.items()}
         keep = {n: lay.keep_prob for n, lay in self.adapted.items()} if self.cfg.stochastic else None
-        drawn = draw_masks_from(ranks, keep, self.fixed_masks, samples, seed, first, sharing=self.cfg.mask_sharing)
+        drawn = draw_masks_from(
+            ranks, keep, self.fixed_masks, samples, seed, first, sharing=self.cfg.mask_sharing
+        )
         return {n: m.to(self.adapted[n].lora_A) for n, m in drawn.items()}
 
     def first_adapted_layer(self) -> int:
@@ -129,8 +139,12 @@ class DalorraModel(nn.Module):
         return out
 
     @contextmanager
-    def row_masks(self, masks: dict[str, torch.Tensor] | None, index: torch.Tensor | None = None,
-                  noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> Iterator[None]:
+    def row_masks(
+        self,
+        masks: dict[str, torch.Tensor] | None,
+        index: torch.Tensor | None = None,
+        noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Iterator[None]:
         """Within the block, row i of every batch uses masks[name][index[i]] (None masks: all on).
 
         noise: (keys, pos), seeded dropout for every token of the next input (MaskedLoraLinear.row_noise)."""

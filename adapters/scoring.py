@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     from .model import DalorraModel
 
     # masked(index, keys, pos): the context in which the next input's rows use their masks and dropout streams
-    MaskedCtx = Callable[[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
-                         AbstractContextManager[None]]
+    MaskedCtx = Callable[
+        [torch.Tensor | None, torch.Tensor | None, torch.Tensor | None], AbstractContextManager[None]
+    ]
 
 MAX_CONTINUATION_TOKENS = 64
 
@@ -62,13 +63,16 @@ def letter_token_ids(tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, k: i
     for letter in fmt.letters[:k]:
         full = tokenizer("Answer: " + letter, add_special_tokens=False).input_ids
         if full[: len(stem)] != stem or len(full) != len(stem) + 1:
-            raise ValueError(f"answer letter {letter!r} is not a single token after 'Answer:' for this tokenizer")
+            raise ValueError(
+                f"answer letter {letter!r} is not a single token after 'Answer:' for this tokenizer"
+            )
         ids.append(full[-1])
     return ids
 
 
-def encode(items: list[Item], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat,
-           strict: bool = False) -> list[Encoded]:
+def encode(
+    items: list[Item], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, strict: bool = False
+) -> list[Encoded]:
     """Token ids per item. strict=True refuses an over-long prompt instead of left-truncating it."""
     out = []
     for item in items:
@@ -77,7 +81,7 @@ def encode(items: list[Item], tokenizer: PreTrainedTokenizerBase, fmt: PromptFor
         prompt = tokenizer(render_prompt(item, fmt), add_special_tokens=True).input_ids
         if strict and len(prompt) > fmt.max_length:
             raise ValueError(f"prompt is {len(prompt)} tokens; this adapter accepts at most {fmt.max_length}")
-        prompt = prompt[-fmt.max_length:]
+        prompt = prompt[-fmt.max_length :]
         conts, norms = (), ()
         if fmt.mode == "cloze":
             toks = [tokenizer(" " + c, add_special_tokens=False).input_ids for c in item.choices]
@@ -97,15 +101,16 @@ def encode(items: list[Item], tokenizer: PreTrainedTokenizerBase, fmt: PromptFor
     return out
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int,
-              device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _left_pad(
+    seqs: list[list[int]], pad_id: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left padding; position ids count only real tokens, so padding never shifts RoPE positions."""
     L = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), L), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
-        attn[i, L - len(s):] = 1
+        ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
+        attn[i, L - len(s) :] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), attn.to(device), pos.to(device)
 
@@ -120,10 +125,16 @@ def _head(model: DalorraModel, h: torch.Tensor, rows: torch.Tensor | None = None
     return F.linear(h, head.weight[rows], None if head.bias is None else head.bias[rows])
 
 
-def choice_logits(model: DalorraModel, enc: list[Encoded], row_items: list[int],
-                  masks: dict[str, torch.Tensor] | None, row_samples: torch.Tensor | None = None,
-                  cloze_cache: bool = True, shared_lower: bool = True,
-                  row_keys: torch.Tensor | None = None) -> torch.Tensor:
+def choice_logits(
+    model: DalorraModel,
+    enc: list[Encoded],
+    row_items: list[int],
+    masks: dict[str, torch.Tensor] | None,
+    row_samples: torch.Tensor | None = None,
+    cloze_cache: bool = True,
+    shared_lower: bool = True,
+    row_keys: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(R, Kmax) choice logits for rows R; row i scores item enc[row_items[i]] under masks[·][row_samples[i]].
 
     masks None: whatever mask mode the layers are in (all on, mean, concrete for training, off).
@@ -140,25 +151,39 @@ def choice_logits(model: DalorraModel, enc: list[Encoded], row_items: list[int],
     valid = torch.tensor([[k < enc[i].k for k in range(kmax)] for i in row_items], device=device)  # (R, Kmax)
     if row_keys is not None and masks is None:
         raise ValueError("seeded dropout (row_keys) needs row masks")
-    ckeys = None if row_keys is None else torch.tensor(  # (R·Kmax,) stream of each (row, choice) continuation
-        [stream_seed(key, 1 + k) for key in row_keys.tolist() for k in range(kmax)], device=device)
+    ckeys = (
+        None
+        if row_keys is None
+        else torch.tensor(  # (R·Kmax,) stream of each (row, choice) continuation
+            [stream_seed(key, 1 + k) for key in row_keys.tolist() for k in range(kmax)], device=device
+        )
+    )
 
-    def masked(index: torch.Tensor | None, keys: torch.Tensor | None = None,
-               pos: torch.Tensor | None = None) -> AbstractContextManager[None]:
+    def masked(
+        index: torch.Tensor | None, keys: torch.Tensor | None = None, pos: torch.Tensor | None = None
+    ) -> AbstractContextManager[None]:
         """The next input's row j is scoring row index[j] (None: j); keys/pos: its tokens' dropout streams."""
         if masks is None:
             return nullcontext()
-        return model.row_masks(masks, row_samples[index] if index is not None else row_samples,
-                               None if keys is None else (keys, pos))
+        return model.row_masks(
+            masks,
+            row_samples[index] if index is not None else row_samples,
+            None if keys is None else (keys, pos),
+        )
 
-    lo = model.first_adapted_layer() if shared_lower and masks is not None and not torch.is_grad_enabled() else 0
+    lo = (
+        model.first_adapted_layer()
+        if shared_lower and masks is not None and not torch.is_grad_enabled()
+        else 0
+    )
     if lo > 0:  # top-L adapter: layers below `lo` run once per question, S rows only above
         logits = _split_logits(model, enc, row_items, kmax, device, masked, lo, row_keys, ckeys)
     elif fmt.mode == "letter":
         ids, attn, pos = _left_pad([enc[i].prompt for i in row_items], pad_id, device)
         with masked(None, row_keys, pos):
-            h = model.decoder(input_ids=ids, attention_mask=attn, position_ids=pos,
-                              use_cache=False).last_hidden_state[:, -1]  # (R, d)
+            h = model.decoder(
+                input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False
+            ).last_hidden_state[:, -1]  # (R, d)
         rows = torch.tensor(letter_token_ids(model.tokenizer, fmt, kmax), device=device)
         with masked(None, row_keys, pos[:, -1]):
             logits = _head(model, h, rows)  # (R, Kmax)
@@ -174,8 +199,9 @@ def _cont_pos(ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
 
 
-def _cont_table(enc: list[Encoded], row_items: list[int], kmax: int,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cont_table(
+    enc: list[Encoded], row_items: list[int], kmax: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Continuations of every (row, choice), right-padded: ids (R·Kmax, Lc), lengths (R·Kmax,), norms."""
     conts, norms = [], []
     for i in row_items:
@@ -194,9 +220,16 @@ def _cont_table(enc: list[Encoded], row_items: list[int], kmax: int,
     return ids.to(device), lens.to(device), torch.tensor(norms, device=device)
 
 
-def _gather_cont_logprobs(model: DalorraModel, hidden: torch.Tensor, first_lp: torch.Tensor,
-                          ids: torch.Tensor, lens: torch.Tensor, masked_ctx: MaskedCtx,
-                          rk_index: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+def _gather_cont_logprobs(
+    model: DalorraModel,
+    hidden: torch.Tensor,
+    first_lp: torch.Tensor,
+    ids: torch.Tensor,
+    lens: torch.Tensor,
+    masked_ctx: MaskedCtx,
+    rk_index: torch.Tensor,
+    keys: torch.Tensor | None,
+) -> torch.Tensor:
     """Σ_t log p(cont_t | ·): token 0 from first_lp (RK, V); token t ≥ 1 from hidden[:, t−1] (RK, Lc, d).
     keys: (RK,) dropout streams of the continuations (None: no seeded dropout)."""
     RK, Lc = ids.shape
@@ -213,9 +246,16 @@ def _gather_cont_logprobs(model: DalorraModel, hidden: torch.Tensor, first_lp: t
     return total
 
 
-def _cloze_cached(model: DalorraModel, enc: list[Encoded], row_items: list[int], kmax: int,
-                  device: torch.device, masked: MaskedCtx, row_keys: torch.Tensor | None,
-                  ckeys: torch.Tensor | None) -> torch.Tensor:
+def _cloze_cached(
+    model: DalorraModel,
+    enc: list[Encoded],
+    row_items: list[int],
+    kmax: int,
+    device: torch.device,
+    masked: MaskedCtx,
+    row_keys: torch.Tensor | None,
+    ckeys: torch.Tensor | None,
+) -> torch.Tensor:
     R = len(row_items)
     ids, attn, pos = _left_pad([enc[i].prompt for i in row_items], model.tokenizer.pad_token_id, device)
     with masked(None, row_keys, pos):
@@ -230,15 +270,23 @@ def _cloze_cached(model: DalorraModel, enc: list[Encoded], row_items: list[int],
     attn2 = torch.cat([attn.repeat_interleave(kmax, 0), cattn], 1)  # (RK, Lp + Lc)
     pos2 = attn.sum(1).repeat_interleave(kmax)[:, None] + torch.arange(cids.shape[1], device=device)[None]
     with masked(rk_row, ckeys, _cont_pos(cids)):
-        hidden = model.decoder(input_ids=cids, attention_mask=attn2, position_ids=pos2,
-                               past_key_values=cache, use_cache=False).last_hidden_state  # (RK, Lc, d)
+        hidden = model.decoder(
+            input_ids=cids, attention_mask=attn2, position_ids=pos2, past_key_values=cache, use_cache=False
+        ).last_hidden_state  # (RK, Lc, d)
     total = _gather_cont_logprobs(model, hidden, first_lp[rk_row], cids, lens, masked, rk_row, ckeys)
     return (total / norms).view(R, kmax)
 
 
-def _cloze_full(model: DalorraModel, enc: list[Encoded], row_items: list[int], kmax: int,
-                device: torch.device, masked: MaskedCtx, row_keys: torch.Tensor | None,
-                ckeys: torch.Tensor | None) -> torch.Tensor:
+def _cloze_full(
+    model: DalorraModel,
+    enc: list[Encoded],
+    row_items: list[int],
+    kmax: int,
+    device: torch.device,
+    masked: MaskedCtx,
+    row_keys: torch.Tensor | None,
+    ckeys: torch.Tensor | None,
+) -> torch.Tensor:
     """Reference path: every (row, choice) as one full sequence prompt+continuation (K× the prompt cost)."""
     R = len(row_items)
     cids, lens, norms = _cont_table(enc, row_items, kmax, device)
@@ -247,21 +295,28 @@ def _cloze_full(model: DalorraModel, enc: list[Encoded], row_items: list[int], k
     ids, attn, pos = _left_pad(seqs, model.tokenizer.pad_token_id, device)
     L = ids.shape[1]
     keys = spos = None
-    if row_keys is not None:  # the cached path's streams: prompt tokens the row's, continuation tokens the choice's
-        n_prompt = torch.tensor([len(enc[row_items[r]].prompt) for r in rk_row.tolist()], device=device)[:, None]
+    if (
+        row_keys is not None
+    ):  # the cached path's streams: prompt tokens the row's, continuation tokens the choice's
+        n_prompt = torch.tensor([len(enc[row_items[r]].prompt) for r in rk_row.tolist()], device=device)[
+            :, None
+        ]
         in_cont = pos >= n_prompt  # (RK, L)
         keys = torch.where(in_cont, ckeys[:, None], row_keys[rk_row][:, None])
         spos = torch.where(in_cont, pos - n_prompt, pos)
     with masked(rk_row, keys, spos):
-        hidden = model.decoder(input_ids=ids, attention_mask=attn, position_ids=pos,
-                               use_cache=False).last_hidden_state  # (RK, L, d)
+        hidden = model.decoder(
+            input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False
+        ).last_hidden_state  # (RK, L, d)
     total = torch.zeros(len(seqs), device=device)
     for j in range(len(seqs)):  # plain loop: this path is the reference, not the fast one
         n = int(lens[j])
         at = slice(L - n - 1, L - 1)  # the positions predicting the n continuation tokens
-        with masked(rk_row[j].repeat(n), None if keys is None else keys[j, at], None if keys is None else spos[j, at]):
+        with masked(
+            rk_row[j].repeat(n), None if keys is None else keys[j, at], None if keys is None else spos[j, at]
+        ):
             lp = torch.log_softmax(_head(model, hidden[j, at]), -1)  # (n, V)
-        total[j] = lp.gather(1, ids[j, L - n:][:, None]).sum()
+        total[j] = lp.gather(1, ids[j, L - n :][:, None]).sum()
     return (total / norms).view(R, kmax)
 
 
@@ -289,8 +344,9 @@ def draws_to_score(model: DalorraModel, samples: int, first: int = 0) -> int:
 
 
 @torch.no_grad()
-def score_draws(model: DalorraModel, requests: list[DrawRequest],
-                cloze_cache: bool = True) -> list[np.ndarray]:
+def score_draws(
+    model: DalorraModel, requests: list[DrawRequest], cloze_cache: bool = True
+) -> list[np.ndarray]:
     """Choice logits (S'_i, B_i, K_i) per request (float64, −inf for a missing choice), all rows in one forward.
 
     S'_i = draws_to_score(model, samples, first); K_i the most choices among the request's items. Rows are
@@ -324,13 +380,20 @@ def score_draws(model: DalorraModel, requests: list[DrawRequest],
     logits = logits.double().cpu().numpy()  # (R, Kmax)
     out, start = [], 0
     for n, b, k in shapes:
-        out.append(logits[start:start + n * b].reshape(n, b, -1)[..., :k])
+        out.append(logits[start : start + n * b].reshape(n, b, -1)[..., :k])
         start += n * b
     return out
 
 
-def score(model: DalorraModel, items: list[Item], samples: int = 10, seed: int = 0, batched: bool = True,
-          cloze_cache: bool = True, encoded: list[Encoded] | None = None) -> np.ndarray:
+def score(
+    model: DalorraModel,
+    items: list[Item],
+    samples: int = 10,
+    seed: int = 0,
+    batched: bool = True,
+    cloze_cache: bool = True,
+    encoded: list[Encoded] | None = None,
+) -> np.ndarray:
     """Choice logits of shape (S', B, K) (float64, −inf for a missing choice) under S' hard mask draws.
 
     S' = draws_to_score(model, S): a deterministic adapter is scored once and an M-member ensemble M times (each
@@ -343,8 +406,12 @@ def score(model: DalorraModel, items: list[Item], samples: int = 10, seed: int =
     enc = encoded if encoded is not None else encode(items, model.tokenizer, model.fmt)
     if batched:
         return score_draws(model, [DrawRequest(enc, samples, seed)], cloze_cache)[0]
-    return np.concatenate([score_draws(model, [DrawRequest(enc, 1, seed, first=s)], cloze_cache)[0]
-                           for s in range(draws_to_score(model, samples))])
+    return np.concatenate(
+        [
+            score_draws(model, [DrawRequest(enc, 1, seed, first=s)], cloze_cache)[0]
+            for s in range(draws_to_score(model, samples))
+        ]
+    )
 
 
 # ---- top-L adapters: shared lower layers ---------------------------------------------------------------
@@ -355,8 +422,9 @@ class _StageCache:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.frozen = False
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: object,
-               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx in self.kv:
             pk, pv = self.kv[layer_idx]
             k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
@@ -370,28 +438,51 @@ class _StageCache:
         return out
 
 
-def _run_layers(model: DalorraModel, hidden: torch.Tensor, attn2d: torch.Tensor, pos: torch.Tensor,
-                layers: Iterable[nn.Module], cache: _StageCache | None, past: int) -> torch.Tensor:
+def _run_layers(
+    model: DalorraModel,
+    hidden: torch.Tensor,
+    attn2d: torch.Tensor,
+    pos: torch.Tensor,
+    layers: Iterable[nn.Module],
+    cache: _StageCache | None,
+    past: int,
+) -> torch.Tensor:
     """hidden (R, Lq, d) through `layers`; attn2d (R, past + Lq) marks real tokens, causal within the new ones."""
     R, Lq, _ = hidden.shape
     q = torch.arange(Lq, device=hidden.device)[:, None] + past
     k = torch.arange(attn2d.shape[1], device=hidden.device)[None, :]
     allowed = (k <= q)[None] & attn2d.bool()[:, None, :]  # (R, Lq, Lkv)
     allowed = allowed | (~allowed.any(-1, keepdim=True))  # fully padded query rows: attend anywhere (ignored)
-    mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(~allowed, float("-inf"))
+    mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+        ~allowed, float("-inf")
+    )
     mask = mask[:, None]  # (R, 1, Lq, Lkv), additive
     cos_sin = model.decoder.rotary_emb(hidden, position_ids=pos)
     for layer in layers:
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=pos,
-                       past_key_values=cache, use_cache=cache is not None)
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=cos_sin,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
         if isinstance(hidden, tuple):
             hidden = hidden[0]
     return hidden
 
 
-def _split_logits(model: DalorraModel, enc: list[Encoded], row_items: list[int], kmax: int,
-                  device: torch.device, masked: MaskedCtx, lo: int, row_keys: torch.Tensor | None,
-                  ckeys: torch.Tensor | None) -> torch.Tensor:
+def _split_logits(
+    model: DalorraModel,
+    enc: list[Encoded],
+    row_items: list[int],
+    kmax: int,
+    device: torch.device,
+    masked: MaskedCtx,
+    lo: int,
+    row_keys: torch.Tensor | None,
+    ckeys: torch.Tensor | None,
+) -> torch.Tensor:
     dec = model.decoder
     lower, upper = dec.layers[:lo], dec.layers[lo:]
     uniq = sorted(set(row_items))
@@ -419,7 +510,9 @@ def _split_logits(model: DalorraModel, enc: list[Encoded], row_items: list[int],
     low = low_cache.select(uk_item)
     low.frozen = True
     hc = _run_layers(model, dec.embed_tokens(cids), attn_uk, pos_uk, lower, low, Lp)  # (U·K, Lc, d)
-    rk = (u_of[:, None] * kmax + torch.arange(kmax, device=device)[None]).reshape(-1)  # row-choice → U·K index
+    rk = (u_of[:, None] * kmax + torch.arange(kmax, device=device)[None]).reshape(
+        -1
+    )  # row-choice → U·K index
     rk_row = torch.arange(R, device=device).repeat_interleave(kmax)
     up = up_cache.select(rk_row)
     up.frozen = True

@@ -55,29 +55,44 @@ class TrainConfig:
     Each field is one `dalorra train --flag` (underscores become dashes) with the help text given here."""
 
     out: str = _opt(help="adapter directory to write (atomically); checkpoints go to <out>.ckpt/")
-    train: str = _opt("arc_easy/train", "training JSONL (path, or name/split under the data directory, e.g. "
-                                        "arc_easy/train)")
+    train: str = _opt(
+        "arc_easy/train", "training JSONL (path, or name/split under the data directory, e.g. arc_easy/train)"
+    )
     validation: str | None = _opt(None, "validation JSONL, evaluated every --eval-every steps (optional)")
-    calibration: str | None = _opt(None, "calibration JSONL for temperature, abstention and generation thresholds "
-                                         "(default: --calib-fraction of train)")
-    calib_fraction: float = _opt(0.1, "share of the training file held out for calibration when no file is given")
-    base_model: str | None = _opt(None, "HF model id or local directory (default: the embedded "
-                                        "SmolLM2-135M-Instruct)")
+    calibration: str | None = _opt(
+        None,
+        "calibration JSONL for temperature, abstention and generation thresholds "
+        "(default: --calib-fraction of train)",
+    )
+    calib_fraction: float = _opt(
+        0.1, "share of the training file held out for calibration when no file is given"
+    )
+    base_model: str | None = _opt(
+        None, "HF model id or local directory (default: the embedded SmolLM2-135M-Instruct)"
+    )
     method: str = _opt("dalorra", "dalorra | lora (MLE) | map (weight decay) | mcdropout | ensemble")
     r: int = _opt(8, "LoRA rank")
     alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / r)")
-    targets: tuple[str, ...] = _opt(("q_proj", "v_proj", "lm_head"), "module-name suffixes to adapt (comma-separated)")
+    targets: tuple[str, ...] = _opt(
+        ("q_proj", "v_proj", "lm_head"), "module-name suffixes to adapt (comma-separated)"
+    )
     top_layers: int | None = _opt(None, "adapt only the top L decoder layers (default: all)")
     p0: float = _opt(0.5, "prior keep-probability of each rank component")
     tau: float = _opt(2.0 / 3.0, "binary-Concrete temperature")
     hard: bool = _opt(True, "straight-through hard masks during training (true/false)")
-    mask_sharing: str = _opt("module", "which modules share one switch per rank index: module (the paper: none), "
-                                       "rank (all layers of a module kind), layer (q_proj and v_proj of one layer)")
-    train_samples: int = _opt(1, "mask draws per example per step (DALorRA; the likelihood is averaged over them)")
+    mask_sharing: str = _opt(
+        "module",
+        "which modules share one switch per rank index: module (the paper: none), "
+        "rank (all layers of a module kind), layer (q_proj and v_proj of one layer)",
+    )
+    train_samples: int = _opt(
+        1, "mask draws per example per step (DALorRA; the likelihood is averaged over them)"
+    )
     lr: float = _opt(1e-4, "learning rate of A and B")
     lr_mask: float = _opt(1e-2, "learning rate of the mask logits φ")
-    mask_schedule: str = _opt("linear", "φ's schedule: linear (warm-up + decay, like A/B) or constant (after "
-                                        "warm-up)")
+    mask_schedule: str = _opt(
+        "linear", "φ's schedule: linear (warm-up + decay, like A/B) or constant (after warm-up)"
+    )
     weight_decay: float = _opt(0.0, "AdamW weight decay on A and B (method map: 0.01 when 0)")
     kl_weight: float = _opt(1.0, "weight λ of KL/N in the loss")
     kl_warmup: float = _opt(0.0, "fraction of steps over which λ rises linearly from 0")
@@ -92,23 +107,36 @@ class TrainConfig:
     ensemble_size: int = _opt(3, "members of method=ensemble")
     eval_every: int = _opt(100, "validate every N steps")
     eval_limit: int = _opt(200, "validation items used")
-    eval_samples: int = _opt(10, "mask samples S at evaluation and calibration (the adapter's default S when served)")
+    eval_samples: int = _opt(
+        10, "mask samples S at evaluation and calibration (the adapter's default S when served)"
+    )
     save_every: int = _opt(50, "checkpoint every N steps")
     train_limit: int | None = _opt(None, "read only the first N rows of the training file (before the split)")
-    train_items: int | None = _opt(None, "train on only the first N items left after the calibration split "
-                                         "(several epochs over a capped set in the same steps: the paper's regime); "
-                                         "the calibration split is unchanged")
-    target_error: float = _opt(0.2, "abstention: selective error target on the calibration split (choices and "
-                                    "generated answers)")
+    train_items: int | None = _opt(
+        None,
+        "train on only the first N items left after the calibration split "
+        "(several epochs over a capped set in the same steps: the paper's regime); "
+        "the calibration split is unchanged",
+    )
+    target_error: float = _opt(
+        0.2, "abstention: selective error target on the calibration split (choices and generated answers)"
+    )
     target_delta: float = _opt(0.1, "abstention: the target holds with confidence 1 − delta")
     conformal_alpha: float = _opt(0.1, "prediction sets aim at coverage 1 − alpha")
-    calibrate: bool = _opt(True, "fit abstention thresholds and the conformal quantile on the calibration split "
-                                 "(true/false)")
-    temperature_scaling: bool = _opt(True, "fit one temperature by NLL on the calibration split, stored in "
-                                           "dalorra.json and applied to every mask's choice logits before "
-                                           "averaging (true/false)")
-    generation_items: int = _opt(60, "fit the thresholds for generated answers on up to N short-answer questions "
-                                     "of the calibration split, written to generation_decision.json (0: skip)")
+    calibrate: bool = _opt(
+        True, "fit abstention thresholds and the conformal quantile on the calibration split (true/false)"
+    )
+    temperature_scaling: bool = _opt(
+        True,
+        "fit one temperature by NLL on the calibration split, stored in "
+        "dalorra.json and applied to every mask's choice logits before "
+        "averaging (true/false)",
+    )
+    generation_items: int = _opt(
+        60,
+        "fit the thresholds for generated answers on up to N short-answer questions "
+        "of the calibration split, written to generation_decision.json (0: skip)",
+    )
     generation_max_tokens: int = _opt(16, "longest generated answer when fitting the generation thresholds")
     stop_at: int | None = _opt(None, "stop after this step (time-boxed jobs); continue later with --resume")
     progress: bool = _opt(True, "show progress bars")
@@ -124,15 +152,26 @@ class TrainConfig:
         if not 0 <= self.warmup < 1 or not 0 <= self.kl_warmup <= 1:
             raise ValueError("warmup and kl_warmup are fractions of the steps")
         if self.generation_items < 0 or self.generation_max_tokens < 1:
-            raise ValueError(f"generation_items={self.generation_items} must be >= 0 (0 skips the generation "
-                             f"thresholds) and generation_max_tokens={self.generation_max_tokens} >= 1")
+            raise ValueError(
+                f"generation_items={self.generation_items} must be >= 0 (0 skips the generation "
+                f"thresholds) and generation_max_tokens={self.generation_max_tokens} >= 1"
+            )
 
     def adapter_config(self, n_layers: int) -> AdapterConfig:
         layers = None if self.top_layers is None else tuple(range(n_layers - self.top_layers, n_layers))
-        return AdapterConfig(method=self.method, r=self.r, alpha=self.alpha, targets=self.targets, layers=layers,
-                             p0=self.p0, tau=self.tau, hard=self.hard, mask_sharing=self.mask_sharing,
-                             dropout=0.1 if self.method == "mcdropout" else 0.0,
-                             stochastic=self.method == "dalorra")
+        return AdapterConfig(
+            method=self.method,
+            r=self.r,
+            alpha=self.alpha,
+            targets=self.targets,
+            layers=layers,
+            p0=self.p0,
+            tau=self.tau,
+            hard=self.hard,
+            mask_sharing=self.mask_sharing,
+            dropout=0.1 if self.method == "mcdropout" else 0.0,
+            stochastic=self.method == "dalorra",
+        )
 
     @classmethod
     def options(cls) -> list[Field]:
@@ -166,6 +205,7 @@ def _lr_lambda(total: int, warmup: float, constant: bool = False) -> Callable[[i
         if step < w:
             return (step + 1) / w
         return 1.0 if constant else max(0.0, (total - step) / max(1, total - w))
+
     return f
 
 
@@ -176,7 +216,7 @@ def load_splits(cfg: TrainConfig) -> tuple[list[Item], list[Item] | None, list[I
     else:
         train, calib = split(train, cfg.calib_fraction, cfg.seed)
     if cfg.train_items is not None:
-        train = train[:cfg.train_items]
+        train = train[: cfg.train_items]
     val = load_jsonl(cfg.validation, limit=cfg.eval_limit) if cfg.validation else None
     return train, val, calib
 
@@ -187,18 +227,25 @@ def _batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
     epoch, pos = divmod(step, per_epoch)
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[pos * batch:(pos + 1) * batch]
+    return order[pos * batch : (pos + 1) * batch]
 
 
-def train_one(cfg: TrainConfig, seed: int, ckpt_path: Path, resume: bool, rank: int = 0,
-              world: int = 1) -> tuple[DalorraModel, dict]:
+def train_one(
+    cfg: TrainConfig, seed: int, ckpt_path: Path, resume: bool, rank: int = 0, world: int = 1
+) -> tuple[DalorraModel, dict]:
     """Train one adapter; returns (model, train summary). Checkpoints to ckpt_path every save_every steps."""
     torch.manual_seed(seed)
     random.seed(seed)
     base, tok = load_base(cfg.base_model)
     n_layers = base.config.num_hidden_layers
-    model = DalorraModel(base, tok, cfg.adapter_config(n_layers), cfg.prompt_format(),
-                         base_name=resolve_name(cfg.base_model), seed=seed)
+    model = DalorraModel(
+        base,
+        tok,
+        cfg.adapter_config(n_layers),
+        cfg.prompt_format(),
+        base_name=resolve_name(cfg.base_model),
+        seed=seed,
+    )
     train, val, _ = load_splits(cfg)
     if len(train) < cfg.batch_size:
         raise DataError(f"{cfg.train}: {len(train)} training items, fewer than one batch of {cfg.batch_size}")
@@ -228,8 +275,13 @@ def train_one(cfg: TrainConfig, seed: int, ckpt_path: Path, resume: bool, rank: 
         log.info("resumed %s at step %d", ckpt_path, step)
     model.train()
     micro = cfg.batch_size // cfg.grad_accum
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", disable=not cfg.progress or rank != 0,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        desc=f"train {cfg.method}",
+        disable=not cfg.progress or rank != 0,
+        dynamic_ncols=True,
+    )
     while step < cfg.steps:
         if cfg.stop_at is not None and step >= cfg.stop_at:
             raise Interrupted(f"stopped at step {step} (--stop-at); continue with --resume")
@@ -239,7 +291,7 @@ def train_one(cfg: TrainConfig, seed: int, ckpt_path: Path, resume: bool, rank: 
         lam = cfg.kl_weight * (min(1.0, step / (cfg.kl_warmup * cfg.steps)) if cfg.kl_warmup > 0 else 1.0)
         nll_sum = 0.0
         for a in range(cfg.grad_accum):
-            part = idx[a * micro:(a + 1) * micro][rank::world]  # this rank's share of the micro-batch
+            part = idx[a * micro : (a + 1) * micro][rank::world]  # this rank's share of the micro-batch
             if not part:
                 continue
             M = cfg.train_samples if cfg.method == "dalorra" else 1
@@ -264,29 +316,48 @@ def train_one(cfg: TrainConfig, seed: int, ckpt_path: Path, resume: bool, rank: 
         t_train += time.perf_counter() - t0
         keep = float(torch.cat([lay.keep_prob.detach() for lay in model.adapted.values()]).mean())
         history.append({"step": step, "nll": nll_sum * world, "kl_per_n": kl_value / N, "keep": keep})
-        bar.set_postfix(loss=f"{nll_sum * world + lam * kl_value / N:.3f}", nll=f"{nll_sum * world:.3f}",
-                        kl=f"{kl_value / N:.1e}", keep=f"{keep:.2f}")
+        bar.set_postfix(
+            loss=f"{nll_sum * world + lam * kl_value / N:.3f}",
+            nll=f"{nll_sum * world:.3f}",
+            kl=f"{kl_value / N:.1e}",
+            keep=f"{keep:.2f}",
+        )
         bar.update(1)
         # The final step's validation is run() 's own, after calibration: not done twice.
         if val is not None and rank == 0 and step % cfg.eval_every == 0 and step < cfg.steps:
-            m = evaluate_logits(predict_logits(model, val, cfg.eval_samples, seed=seed, progress=False),
-                                np.array([it.label for it in val]))
+            m = evaluate_logits(
+                predict_logits(model, val, cfg.eval_samples, seed=seed, progress=False),
+                np.array([it.label for it in val]),
+            )
             history[-1]["val"] = {k: m[k] for k in ("acc", "ece", "nll")}
             bar.write(f"step {step}: val acc {m['acc']:.3f} ece {m['ece']:.3f} nll {m['nll']:.3f}")
             model.train()
         if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
-            ckpt = {"params": [p.detach().clone() for p in params], "opt": opt.state_dict(),
-                    "sched": sched.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                    "history": json.dumps(history), "t_train": t_train}
+            ckpt = {
+                "params": [p.detach().clone() for p in params],
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "rng": torch.get_rng_state(),
+                "step": step,
+                "history": json.dumps(history),
+                "t_train": t_train,
+            }
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
             torch.save(ckpt, tmp)
             os.replace(tmp, ckpt_path)
     bar.close()
     model.eval()
-    summary = {"steps": cfg.steps, "train_items": N, "seed": seed, "train_seconds": round(t_train, 2),
-               "seconds_per_step": round(t_train / max(1, len(history)), 4), "world_size": world,
-               "final_nll": float(np.mean([h["nll"] for h in history[-20:]])), "history": history[-200:]}
+    summary = {
+        "steps": cfg.steps,
+        "train_items": N,
+        "seed": seed,
+        "train_seconds": round(t_train, 2),
+        "seconds_per_step": round(t_train / max(1, len(history)), 4),
+        "world_size": world,
+        "final_nll": float(np.mean([h["nll"] for h in history[-20:]])),
+        "history": history[-200:],
+    }
     return model, summary
 
 
@@ -294,12 +365,19 @@ def _merge_ensemble(members: list[DalorraModel], cfg: TrainConfig) -> DalorraMod
     """N rank-r LoRAs = one rank N·r LoRA whose sample s keeps only member (s mod N)'s block of components."""
     n, r = len(members), cfg.r
     base, tok = load_base(cfg.base_model)
-    acfg = AdapterConfig(**{**members[0].cfg.to_dict(), "r": n * r, "alpha": n * cfg.alpha, "stochastic": False,
-                                   "method": "ensemble"})
+    acfg = AdapterConfig(
+        **{
+            **members[0].cfg.to_dict(),
+            "r": n * r,
+            "alpha": n * cfg.alpha,
+            "stochastic": False,
+            "method": "ensemble",
+        }
+    )
     merged = DalorraModel(base, tok, acfg, members[0].fmt, base_name=members[0].base_name)
     blocks = torch.zeros(n, n * r)
     for m in range(n):
-        blocks[m, m * r:(m + 1) * r] = 1.0
+        blocks[m, m * r : (m + 1) * r] = 1.0
     with torch.no_grad():
         for name, layer in merged.adapted.items():
             layer.lora_A.copy_(torch.cat([mm.adapted[name].lora_A for mm in members], 0))
@@ -317,55 +395,87 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
         members, summaries = [], []
         for m in range(cfg.ensemble_size):
             member_cfg = TrainConfig(**{**asdict(cfg), "method": "lora", "out": str(out) + f".member{m}"})
-            mm, s = train_one(member_cfg, cfg.seed + 1000 * m, ckpt_dir / f"member{m}.pt", resume, rank, world)
+            mm, s = train_one(
+                member_cfg, cfg.seed + 1000 * m, ckpt_dir / f"member{m}.pt", resume, rank, world
+            )
             members.append(mm)
             summaries.append(s)
         model = _merge_ensemble(members, cfg)
-        summary = {**summaries[0], "train_seconds": sum(s["train_seconds"] for s in summaries),
-                   "members": len(members), "history": summaries[0]["history"]}
+        summary = {
+            **summaries[0],
+            "train_seconds": sum(s["train_seconds"] for s in summaries),
+            "members": len(members),
+            "history": summaries[0]["history"],
+        }
     else:
         model, summary = train_one(cfg, cfg.seed, ckpt_dir / "state.pt", resume, rank, world)
     if rank != 0:
         torch.distributed.barrier()  # rank 0 calibrates and writes the adapter
         return {}
     _, val, calib = load_splits(cfg)
-    record = {"training": {**summary, "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}},
-              "default_samples": cfg.eval_samples, "keep_histogram": keep_histogram(model)}
+    record = {
+        "training": {**summary, "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}},
+        "default_samples": cfg.eval_samples,
+        "keep_histogram": keep_histogram(model),
+    }
     decision, T = None, 1.0
     split_name = cfg.calibration_name()
     if cfg.calibrate or cfg.temperature_scaling:
-        calib_logits = predict_logits(model, calib, cfg.eval_samples, seed=0, progress=cfg.progress,
-                                      desc="calibrate")
+        calib_logits = predict_logits(
+            model, calib, cfg.eval_samples, seed=0, progress=cfg.progress, desc="calibrate"
+        )
         calib_labels = np.array([it.label for it in calib])
         if cfg.temperature_scaling:  # one T for every mask's logits, fitted by NLL; thresholds come after it
             T = fit_temperature(calib_logits, calib_labels)
             record["temperature"] = T
-            record["temperature_fit"] = {"split": split_name, "items": len(calib),
-                                         "nll_before": tempered_nll(calib_logits, calib_labels, 1.0),
-                                         "nll_after": tempered_nll(calib_logits, calib_labels, T)}
+            record["temperature_fit"] = {
+                "split": split_name,
+                "items": len(calib),
+                "nll_before": tempered_nll(calib_logits, calib_labels, 1.0),
+                "nll_after": tempered_nll(calib_logits, calib_labels, T),
+            }
         if cfg.calibrate:
-            decision = calibrate_decisions(calib_logits / T, calib_labels, cfg.target_error, cfg.target_delta,
-                                           cfg.conformal_alpha)
+            decision = calibrate_decisions(
+                calib_logits / T, calib_labels, cfg.target_error, cfg.target_delta, cfg.conformal_alpha
+            )
             record["decision"] = decision
-            record["calibration"] = {"split": split_name,
-                                     "metrics": evaluate_logits(calib_logits / T, calib_labels, decision)}
+            record["calibration"] = {
+                "split": split_name,
+                "metrics": evaluate_logits(calib_logits / T, calib_labels, decision),
+            }
     if val is not None:
-        record["validation"] = evaluate_logits(predict_logits(model, val, cfg.eval_samples, seed=0,
-                                                              progress=cfg.progress, desc="validate") / T,
-                                               np.array([it.label for it in val]), decision)
+        record["validation"] = evaluate_logits(
+            predict_logits(model, val, cfg.eval_samples, seed=0, progress=cfg.progress, desc="validate") / T,
+            np.array([it.label for it in val]),
+            decision,
+        )
     files = {}
     if cfg.calibrate and cfg.generation_items > 0:  # thresholds for generated answers, on the same split
         if short_answer_items(calib, 1):
             generation = fit_generation_thresholds(
-                model, calib, adapter=out.name, source=split_name,
-                limit=cfg.generation_items, samples=cfg.eval_samples, target_error=cfg.target_error,
-                delta=cfg.target_delta, max_tokens=cfg.generation_max_tokens, progress=cfg.progress)
+                model,
+                calib,
+                adapter=out.name,
+                source=split_name,
+                limit=cfg.generation_items,
+                samples=cfg.eval_samples,
+                target_error=cfg.target_error,
+                delta=cfg.target_delta,
+                max_tokens=cfg.generation_max_tokens,
+                progress=cfg.progress,
+            )
             files[DECISION_FILE] = generation  # beside dalorra.json, where the server looks for it
             record["generation_decision"] = {"file": DECISION_FILE, **decision_summary(generation)}
         else:  # e.g. WinoGrande: fill-in-the-blank options, no question answered in a few words
-            log.warning("no short-answer items in the calibration split (%s): generation thresholds not fitted; "
-                        "generated answers from this adapter are always answered", split_name)
-            record["generation_decision"] = {"file": None, "skipped": f"no short-answer items ({SHORT_ANSWER})"}
+            log.warning(
+                "no short-answer items in the calibration split (%s): generation thresholds not fitted; "
+                "generated answers from this adapter are always answered",
+                split_name,
+            )
+            record["generation_decision"] = {
+                "file": None,
+                "skipped": f"no short-answer items ({SHORT_ANSWER})",
+            }
     save_adapter(model, out, extra=record, files=files)
     if ckpt_dir.exists():
         write_json_atomic(ckpt_dir / "done.json", {"adapter": str(out)})
@@ -376,5 +486,6 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
 
 def keep_histogram(model: DalorraModel, bins: int = 10) -> dict[str, list[int]]:
     """Histogram of σ(φ) per module kind on [0, 1] (the method's own evidence that φ moved)."""
-    return {k: np.histogram(v, bins=bins, range=(0, 1))[0].tolist() for k, v in model.keep_probabilities().items()}
-
+    return {
+        k: np.histogram(v, bins=bins, range=(0, 1))[0].tolist() for k, v in model.keep_probabilities().items()
+    }

@@ -66,8 +66,13 @@ def concat_items(chunks: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(padded, axis=1)
 
 
-def sampling_settled(logits: np.ndarray, min_confidence: float | None = None, max_epistemic: float | None = None,
-                     tol: float = 0.02, z: float = 2.0) -> bool:
+def sampling_settled(
+    logits: np.ndarray,
+    min_confidence: float | None = None,
+    max_epistemic: float | None = None,
+    tol: float = 0.02,
+    z: float = 2.0,
+) -> bool:
     """Adaptive sampling's stopping rule for one item's (n, K) logits: True when more samples are unlikely
     to change anything that matters.
 

@@ -33,8 +33,9 @@ def replay(full: np.ndarray, cfg: Settings, policy: DecisionPolicy) -> int:
     n = 0
     for size in adaptive_rounds(len(full), cfg.adaptive_first, cfg.adaptive_step):
         n += size
-        if sampling_settled(full[:n], policy.min_confidence, policy.max_epistemic, cfg.adaptive_tolerance,
-                            cfg.adaptive_z):
+        if sampling_settled(
+            full[:n], policy.min_confidence, policy.max_epistemic, cfg.adaptive_tolerance, cfg.adaptive_z
+        ):
             break
     return n
 
@@ -64,7 +65,13 @@ def main() -> None:
         f = cache / f"{i:05d}-{a.chunk}.npy"
         if not f.is_file():
             with torch.no_grad():
-                lg = score(model, items[i:i + a.chunk], samples=a.samples, seed=FIXED_SEED, encoded=enc[i:i + a.chunk])
+                lg = score(
+                    model,
+                    items[i : i + a.chunk],
+                    samples=a.samples,
+                    seed=FIXED_SEED,
+                    encoded=enc[i : i + a.chunk],
+                )
             np.save(f.with_suffix(".tmp.npy"), lg)
             os.replace(f.with_suffix(".tmp.npy"), f)
             print(f"scored {min(i + a.chunk, len(items))}/{len(items)}", flush=True)
@@ -86,20 +93,39 @@ def main() -> None:
     used = np.array(used)
     N = len(logits)
     hist = {int(k): int((used == k).sum()) for k in np.unique(used)}
-    res = {"adapter": a.adapter, "dataset": a.data, "items": N, "max_samples": a.samples, "seed": FIXED_SEED,
-           "rule": {"first": cfg.adaptive_first, "step": cfg.adaptive_step, "tolerance": cfg.adaptive_tolerance,
-                    "z": cfg.adaptive_z, "min_confidence": conf_t, "max_epistemic": epi_t},
-           "mean_samples": float(used.mean()), "samples_histogram": hist,
-           "decision_agreement": 1 - differ / N, "answer_agreement": 1 - answer_differ / N,
-           "decisions_differing": int(differ), "cost_vs_full": float(used.mean() / a.samples)}
-    table = "\n".join([
-        f"Adapter `{a.adapter}` on {N} {a.data} questions; full S = {a.samples}; rule: first {cfg.adaptive_first} "
-        f"draws, then +{cfg.adaptive_step}, stop when `sampling_settled` (tolerance {cfg.adaptive_tolerance}, "
-        f"z = {cfg.adaptive_z}, confidence threshold {conf_t}, MI threshold {epi_t}).", "",
-        "| mean S used | S histogram | decisions = full S | answers = full S | cost vs full S |",
-        "|---|---|---|---|---|",
-        f"| {used.mean():.2f} | {hist} | {1 - differ / N:.4f} ({differ} differ) | {1 - answer_differ / N:.4f} | "
-        f"{used.mean() / a.samples:.2f} |"])
+    res = {
+        "adapter": a.adapter,
+        "dataset": a.data,
+        "items": N,
+        "max_samples": a.samples,
+        "seed": FIXED_SEED,
+        "rule": {
+            "first": cfg.adaptive_first,
+            "step": cfg.adaptive_step,
+            "tolerance": cfg.adaptive_tolerance,
+            "z": cfg.adaptive_z,
+            "min_confidence": conf_t,
+            "max_epistemic": epi_t,
+        },
+        "mean_samples": float(used.mean()),
+        "samples_histogram": hist,
+        "decision_agreement": 1 - differ / N,
+        "answer_agreement": 1 - answer_differ / N,
+        "decisions_differing": int(differ),
+        "cost_vs_full": float(used.mean() / a.samples),
+    }
+    table = "\n".join(
+        [
+            f"Adapter `{a.adapter}` on {N} {a.data} questions; full S = {a.samples}; rule: first {cfg.adaptive_first} "
+            f"draws, then +{cfg.adaptive_step}, stop when `sampling_settled` (tolerance {cfg.adaptive_tolerance}, "
+            f"z = {cfg.adaptive_z}, confidence threshold {conf_t}, MI threshold {epi_t}).",
+            "",
+            "| mean S used | S histogram | decisions = full S | answers = full S | cost vs full S |",
+            "|---|---|---|---|---|",
+            f"| {used.mean():.2f} | {hist} | {1 - differ / N:.4f} ({differ} differ) | {1 - answer_differ / N:.4f} | "
+            f"{used.mean() / a.samples:.2f} |",
+        ]
+    )
     write("adaptive", res, table)
     print(table)
 

@@ -20,10 +20,12 @@ from adapters.evaluate import evaluate_logits, predict_logits
 from adapters.train import TrainConfig, load_splits, run
 from adapters.uncertainty import summarize
 
-SPLITS = {"arc_easy": ("arc_easy/train", "arc_easy/validation"),
-          "arc_challenge": ("arc_challenge/train", "arc_challenge/validation"),
-          "openbookqa": ("openbookqa/train", "openbookqa/dev"),
-          "winogrande_s": ("winogrande/train_s", "winogrande/dev")}
+SPLITS = {
+    "arc_easy": ("arc_easy/train", "arc_easy/validation"),
+    "arc_challenge": ("arc_challenge/train", "arc_challenge/validation"),
+    "openbookqa": ("openbookqa/train", "openbookqa/dev"),
+    "winogrande_s": ("winogrande/train_s", "winogrande/dev"),
+}
 DEFAULT_LR = 3e-4  # A/B learning rate of the benchmark budget (short regime)
 REGIMES = {  # A/B lr, training items (None: the whole training part), root of the runs
     "short": {"lr": DEFAULT_LR, "train_items": None, "root": Path("runs/bench")},
@@ -42,8 +44,11 @@ def wrong_answer_aurocs(logits: np.ndarray, labels: np.ndarray) -> dict:
     """How well each uncertainty signal ranks wrong answers above right ones (0.5: no information)."""
     s = summarize(logits)
     wrong = s["answer_index"] != labels
-    return {"auroc_confidence": auroc(-s["confidence"], wrong), "auroc_entropy": auroc(s["entropy"], wrong),
-            "auroc_mi": auroc(s["epistemic"], wrong)}
+    return {
+        "auroc_confidence": auroc(-s["confidence"], wrong),
+        "auroc_entropy": auroc(s["entropy"], wrong),
+        "auroc_mi": auroc(s["epistemic"], wrong),
+    }
 
 
 def save_logits(out: Path, name: str, logits: np.ndarray) -> None:
@@ -57,7 +62,9 @@ def capped_train(dataset: str, seed: int, n: int, root: Path) -> dict:
     """Training file = the first n items of the trainer's training part, calibration file = its usual held-out
     split of the full training file (written under `root`, never into the repository), so every method of one
     dataset and seed trains on the same items and is calibrated on the same held-out ones."""
-    rest, _, held = load_splits(TrainConfig(out="", train=SPLITS[dataset][0], seed=seed))  # the trainer's own split
+    rest, _, held = load_splits(
+        TrainConfig(out="", train=SPLITS[dataset][0], seed=seed)
+    )  # the trainer's own split
     root.mkdir(parents=True, exist_ok=True)
     paths = {"train": root / f"train-first{n}-s{seed}.jsonl", "calibration": root / f"held-out-s{seed}.jsonl"}
     for key, items in (("train", rest[:n]), ("calibration", held)):
@@ -84,7 +91,7 @@ def add_budget_args(ap: argparse.ArgumentParser) -> None:
 
 
 def method_knobs(method: str) -> dict:
-    """"lora" → {method: lora}; "dalorra@top8" → also top_layers 8; "dalorra@p0=0.9" → also p0 0.9."""
+    """ "lora" → {method: lora}; "dalorra@top8" → also top_layers 8; "dalorra@p0=0.9" → also p0 0.9."""
     base, _, spec = method.partition("@")
     if not spec:
         return {"method": base}
@@ -92,7 +99,9 @@ def method_knobs(method: str) -> dict:
         return {"method": base, "top_layers": int(spec[3:])}
     key, eq, value = spec.partition("=")
     if not eq or key not in TrainConfig.__dataclass_fields__:
-        raise SystemExit(f"method {method!r}: expected METHOD, METHOD@topL or METHOD@KNOB=VALUE (a TrainConfig field)")
+        raise SystemExit(
+            f"method {method!r}: expected METHOD, METHOD@topL or METHOD@KNOB=VALUE (a TrainConfig field)"
+        )
     try:
         v: object = int(value) if key == "r" else float(value)
     except ValueError:
@@ -102,11 +111,25 @@ def method_knobs(method: str) -> dict:
 
 def budget_config(a: argparse.Namespace, out: Path, train: str, seed: int, **knobs) -> TrainConfig:
     """A TrainConfig at the shared budget; `knobs` (method, p0, lr_mask, ...) override it."""
-    return TrainConfig(**{"out": str(out), "train": train, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
-                          "lr_mask": a.lr_mask, "mask_schedule": "constant", "max_length": a.max_length,
-                          "seed": seed, "eval_samples": a.samples, "calibrate": False, "temperature_scaling": False,
-                          "save_every": 25,
-                          "progress": False, **knobs})
+    return TrainConfig(
+        **{
+            "out": str(out),
+            "train": train,
+            "steps": a.steps,
+            "batch_size": a.batch_size,
+            "lr": a.lr,
+            "lr_mask": a.lr_mask,
+            "mask_schedule": "constant",
+            "max_length": a.max_length,
+            "seed": seed,
+            "eval_samples": a.samples,
+            "calibrate": False,
+            "temperature_scaling": False,
+            "save_every": 25,
+            "progress": False,
+            **knobs,
+        }
+    )
 
 
 def train_and_score(cfg: TrainConfig, items, labels: np.ndarray, samples: int):

@@ -59,11 +59,18 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=list(SPLITS))
     ap.add_argument("--methods", nargs="+", default=["lora", "dalorra", "map", "mcdropout", "ensemble"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--calib-items", type=int, default=100,
-                    help="paper regime: held-out training items the temperature is fitted on")
-    ap.add_argument("--backfill-confidence", action="store_true",
-                    help="re-score finished rows that lack mean_confidence from their saved adapters (same draws; "
-                         "fails if any other metric moves) instead of training")
+    ap.add_argument(
+        "--calib-items",
+        type=int,
+        default=100,
+        help="paper regime: held-out training items the temperature is fitted on",
+    )
+    ap.add_argument(
+        "--backfill-confidence",
+        action="store_true",
+        help="re-score finished rows that lack mean_confidence from their saved adapters (same draws; "
+        "fails if any other metric moves) instead of training",
+    )
     add_budget_args(ap)
     a = ap.parse_args()
     regime = REGIMES[a.regime]
@@ -78,11 +85,23 @@ def main() -> None:
     commands = old.get("commands") or ([old["command"]] if old else [])
     budgets = old.get("budgets") or {"short": old["budget"]} if old else {}
     done = {(r["regime"], r["method"], r["dataset"], r["seed"]) for r in rows}
-    budgets[a.regime] = {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "lr_mask": a.lr_mask,
-                         "mask_schedule": "constant", "r": 8, "alpha": 16, "targets": "q_proj,v_proj,lm_head",
-                         "mode": "cloze", "normalize": "tokens", "max_length": a.max_length, "samples": a.samples,
-                         "eval_limit": a.eval_limit, "train_items": regime["train_items"],
-                         **({"calib_items": a.calib_items} if a.regime == "paper" else {})}
+    budgets[a.regime] = {
+        "steps": a.steps,
+        "batch_size": a.batch_size,
+        "lr": a.lr,
+        "lr_mask": a.lr_mask,
+        "mask_schedule": "constant",
+        "r": 8,
+        "alpha": 16,
+        "targets": "q_proj,v_proj,lm_head",
+        "mode": "cloze",
+        "normalize": "tokens",
+        "max_length": a.max_length,
+        "samples": a.samples,
+        "eval_limit": a.eval_limit,
+        "train_items": regime["train_items"],
+        **({"calib_items": a.calib_items} if a.regime == "paper" else {}),
+    }
     if a.backfill_confidence:
         _backfill_confidence(a, rows, budgets, commands)
         return
@@ -92,36 +111,62 @@ def main() -> None:
             items = load_jsonl(test, limit=a.eval_limit)
             labels = np.array([it.label for it in items])
             root = regime["root"] / ds
-            data = ({"train": train} if regime["train_items"] is None else
-                    capped_train(ds, seed, regime["train_items"], root))
+            data = (
+                {"train": train}
+                if regime["train_items"] is None
+                else capped_train(ds, seed, regime["train_items"], root)
+            )
             for method in a.methods:
                 if (a.regime, method, ds, seed) in done:
                     continue
                 out = root / f"{method}-s{seed}"
                 if method == "ensemble":
                     _reuse_lora_as_member0(out, root / f"lora-s{seed}")
-                cfg = budget_config(a, out, data["train"], seed, **method_knobs(method),
-                                    **({"calibration": data["calibration"]} if "calibration" in data else {}))
+                cfg = budget_config(
+                    a,
+                    out,
+                    data["train"],
+                    seed,
+                    **method_knobs(method),
+                    **({"calibration": data["calibration"]} if "calibration" in data else {}),
+                )
                 t0 = time.perf_counter()
                 rec, model, logits, m, t_eval = train_and_score(cfg, items, labels, a.samples)
                 save_logits(out, "test", logits)
-                row = {"regime": a.regime, "method": method, "dataset": ds, "seed": seed,
-                       "chance": float(np.mean([1 / len(it.choices) for it in items])), **m,
-                       **wrong_answer_aurocs(logits, labels),
-                       "train_seconds": rec["training"]["train_seconds"],
-                       "seconds_per_step": rec["training"]["seconds_per_step"],
-                       "keep_probability": {k: float(np.mean(v)) for k, v in model.keep_probabilities().items()},
-                       "keep_histogram": rec.get("keep_histogram"), "wall_seconds": time.perf_counter() - t0,
-                       "eval_samples": int(logits.shape[0]), "eval_seconds": t_eval}
+                row = {
+                    "regime": a.regime,
+                    "method": method,
+                    "dataset": ds,
+                    "seed": seed,
+                    "chance": float(np.mean([1 / len(it.choices) for it in items])),
+                    **m,
+                    **wrong_answer_aurocs(logits, labels),
+                    "train_seconds": rec["training"]["train_seconds"],
+                    "seconds_per_step": rec["training"]["seconds_per_step"],
+                    "keep_probability": {k: float(np.mean(v)) for k, v in model.keep_probabilities().items()},
+                    "keep_histogram": rec.get("keep_histogram"),
+                    "wall_seconds": time.perf_counter() - t0,
+                    "eval_samples": int(logits.shape[0]),
+                    "eval_seconds": t_eval,
+                }
                 new = [row]
-                if a.regime == "paper":  # the same test predictions, temperature-scaled on held-out train items
+                if (
+                    a.regime == "paper"
+                ):  # the same test predictions, temperature-scaled on held-out train items
                     calib = load_jsonl(data["calibration"], limit=a.calib_items)
                     c_logits = predict_logits(model, calib, a.samples, seed=0, progress=False)
                     save_logits(out, "calib", c_logits)
                     T = fit_temperature(c_logits, np.array([it.label for it in calib]))
                     row["temperature"] = 1.0
-                    new.append({**row, "method": method + "+ts", "temperature": T,
-                                **score_logits(logits / T, labels), "keep_histogram": None})
+                    new.append(
+                        {
+                            **row,
+                            "method": method + "+ts",
+                            "temperature": T,
+                            **score_logits(logits / T, labels),
+                            "keep_histogram": None,
+                        }
+                    )
                 for r in new:
                     rows.append({**r, "command": command()})
                     print(json.dumps({k: v for k, v in r.items() if k != "keep_histogram"}), flush=True)
@@ -135,20 +180,35 @@ def _backfill_confidence(a: argparse.Namespace, rows: list[dict], budgets: dict,
     and take mean_confidence; every metric the row already has must come out the same (checked to 1e-6)."""
     tests: dict = {}  # dataset → its validation items, read once
     for r in rows:
-        if "mean_confidence" in r or r["regime"] != "short" or r["dataset"] not in a.datasets or r["method"] not in a.methods \
-                or r["seed"] not in a.seeds:
+        if (
+            "mean_confidence" in r
+            or r["regime"] != "short"
+            or r["dataset"] not in a.datasets
+            or r["method"] not in a.methods
+            or r["seed"] not in a.seeds
+        ):
             continue
         if r["dataset"] not in tests:
             tests[r["dataset"]] = load_jsonl(SPLITS[r["dataset"]][1], limit=a.eval_limit)
         items = tests[r["dataset"]]
-        m = score_adapter(Path("runs/bench") / r["dataset"] / f"{r['method']}-s{r['seed']}", items,
-                          np.array([it.label for it in items]), a.samples)[2]
+        m = score_adapter(
+            Path("runs/bench") / r["dataset"] / f"{r['method']}-s{r['seed']}",
+            items,
+            np.array([it.label for it in items]),
+            a.samples,
+        )[2]
         moved = {k: (r[k], m[k]) for k in ("acc", "ece", "nll", "brier") if abs(r[k] - m[k]) > 1e-6}
         if moved:
             raise SystemExit(f"{r['dataset']} {r['method']} seed {r['seed']}: re-scoring moved {moved}")
         r["mean_confidence"] = m["mean_confidence"]
         _added_rows(commands)
-        print(r["dataset"], r["method"], r["seed"], f"conf {m['mean_confidence']:.3f} acc {m['acc']:.3f}", flush=True)
+        print(
+            r["dataset"],
+            r["method"],
+            r["seed"],
+            f"conf {m['mean_confidence']:.3f} acc {m['acc']:.3f}",
+            flush=True,
+        )
         _write(rows, budgets, commands)
 
 
@@ -172,47 +232,83 @@ def _added_rows(commands: list[str]) -> None:
 def _write(rows, budgets, commands) -> None:
     groups: dict = {}
     for r in rows:
-        if not r["method"].startswith("dalorra"):  # φ is not trained (masks all on): no keep-probabilities to report
+        if not r["method"].startswith(
+            "dalorra"
+        ):  # φ is not trained (masks all on): no keep-probabilities to report
             r["keep_probability"] = r["keep_histogram"] = None
         groups.setdefault((r["regime"], r["dataset"], r["method"]), []).append(r)
 
     def gap(rs):  # mean confidence − accuracy: > 0 over-confident, < 0 under-confident
-        return f"{np.mean([r['mean_confidence'] - r['acc'] for r in rs]):+.3f}" if all(
-            "mean_confidence" in r for r in rs) else "–"
+        return (
+            f"{np.mean([r['mean_confidence'] - r['acc'] for r in rs]):+.3f}"
+            if all("mean_confidence" in r for r in rs)
+            else "–"
+        )
 
     def au(rs, k):
         return mean_std([r[k] for r in rs]) if all(k in r for r in rs) else "–"
+
     table = []
     for regime in [g for g in REGIMES if any(k[0] == g for k in groups)]:
-        table += [f"## Regime `{regime}`", "", f"Budget (identical for every method): {json.dumps(budgets.get(regime))}",
-                  "", "| dataset | method | seeds | acc | chance | ECE | conf − acc | NLL | Brier | AURC | mean MI | "
-                  "AUROC wrong: conf | entropy | MI | T | s/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        table += [
+            f"## Regime `{regime}`",
+            "",
+            f"Budget (identical for every method): {json.dumps(budgets.get(regime))}",
+            "",
+            "| dataset | method | seeds | acc | chance | ECE | conf − acc | NLL | Brier | AURC | mean MI | "
+            "AUROC wrong: conf | entropy | MI | T | s/step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for (rg, ds, method), rs in sorted(groups.items()):
             if rg != regime:
                 continue
-            t = f"{np.mean([r['temperature'] for r in rs]):.2f}" if all("temperature" in r for r in rs) else "–"
-            table.append(f"| {ds} | {method} | {len(rs)} | {mean_std([r['acc'] for r in rs])} | {rs[0]['chance']:.2f} | "
-                         f"{mean_std([r['ece'] for r in rs])} | {gap(rs)} | {mean_std([r['nll'] for r in rs])} | "
-                         f"{mean_std([r['brier'] for r in rs])} | {mean_std([r['aurc'] for r in rs])} | "
-                         f"{np.mean([r['mean_epistemic'] for r in rs]):.4f} | {au(rs, 'auroc_confidence')} | "
-                         f"{au(rs, 'auroc_entropy')} | {au(rs, 'auroc_mi')} | {t} | "
-                         f"{np.mean([r['seconds_per_step'] for r in rs]):.2f} |")
-        keep = [r for r in rows if r["regime"] == regime and r["method"].startswith("dalorra")
-                and "+ts" not in r["method"] and r.get("keep_probability")]
+            t = (
+                f"{np.mean([r['temperature'] for r in rs]):.2f}"
+                if all("temperature" in r for r in rs)
+                else "–"
+            )
+            table.append(
+                f"| {ds} | {method} | {len(rs)} | {mean_std([r['acc'] for r in rs])} | {rs[0]['chance']:.2f} | "
+                f"{mean_std([r['ece'] for r in rs])} | {gap(rs)} | {mean_std([r['nll'] for r in rs])} | "
+                f"{mean_std([r['brier'] for r in rs])} | {mean_std([r['aurc'] for r in rs])} | "
+                f"{np.mean([r['mean_epistemic'] for r in rs]):.4f} | {au(rs, 'auroc_confidence')} | "
+                f"{au(rs, 'auroc_entropy')} | {au(rs, 'auroc_mi')} | {t} | "
+                f"{np.mean([r['seconds_per_step'] for r in rs]):.2f} |"
+            )
+        keep = [
+            r
+            for r in rows
+            if r["regime"] == regime
+            and r["method"].startswith("dalorra")
+            and "+ts" not in r["method"]
+            and r.get("keep_probability")
+        ]
         if keep:
-            table += ["", "DALorRA mean keep-probability σ(φ) per module kind: " + "; ".join(
-                f"{r['dataset']} {r['method']} seed {r['seed']}: " + ", ".join(
-                    f"{k} {v:.2f}" for k, v in r["keep_probability"].items()) for r in keep)]
+            table += [
+                "",
+                "DALorRA mean keep-probability σ(φ) per module kind: "
+                + "; ".join(
+                    f"{r['dataset']} {r['method']} seed {r['seed']}: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in r["keep_probability"].items())
+                    for r in keep
+                ),
+            ]
         table += ["", *_targets({k[1:]: v for k, v in groups.items() if k[0] == regime}), ""]
-    table += ["Mean ± sample standard deviation over the seeds counted in `seeds`. conf − acc: mean top "
-              "probability minus accuracy (> 0 over-confident, < 0 under-confident; – where a row predates it). "
-              "AUROC wrong: how well −confidence, entropy and MI rank wrong answers above right ones on the test split "
-              "(0.5 = no information). T: the temperature of a `+ts` row, fitted by NLL on held-out training items "
-              "and applied to every mask's logits before averaging (1 = none). s/step was measured while other "
-              "jobs shared the 2 cores: compare methods only within one run (`bench/train_step.py` measures it "
-              "interleaved)."]
-    table += ["", "Rows were added by these invocations (resumable; the header's command is the latest):", "",
-              *[f"- `{c}`" for c in commands]]
+    table += [
+        "Mean ± sample standard deviation over the seeds counted in `seeds`. conf − acc: mean top "
+        "probability minus accuracy (> 0 over-confident, < 0 under-confident; – where a row predates it). "
+        "AUROC wrong: how well −confidence, entropy and MI rank wrong answers above right ones on the test split "
+        "(0.5 = no information). T: the temperature of a `+ts` row, fitted by NLL on held-out training items "
+        "and applied to every mask's logits before averaging (1 = none). s/step was measured while other "
+        "jobs shared the 2 cores: compare methods only within one run (`bench/train_step.py` measures it "
+        "interleaved)."
+    ]
+    table += [
+        "",
+        "Rows were added by these invocations (resumable; the header's command is the latest):",
+        "",
+        *[f"- `{c}`" for c in commands],
+    ]
     write("calibration", {"budgets": budgets, "commands": commands, "rows": rows}, "\n".join(table))
 
 
@@ -220,37 +316,53 @@ def _targets(groups: dict) -> list[str]:
     """The issues' targets per dataset from the seed means, for DALorRA and each variant (dalorra@...) against the
     plain baselines; n/a where MLE-LoRA is < 10 points above chance (a model at chance is trivially calibrated).
     Where `+ts` rows exist, the product's target too: DALorRA+ts below LoRA+ts in ECE, NLL and AURC."""
-    out = ["Targets (seed means; apply where MLE-LoRA is at least 10 points above chance; a variant row compares "
-           "dalorra@… with the same baselines, over the seeds it has):", "",
-           "| dataset | DALorRA | LoRA − chance | LoRA conf − acc | ECE / LoRA's (≤ 0.4) | ECE below MC dropout and "
-           "ensemble | NLL lowest | acc − LoRA's (≥ −0.01) | +ts: ECE, NLL, AURC below LoRA+ts |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "Targets (seed means; apply where MLE-LoRA is at least 10 points above chance; a variant row compares "
+        "dalorra@… with the same baselines, over the seeds it has):",
+        "",
+        "| dataset | DALorRA | LoRA − chance | LoRA conf − acc | ECE / LoRA's (≤ 0.4) | ECE below MC dropout and "
+        "ensemble | NLL lowest | acc − LoRA's (≥ −0.01) | +ts: ECE, NLL, AURC below LoRA+ts |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     keys = ("acc", "ece", "nll", "aurc", "chance", "mean_confidence")
     for ds in sorted({d for d, _ in groups}):
-        mean = {m: {k: float(np.mean([r.get(k, np.nan) for r in rs])) for k in keys}
-                for (d, m), rs in groups.items() if d == ds}
+        mean = {
+            m: {k: float(np.mean([r.get(k, np.nan) for r in rs])) for k in keys}
+            for (d, m), rs in groups.items()
+            if d == ds
+        }
         plain = {m: v for m, v in mean.items() if "@" not in m and "+ts" not in m}
         if "lora" not in plain:
             continue
         lo = plain["lora"]
         above = lo["acc"] - lo["chance"]
         others = [m for m in ("mcdropout", "ensemble") if m in plain]
-        for name in sorted(m for m in mean if (m == "dalorra" or m.startswith("dalorra@") and "@top" not in m)
-                           and "+ts" not in m):
+        for name in sorted(
+            m
+            for m in mean
+            if (m == "dalorra" or m.startswith("dalorra@") and "@top" not in m) and "+ts" not in m
+        ):
             da = mean[name]
             ts = "–"
             if name + "+ts" in mean and "lora+ts" in mean:
                 dt, lt = mean[name + "+ts"], mean["lora+ts"]
                 ts = ", ".join("yes" if dt[k] < lt[k] else "no" for k in ("ece", "nll", "aurc"))
-            below = ("–" if not others else "yes" if all(da["ece"] < plain[m]["ece"] for m in others) else "no")
-            cells = [f"{da['ece'] / lo['ece']:.2f}", below,
-                     "yes" if da["nll"] <= min(v["nll"] for v in plain.values()) else "no",
-                     f"{da['acc'] - lo['acc']:+.3f}", ts]
+            below = "–" if not others else "yes" if all(da["ece"] < plain[m]["ece"] for m in others) else "no"
+            cells = [
+                f"{da['ece'] / lo['ece']:.2f}",
+                below,
+                "yes" if da["nll"] <= min(v["nll"] for v in plain.values()) else "no",
+                f"{da['acc'] - lo['acc']:+.3f}",
+                ts,
+            ]
             if above < 0.10:
                 cells = [c + " (n/a)" for c in cells]
             gap = lo["mean_confidence"] - lo["acc"]
-            out.append(f"| {ds} | {name} | {above:+.3f} | {'–' if np.isnan(gap) else f'{gap:+.3f}'} | "
-                       + " | ".join(cells) + " |")
+            out.append(
+                f"| {ds} | {name} | {above:+.3f} | {'–' if np.isnan(gap) else f'{gap:+.3f}'} | "
+                + " | ".join(cells)
+                + " |"
+            )
     return out
 
 

@@ -26,11 +26,17 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "platform": platform.platform(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 def command() -> str:
@@ -49,9 +55,12 @@ def write(name: str, data: dict, table: str) -> Path:
     tmp.write_text(json.dumps(data, indent=2, default=float))
     os.replace(tmp, out)
     m = data["machine"]
-    md = (f"# {name}\n\nCommand: `{data['command']}`\n\nMachine: {m['cpu']}, {m['cores']} cores, "
-          f"torch {m['torch']} ({m['torch_threads']} threads), transformers {m['transformers']}, {m['date']}\n\n"
-          + table + "\n")
+    md = (
+        f"# {name}\n\nCommand: `{data['command']}`\n\nMachine: {m['cpu']}, {m['cores']} cores, "
+        f"torch {m['torch']} ({m['torch_threads']} threads), transformers {m['transformers']}, {m['date']}\n\n"
+        + table
+        + "\n"
+    )
     tmp = RESULTS / f".{name}.md.tmp"
     tmp.write_text(md)
     os.replace(tmp, RESULTS / f"{name}.md")

@@ -28,14 +28,22 @@ from bench.common import write
 
 def load_times() -> dict:
     """First load (GGUF → float conversion, in an empty cache) and a cached load, each in a fresh process."""
-    code = "import time; t=time.perf_counter(); from adapters.basemodel import load_base; load_base(); " \
-           "print(time.perf_counter()-t)"
+    code = (
+        "import time; t=time.perf_counter(); from adapters.basemodel import load_base; load_base(); "
+        "print(time.perf_counter()-t)"
+    )
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "DALORRA_CACHE": cache}
-        first = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                     check=True).stdout.split()[-1])
-        cached = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                      check=True).stdout.split()[-1])
+        first = float(
+            subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            ).stdout.split()[-1]
+        )
+        cached = float(
+            subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            ).stdout.split()[-1]
+        )
     return {"first_load_with_conversion_s": first, "cached_load_s": cached}
 
 
@@ -53,8 +61,13 @@ def main() -> None:
         model.set_mask_mode("off")
         t0 = time.perf_counter()
         m = evaluate_logits(predict_logits(model, items, samples=1, batch_size=16), labels)
-        data["zero_shot"][mode] = {"acc": m["acc"], "ece": m["ece"], "nll": m["nll"], "n": a.n,
-                                   "seconds": time.perf_counter() - t0}
+        data["zero_shot"][mode] = {
+            "acc": m["acc"],
+            "ece": m["ece"],
+            "nll": m["nll"],
+            "n": a.n,
+            "seconds": time.perf_counter() - t0,
+        }
         print(mode, data["zero_shot"][mode], flush=True)
         # Latency of score() with a DALorRA adapter (random B so masks matter), 8 questions.
         torch.manual_seed(0)
@@ -71,20 +84,33 @@ def main() -> None:
                     t = time.perf_counter()
                     score(model, eight, samples=S, batched=batched)
                     ts.append(time.perf_counter() - t)
-                row = {"mode": mode, "S": S, "path": "one batched forward" if batched else "S separate forwards",
-                       "median_s": statistics.median(ts), "reps": a.reps}
+                row = {
+                    "mode": mode,
+                    "S": S,
+                    "path": "one batched forward" if batched else "S separate forwards",
+                    "median_s": statistics.median(ts),
+                    "reps": a.reps,
+                }
                 data["score_latency"].append(row)
                 print(row, flush=True)
     L = data["load"]
-    table = [f"## Zero-shot (no adapter), first {a.n} ARC-Easy validation questions\n",
-             "| mode | acc | ece | nll |", "|---|---|---|---|"]
+    table = [
+        f"## Zero-shot (no adapter), first {a.n} ARC-Easy validation questions\n",
+        "| mode | acc | ece | nll |",
+        "|---|---|---|---|",
+    ]
     for mode, m in data["zero_shot"].items():
         table.append(f"| {mode} | {m['acc']:.3f} | {m['ece']:.3f} | {m['nll']:.3f} |")
-    table += ["", "Chance is about 0.25 (4 choices).", "",
-              f"## Load time\n\nfirst load with GGUF conversion: {L['first_load_with_conversion_s']:.1f} s; "
-              f"cached: {L['cached_load_s']:.1f} s\n",
-              f"## score() latency, 8 questions (median of {a.reps})\n",
-              "| mode | S | path | median s |", "|---|---|---|---|"]
+    table += [
+        "",
+        "Chance is about 0.25 (4 choices).",
+        "",
+        f"## Load time\n\nfirst load with GGUF conversion: {L['first_load_with_conversion_s']:.1f} s; "
+        f"cached: {L['cached_load_s']:.1f} s\n",
+        f"## score() latency, 8 questions (median of {a.reps})\n",
+        "| mode | S | path | median s |",
+        "|---|---|---|---|",
+    ]
     for r in data["score_latency"]:
         table.append(f"| {r['mode']} | {r['S']} | {r['path']} | {r['median_s']:.3f} |")
     write("core", data, "\n".join(table))

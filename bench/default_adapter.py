@@ -57,17 +57,29 @@ def main() -> None:
     s, so = summarize(lg), summarize(lo)
     decision = rec.get("decision") or {}
     reports[a.label] = {
-        "adapter": Path(a.adapter).name, "method": rec.get("method"), "command": command(),
-        "adapter_config": rec.get("adapter"), "temperature": T, "test": a.test, "n_test": len(test),
-        "ood": a.ood, "n_ood": len(ood), "samples": a.samples,
+        "adapter": Path(a.adapter).name,
+        "method": rec.get("method"),
+        "command": command(),
+        "adapter_config": rec.get("adapter"),
+        "temperature": T,
+        "test": a.test,
+        "n_test": len(test),
+        "ood": a.ood,
+        "n_ood": len(ood),
+        "samples": a.samples,
         **{k: m[k] for k in ("acc", "ece", "nll", "brier", "aurc", "mean_confidence", "mean_entropy")},
         **{k.replace("auroc_", "auroc_wrong_"): v for k, v in wrong_answer_aurocs(lg, labels).items()},
-        "mean_mi_norm_test": float(s["epistemic_norm"].mean()), "mean_mi_norm_ood": float(so["epistemic_norm"].mean()),
-        "auroc_ood_mi": auroc(np.r_[s["epistemic_norm"], so["epistemic_norm"]],
-                              np.r_[np.zeros(len(test), bool), np.ones(len(ood), bool)]),
+        "mean_mi_norm_test": float(s["epistemic_norm"].mean()),
+        "mean_mi_norm_ood": float(so["epistemic_norm"].mean()),
+        "auroc_ood_mi": auroc(
+            np.r_[s["epistemic_norm"], so["epistemic_norm"]],
+            np.r_[np.zeros(len(test), bool), np.ones(len(ood), bool)],
+        ),
         "ood_acc": float((so["answer_index"] == np.array([it.label for it in ood])).mean()),
-        "decision": decision, "decision_on_test": decision_report(s, labels, decision) if decision else None,
-        "keep_probability": rec.get("keep_probability"), "keep_histogram": rec.get("keep_histogram"),
+        "decision": decision,
+        "decision_on_test": decision_report(s, labels, decision) if decision else None,
+        "keep_probability": rec.get("keep_probability"),
+        "keep_histogram": rec.get("keep_histogram"),
         "training": {k: v for k, v in (rec.get("training") or {}).items() if k != "history"},
         "temperature_fit": rec.get("temperature_fit"),
     }
@@ -76,28 +88,46 @@ def main() -> None:
 
 
 def _write(reports: dict) -> None:
-    lines = ["| adapter | method | T | test acc | ECE | NLL | AURC | AUROC wrong: conf | entropy | MI | "
-             "mean MI/log K test → OOD | AUROC OOD by MI | coverage | selective error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| adapter | method | T | test acc | ECE | NLL | AURC | AUROC wrong: conf | entropy | MI | "
+        "mean MI/log K test → OOD | AUROC OOD by MI | coverage | selective error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for label, r in reports.items():
         d = r.get("decision_on_test") or {}
         se = d.get("selective_error")
-        lines.append(f"| {label}: {r['adapter']} | {r['method']} | {r['temperature']:.2f} | {r['acc']:.3f} | "
-                     f"{r['ece']:.3f} | {r['nll']:.3f} | {r['aurc']:.3f} | {r['auroc_wrong_confidence']:.3f} | "
-                     f"{r['auroc_wrong_entropy']:.3f} | {r['auroc_wrong_mi']:.3f} | {r['mean_mi_norm_test']:.5f} → "
-                     f"{r['mean_mi_norm_ood']:.5f} | {r['auroc_ood_mi']:.3f} | {d.get('coverage', 1.0):.3f} | "
-                     f"{'–' if se is None else f'{se:.3f}'} |")
+        lines.append(
+            f"| {label}: {r['adapter']} | {r['method']} | {r['temperature']:.2f} | {r['acc']:.3f} | "
+            f"{r['ece']:.3f} | {r['nll']:.3f} | {r['aurc']:.3f} | {r['auroc_wrong_confidence']:.3f} | "
+            f"{r['auroc_wrong_entropy']:.3f} | {r['auroc_wrong_mi']:.3f} | {r['mean_mi_norm_test']:.5f} → "
+            f"{r['mean_mi_norm_ood']:.5f} | {r['auroc_ood_mi']:.3f} | {d.get('coverage', 1.0):.3f} | "
+            f"{'–' if se is None else f'{se:.3f}'} |"
+        )
     for label, r in reports.items():
         dec = r.get("decision") or {}
-        lines += ["", f"**{label}** ({r['adapter']}, `{r['command']}`): test = first {r['n_test']} of {r['test']}, "
-                  f"OOD = first {r['n_ood']} of {r['ood']} (OOD accuracy {r['ood_acc']:.3f}), S = {r['samples']}. "
-                  "Thresholds: confidence " + _thr(dec.get("confidence")) + "; epistemic (MI / log K) "
-                  + _thr(dec.get("epistemic")) + ". Keep-probabilities: " + json.dumps(r.get("keep_probability"))
-                  + (f". Training: {r['training'].get('steps')} steps on {r['training'].get('train_items')} items, "
-                     f"{r['training'].get('seconds_per_step')} s/step" if r.get("training") else "")]
-    lines += ["", "Scored as the server scores: every mask's logits divided by the adapter's temperature T before "
-              "averaging. AUROC wrong: how well each signal ranks wrong answers above right ones (0.5 = none). "
-              "Coverage / selective error: the adapter's own fitted thresholds applied to the test items."]
+        lines += [
+            "",
+            f"**{label}** ({r['adapter']}, `{r['command']}`): test = first {r['n_test']} of {r['test']}, "
+            f"OOD = first {r['n_ood']} of {r['ood']} (OOD accuracy {r['ood_acc']:.3f}), S = {r['samples']}. "
+            "Thresholds: confidence "
+            + _thr(dec.get("confidence"))
+            + "; epistemic (MI / log K) "
+            + _thr(dec.get("epistemic"))
+            + ". Keep-probabilities: "
+            + json.dumps(r.get("keep_probability"))
+            + (
+                f". Training: {r['training'].get('steps')} steps on {r['training'].get('train_items')} items, "
+                f"{r['training'].get('seconds_per_step')} s/step"
+                if r.get("training")
+                else ""
+            ),
+        ]
+    lines += [
+        "",
+        "Scored as the server scores: every mask's logits divided by the adapter's temperature T before "
+        "averaging. AUROC wrong: how well each signal ranks wrong answers above right ones (0.5 = none). "
+        "Coverage / selective error: the adapter's own fitted thresholds applied to the test items.",
+    ]
     write("default_adapter", {"reports": reports}, "\n".join(lines))
 
 

@@ -22,11 +22,21 @@ class ServerProcess:
     def __init__(self, adapters_dir: Path, adapter: str, log_path: Path, **env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        e = {**os.environ, "DALORRA_ADAPTERS_DIR": str(adapters_dir), "DALORRA_DEFAULT_ADAPTER": adapter,
-             "DALORRA_PORT": str(self.port), "DALORRA_FEEDBACK_KEY": "test-key-123456", **env}
+        e = {
+            **os.environ,
+            "DALORRA_ADAPTERS_DIR": str(adapters_dir),
+            "DALORRA_DEFAULT_ADAPTER": adapter,
+            "DALORRA_PORT": str(self.port),
+            "DALORRA_FEEDBACK_KEY": "test-key-123456",
+            **env,
+        }
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dalorra", "serve", "--log-level", "warning"],
-                                     env=e, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dalorra", "serve", "--log-level", "warning"],
+            env=e,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_ready(self, timeout: float = 240) -> ServerProcess:
         end = time.time() + timeout

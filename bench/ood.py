@@ -45,7 +45,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--ood", nargs="+", default=OOD)
     ap.add_argument("--ood-limit", type=int, default=100)
-    ap.add_argument("--eval-limit", type=int, default=150, help="in-distribution test items (as the benchmark)")
+    ap.add_argument(
+        "--eval-limit", type=int, default=150, help="in-distribution test items (as the benchmark)"
+    )
     ap.add_argument("--calib-items", type=int, default=100)
     ap.add_argument("--samples", type=int, default=10)
     a = ap.parse_args()
@@ -60,7 +62,9 @@ def main() -> None:
         for method in a.methods:
             out = root / f"{method}-s{seed}"
             if not (out / "dalorra.json").is_file():
-                raise SystemExit(f"{out}: no adapter; train it first with bench/calibration.py --regime {a.regime}")
+                raise SystemExit(
+                    f"{out}: no adapter; train it first with bench/calibration.py --regime {a.regime}"
+                )
             todo = [o for o in a.ood if (method, a.dataset, o, seed) not in done]
             if not todo:
                 continue
@@ -86,9 +90,16 @@ def main() -> None:
                 labels = np.array([it.label for it in items])
                 o_logits = logits_for("ood-" + ood.replace("/", "-"), items)
                 for suffix, t in (("", 1.0), ("+ts", T)):
-                    row = {"method": method + suffix, "train_dataset": a.dataset, "ood_dataset": ood, "seed": seed,
-                           "regime": a.regime, "temperature": t, **ood_row(id_logits / t, id_labels, o_logits / t,
-                                                                           labels), "command": command()}
+                    row = {
+                        "method": method + suffix,
+                        "train_dataset": a.dataset,
+                        "ood_dataset": ood,
+                        "seed": seed,
+                        "regime": a.regime,
+                        "temperature": t,
+                        **ood_row(id_logits / t, id_labels, o_logits / t, labels),
+                        "command": command(),
+                    }
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                 if command() not in commands:
@@ -97,38 +108,59 @@ def main() -> None:
     _write(rows, commands, a)
 
 
-def ood_row(id_logits: np.ndarray, id_labels: np.ndarray, ood_logits: np.ndarray, ood_labels: np.ndarray) -> dict:
+def ood_row(
+    id_logits: np.ndarray, id_labels: np.ndarray, ood_logits: np.ndarray, ood_labels: np.ndarray
+) -> dict:
     """Calibration on the OOD items and how well each signal separates OOD (positive) from in-distribution items."""
     si, so = summarize(id_logits), summarize(ood_logits)
     m_id, m_ood = metrics(si["probabilities"], id_labels), metrics(so["probabilities"], ood_labels)
     is_ood = np.r_[np.zeros(len(id_labels), bool), np.ones(len(ood_labels), bool)]
-    return {"id_acc": m_id["acc"], "acc": m_ood["acc"], "ece": m_ood["ece"], "nll": m_ood["nll"],
-            "chance": float(np.mean(1.0 / np.isfinite(ood_logits).any(0).sum(-1))),
-            "auroc_mi": auroc(np.r_[si["epistemic_norm"], so["epistemic_norm"]], is_ood),
-            "auroc_entropy": auroc(np.r_[si["entropy_norm"], so["entropy_norm"]], is_ood),
-            "auroc_confidence": auroc(-np.r_[si["confidence"], so["confidence"]], is_ood),
-            "mean_mi_id": float(si["epistemic_norm"].mean()), "mean_mi_ood": float(so["epistemic_norm"].mean()),
-            "n_id": int(len(id_labels)), "n_ood": int(len(ood_labels))}
+    return {
+        "id_acc": m_id["acc"],
+        "acc": m_ood["acc"],
+        "ece": m_ood["ece"],
+        "nll": m_ood["nll"],
+        "chance": float(np.mean(1.0 / np.isfinite(ood_logits).any(0).sum(-1))),
+        "auroc_mi": auroc(np.r_[si["epistemic_norm"], so["epistemic_norm"]], is_ood),
+        "auroc_entropy": auroc(np.r_[si["entropy_norm"], so["entropy_norm"]], is_ood),
+        "auroc_confidence": auroc(-np.r_[si["confidence"], so["confidence"]], is_ood),
+        "mean_mi_id": float(si["epistemic_norm"].mean()),
+        "mean_mi_ood": float(so["epistemic_norm"].mean()),
+        "n_id": int(len(id_labels)),
+        "n_ood": int(len(ood_labels)),
+    }
 
 
 def _write(rows: list[dict], commands: list[str], a: argparse.Namespace) -> None:
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["train_dataset"], r["ood_dataset"], r["method"]), []).append(r)
-    table = ["| train | OOD set | method | seeds | ID acc | OOD acc | chance | OOD ECE | OOD NLL | AUROC MI | "
-             "AUROC entropy | AUROC −conf | mean MI/log K ID → OOD |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = [
+        "| train | OOD set | method | seeds | ID acc | OOD acc | chance | OOD ECE | OOD NLL | AUROC MI | "
+        "AUROC entropy | AUROC −conf | mean MI/log K ID → OOD |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (tr, ood, method), rs in sorted(groups.items()):
-        table.append(f"| {tr} | {ood} | {method} | {len(rs)} | {mean_std([r['id_acc'] for r in rs])} | "
-                     f"{mean_std([r['acc'] for r in rs])} | {rs[0]['chance']:.2f} | {mean_std([r['ece'] for r in rs])} | "
-                     f"{mean_std([r['nll'] for r in rs])} | {mean_std([r['auroc_mi'] for r in rs])} | "
-                     f"{mean_std([r['auroc_entropy'] for r in rs])} | {mean_std([r['auroc_confidence'] for r in rs])} | "
-                     f"{np.mean([r['mean_mi_id'] for r in rs]):.4f} → {np.mean([r['mean_mi_ood'] for r in rs]):.4f} |")
-    table += ["", "AUROC: telling the OOD items (positive) from the in-distribution test items by normalised MI, "
-              "normalised entropy, or −confidence (0.5 = no information; a deterministic method's MI is 0 everywhere, "
-              "so 0.5). `+ts`: the same predictions with the method's temperature (fitted by NLL on held-out "
-              "training items) applied to every mask's logits. ID: the calibration benchmark's test items. Where OOD "
-              "accuracy is at or above in-distribution accuracy the set is not harder for the model, and a low AUROC "
-              "is expected.", "", "Rows were added by these invocations:", "", *[f"- `{c}`" for c in commands]]
+        table.append(
+            f"| {tr} | {ood} | {method} | {len(rs)} | {mean_std([r['id_acc'] for r in rs])} | "
+            f"{mean_std([r['acc'] for r in rs])} | {rs[0]['chance']:.2f} | {mean_std([r['ece'] for r in rs])} | "
+            f"{mean_std([r['nll'] for r in rs])} | {mean_std([r['auroc_mi'] for r in rs])} | "
+            f"{mean_std([r['auroc_entropy'] for r in rs])} | {mean_std([r['auroc_confidence'] for r in rs])} | "
+            f"{np.mean([r['mean_mi_id'] for r in rs]):.4f} → {np.mean([r['mean_mi_ood'] for r in rs]):.4f} |"
+        )
+    table += [
+        "",
+        "AUROC: telling the OOD items (positive) from the in-distribution test items by normalised MI, "
+        "normalised entropy, or −confidence (0.5 = no information; a deterministic method's MI is 0 everywhere, "
+        "so 0.5). `+ts`: the same predictions with the method's temperature (fitted by NLL on held-out "
+        "training items) applied to every mask's logits. ID: the calibration benchmark's test items. Where OOD "
+        "accuracy is at or above in-distribution accuracy the set is not harder for the model, and a low AUROC "
+        "is expected.",
+        "",
+        "Rows were added by these invocations:",
+        "",
+        *[f"- `{c}`" for c in commands],
+    ]
     write("ood", {"rows": rows, "commands": commands}, "\n".join(table))
 
 

@@ -51,9 +51,19 @@ class Bench:
         self.section = ""
 
     def add(self, name: str, on: float, off: float, diff: float, note: str = "") -> None:
-        self.rows.append({"optimisation": name, "on_s": on, "off_s": off, "speedup": off / on, "max_abs_diff": diff,
-                          "note": note, "section": self.section, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-                          "command": command()})
+        self.rows.append(
+            {
+                "optimisation": name,
+                "on_s": on,
+                "off_s": off,
+                "speedup": off / on,
+                "max_abs_diff": diff,
+                "note": note,
+                "section": self.section,
+                "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+                "command": command(),
+            }
+        )
         print(self.rows[-1], flush=True)
 
     def _model(self, path: str):
@@ -75,11 +85,17 @@ class Bench:
         with torch.no_grad():
             on, x = timed(lambda: score(model, qs, samples=S, seed=0), R)
             off, y = timed(lambda: score(model, qs, samples=S, seed=0, batched=False), R)
-            self.add(f"one forward for all S·B rows (vs S forwards of B rows), cloze, S={S}", on, off, _diff(x, y))
+            self.add(
+                f"one forward for all S·B rows (vs S forwards of B rows), cloze, S={S}", on, off, _diff(x, y)
+            )
             on, x = timed(lambda: score(model, qs, samples=S, seed=0), R)
             off, y = timed(lambda: score(model, qs, samples=S, seed=0, cloze_cache=False), R)
-            self.add("cloze: prompt once + K continuations from its KV cache (vs K full sequences)", on, off,
-                     _diff(x, y))
+            self.add(
+                "cloze: prompt once + K continuations from its KV cache (vs K full sequences)",
+                on,
+                off,
+                _diff(x, y),
+            )
             model.fmt = PromptFormat.from_dict({**model.fmt.to_dict(), "mode": "letter", "template": ""})
             enc = encode(qs, tok, model.fmt)
             items_r, samples_r = rows_for(len(qs), S)
@@ -89,17 +105,26 @@ class Bench:
             def full_head():  # the naive letter path: full logits at every position, then pick K letters
                 ids, attn, pos = _left_pad([enc[i].prompt for i in items_r], tok.pad_token_id, "cpu")
                 with model.row_masks(masks, samples_r):
-                    logits = model.base(input_ids=ids, attention_mask=attn, position_ids=pos).logits  # (R, L, V)
+                    logits = model.base(
+                        input_ids=ids, attention_mask=attn, position_ids=pos
+                    ).logits  # (R, L, V)
                 return logits[:, -1, letter_token_ids(tok, model.fmt, x.shape[1])]
+
             off, y = timed(full_head, R)
-            self.add("letter: last position and only the K answer rows of lm_head (vs full logits)", on, off,
-                     _diff(x.numpy(), y.numpy()))
+            self.add(
+                "letter: last position and only the K answer rows of lm_head (vs full logits)",
+                on,
+                off,
+                _diff(x.numpy(), y.numpy()),
+            )
 
     def _mixed(self):
         from server.backend import ScoreRequest
 
-        return [ScoreRequest("d", it.question + (" Explain." * (12 * (i % 4))), it.choices, None, self.S, i)
-                for i, it in enumerate(self.items[:24])]
+        return [
+            ScoreRequest("d", it.question + (" Explain." * (12 * (i % 4))), it.choices, None, self.S, i)
+            for i, it in enumerate(self.items[:24])
+        ]
 
     def bucketing(self) -> None:  # through the HF backend as the server runs it
         from server.hf_backend import HFBackend
@@ -111,8 +136,12 @@ class Bench:
             be.load_adapter("d", self.a.adapter)
             be.score(mixed[:2])
             res[bucket] = timed(lambda be=be: be.score(mixed), self.R)
-        self.add(f"length bucketing (24 requests of mixed length, forwards of {Settings().max_forward_rows} rows)",
-                 res[True][0], res[False][0], _backend_diff(res[True][1], res[False][1]))
+        self.add(
+            f"length bucketing (24 requests of mixed length, forwards of {Settings().max_forward_rows} rows)",
+            res[True][0],
+            res[False][0],
+            _backend_diff(res[True][1], res[False][1]),
+        )
 
     def threads(self) -> None:
         import torch
@@ -144,8 +173,12 @@ class Bench:
         with torch.no_grad():
             on, x = timed(lambda: choice_logits(top, enc, items_r, masks, samples_r), R)
             off, y = timed(lambda: choice_logits(top, enc, items_r, masks, samples_r, shared_lower=False), R)
-        self.add(f"top-L adapter: layers < {top.first_adapted_layer()} once per question (vs per row)", on, off,
-                 _diff(x.numpy(), y.numpy()))
+        self.add(
+            f"top-L adapter: layers < {top.first_adapted_layer()} once per question (vs per row)",
+            on,
+            off,
+            _diff(x.numpy(), y.numpy()),
+        )
 
     def compile(self) -> None:
         """DALORRA_COMPILE through the HF backend: compile + warm-up at load, then the same 24 mixed requests."""
@@ -160,9 +193,13 @@ class Bench:
             warm[compiled] = time.perf_counter() - t
             be.score(mixed[:2])
             res[compiled] = timed(lambda be=be: be.score(mixed), self.R)
-        self.add("torch.compile of every layer's MLP + norms, warmed at load (vs eager)", res[True][0], res[False][0],
-                 _backend_diff(res[True][1], res[False][1]),
-                 f"adapter load incl. compile + warm-up {warm[True]:.0f} s vs {warm[False]:.0f} s eager")
+        self.add(
+            "torch.compile of every layer's MLP + norms, warmed at load (vs eager)",
+            res[True][0],
+            res[False][0],
+            _backend_diff(res[True][1], res[False][1]),
+            f"adapter load incl. compile + warm-up {warm[True]:.0f} s vs {warm[False]:.0f} s eager",
+        )
 
 
 def main() -> None:
@@ -172,7 +209,9 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="measure only these sections")
+    ap.add_argument(
+        "--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="measure only these sections"
+    )
     a = ap.parse_args()
     b = Bench(a)
     for name in SECTIONS:
@@ -189,25 +228,50 @@ def main() -> None:
             r.setdefault("section", _section_of(r))
         rows = [r for r in prev["rows"] if r["section"] not in a.only] + rows
         rows.sort(key=lambda r: SECTIONS.index(r["section"]))
-    table = [f"{a.questions} ARC-Easy validation questions, S = {a.samples}, median of {a.repeats}; adapter "
-             f"`{a.adapter}`.", "",
-             "| optimisation | on (s) | off (s) | speed-up | max abs diff | note |", "|---|---|---|---|---|---|"]
-    table += [f"| {r['optimisation']} | {r['on_s']:.2f} | {r['off_s']:.2f} | {r['speedup']:.2f}× | "
-              f"{r['max_abs_diff']:.1e} | {r.get('note', '')} |" for r in rows]
-    table += ["", "Rows of one section are measured side by side in one run; rows from different runs (see `date` "
-              "and `command` of each row in the JSON) are not comparable in absolute seconds on this CPU, only their own on/off ratio.",
-              "Result cache: a hit skips the backend entirely (tests/test_server.py checks the backend call count "
-              "does not move); its speed-up is the whole request cost."]
-    write("optimisations", {"rows": rows, "questions": a.questions, "samples": a.samples, "repeats": a.repeats,
-                            "adapter": a.adapter, "top_adapter": a.top_adapter, "sections": a.only},
-          "\n".join(table))
+    table = [
+        f"{a.questions} ARC-Easy validation questions, S = {a.samples}, median of {a.repeats}; adapter "
+        f"`{a.adapter}`.",
+        "",
+        "| optimisation | on (s) | off (s) | speed-up | max abs diff | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    table += [
+        f"| {r['optimisation']} | {r['on_s']:.2f} | {r['off_s']:.2f} | {r['speedup']:.2f}× | "
+        f"{r['max_abs_diff']:.1e} | {r.get('note', '')} |"
+        for r in rows
+    ]
+    table += [
+        "",
+        "Rows of one section are measured side by side in one run; rows from different runs (see `date` "
+        "and `command` of each row in the JSON) are not comparable in absolute seconds on this CPU, only their own on/off ratio.",
+        "Result cache: a hit skips the backend entirely (tests/test_server.py checks the backend call count "
+        "does not move); its speed-up is the whole request cost.",
+    ]
+    write(
+        "optimisations",
+        {
+            "rows": rows,
+            "questions": a.questions,
+            "samples": a.samples,
+            "repeats": a.repeats,
+            "adapter": a.adapter,
+            "top_adapter": a.top_adapter,
+            "sections": a.only,
+        },
+        "\n".join(table),
+    )
     print("\n".join(table))
 
 
 def _section_of(row: dict) -> str:
     """Rows written before sections were recorded, by their name."""
     name = row["optimisation"]
-    for key, sec in (("bucketing", "bucketing"), ("threads", "threads"), ("top-L", "top_l"), ("compile", "compile")):
+    for key, sec in (
+        ("bucketing", "bucketing"),
+        ("threads", "threads"),
+        ("top-L", "top_l"),
+        ("compile", "compile"),
+    ):
         if key in name:
             return sec
     return "scoring"

@@ -56,8 +56,16 @@ async def level(url: str, items, adapter: str, samples: int, concurrency: int, n
             i = todo.pop()
             it = items[i % len(items)]
             t = time.perf_counter()
-            r = await c.post(url + "/predict", json={"question": it.question, "choices": list(it.choices),
-                                                     "samples": samples, "adapter": adapter, **extra})
+            r = await c.post(
+                url + "/predict",
+                json={
+                    "question": it.question,
+                    "choices": list(it.choices),
+                    "samples": samples,
+                    "adapter": adapter,
+                    **extra,
+                },
+            )
             if r.status_code == 200:
                 lat.append(time.perf_counter() - t)
                 b = r.json()
@@ -70,10 +78,22 @@ async def level(url: str, items, adapter: str, samples: int, concurrency: int, n
         t0 = time.perf_counter()
         await asyncio.gather(*[worker(c) for _ in range(concurrency)])
         wall = time.perf_counter() - t0
-    return {"adapter": adapter, "samples": samples, "concurrency": concurrency, "requests": n, "errors": errors,
-            "throughput_qps": len(lat) / wall, "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95),
-            "p99_s": pct(lat, 0.99), "mean_s": statistics.mean(lat) if lat else None, "wall_s": wall,
-            "mean_samples_used": statistics.mean(used) if used else None, **extra, "_answers": answers}
+    return {
+        "adapter": adapter,
+        "samples": samples,
+        "concurrency": concurrency,
+        "requests": n,
+        "errors": errors,
+        "throughput_qps": len(lat) / wall,
+        "p50_s": pct(lat, 0.5),
+        "p95_s": pct(lat, 0.95),
+        "p99_s": pct(lat, 0.99),
+        "mean_s": statistics.mean(lat) if lat else None,
+        "wall_s": wall,
+        "mean_samples_used": statistics.mean(used) if used else None,
+        **extra,
+        "_answers": answers,
+    }
 
 
 def make_variants(root: Path, top: str | None) -> None:
@@ -113,12 +133,17 @@ def naive_loop(items, samples: int, mode: str) -> tuple[float, list[np.ndarray]]
     from adapters.scoring import encode, letter_token_ids
 
     src = BankSource(DEFAULT)
-    fmt = PromptFormat.from_dict({**src.record["prompt"], "mode": mode, **({"template": ""} if mode == "letter" else {})})
+    fmt = PromptFormat.from_dict(
+        {**src.record["prompt"], "mode": mode, **({"template": ""} if mode == "letter" else {})}
+    )
     base = AutoModelForCausalLM.from_pretrained(local_path(None), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(local_path(None))
     model = PeftModel.from_pretrained(base, str(DEFAULT)).eval()
-    lora = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_A")
-            and "default" in getattr(m, "lora_A", {})}
+    lora = {
+        n.removeprefix("base_model.model."): m
+        for n, m in model.named_modules()
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})
+    }
     A0 = {n: m.lora_A["default"].weight.detach().clone() for n, m in lora.items()}
     letters = letter_token_ids(tok, fmt, len(fmt.letters)) if mode == "letter" else None
     probs = []
@@ -141,7 +166,7 @@ def naive_loop(items, samples: int, mode: str) -> tuple[float, list[np.ndarray]]
                         lp = torch.log_softmax(model(input_ids=ids).logits[0], -1)
                         L = len(cont)
                         tgt = ids[0, -L:]
-                        row.append(float(lp[-L - 1:-1].gather(1, tgt[:, None]).sum()) / e.norms[k])
+                        row.append(float(lp[-L - 1 : -1].gather(1, tgt[:, None]).sum()) / e.norms[k])
                     per.append(np.array(row))
             p = np.exp(np.array(per) - np.max(per, -1, keepdims=True))
             probs.append((p / p.sum(-1, keepdims=True)).mean(0))
@@ -166,8 +191,15 @@ def profile_batch(items, samples: int) -> list[dict]:
         score(model, items[:8], samples=samples)
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
-    return [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total,
-             "calls": e.count} for e in rows]
+    return [
+        {
+            "op": e.key,
+            "self_cpu_s": e.self_cpu_time_total / 1e6,
+            "share": e.self_cpu_time_total / total,
+            "calls": e.count,
+        }
+        for e in rows
+    ]
 
 
 def main() -> None:
@@ -177,7 +209,9 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["cloze", "letter"])
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default max(8, 2·c))")
     ap.add_argument("--naive-questions", type=int, default=8)
-    ap.add_argument("--top-adapter", default=None, help="a top-L DALorRA adapter to measure beside the default")
+    ap.add_argument(
+        "--top-adapter", default=None, help="a top-L DALorRA adapter to measure beside the default"
+    )
     ap.add_argument("--quick", action="store_true", help="S 10, concurrency 8, cloze only (smoke run)")
     a = ap.parse_args()
     if a.quick:
@@ -188,8 +222,14 @@ def main() -> None:
     runs: list[dict] = []
     preload = ["letter", "mean"] + (["top"] if a.top_adapter else [])
     # The result cache is off: questions repeat across levels, and this measures scoring, not cache hits.
-    srv = ServerProcess(root, "default", root / "server.log", DALORRA_PRELOAD=json.dumps(preload),
-                        DALORRA_RESULT_CACHE_SIZE="0", DALORRA_REQUEST_TIMEOUT_S="900").wait_ready()
+    srv = ServerProcess(
+        root,
+        "default",
+        root / "server.log",
+        DALORRA_PRELOAD=json.dumps(preload),
+        DALORRA_RESULT_CACHE_SIZE="0",
+        DALORRA_REQUEST_TIMEOUT_S="900",
+    ).wait_ready()
     try:
         asyncio.run(level(srv.url, items, "default", 4, 2, 4))  # warm-up
         for mode in a.modes:
@@ -207,7 +247,9 @@ def main() -> None:
         det["mode"], det["reference"] = "cloze", "deterministic (S=1, mean mask)"
         ada = asyncio.run(level(srv.url, items, "default", 10, c8, n, adaptive=True))
         ada["mode"] = "cloze"
-        full = next((r for r in runs if r["mode"] == "cloze" and r["samples"] == 10 and r["concurrency"] == c8), None)
+        full = next(
+            (r for r in runs if r["mode"] == "cloze" and r["samples"] == 10 and r["concurrency"] == c8), None
+        )
         if full is None:
             full = asyncio.run(level(srv.url, items, "default", 10, c8, n))
             full["mode"] = "cloze"
@@ -224,18 +266,28 @@ def main() -> None:
     finally:
         srv.stop()
     naive_s, naive_p = naive_loop(items[: a.naive_questions], 10, "cloze")
-    naive = {"reference": "naive loop (PEFT, S sequential forwards, K full sequences, full logits)", "mode": "cloze",
-             "samples": 10, "questions": a.naive_questions, "seconds": naive_s,
-             "throughput_qps": a.naive_questions / naive_s}
+    naive = {
+        "reference": "naive loop (PEFT, S sequential forwards, K full sequences, full logits)",
+        "mode": "cloze",
+        "samples": 10,
+        "questions": a.naive_questions,
+        "seconds": naive_s,
+        "throughput_qps": a.naive_questions / naive_s,
+    }
     served = full["_answers"]
     naive["max_abs_prob_diff_vs_server"] = max(
-        float(np.abs(np.array(served[i][2]) - naive_p[i]).max()) for i in range(a.naive_questions) if i in served)
+        float(np.abs(np.array(served[i][2]) - naive_p[i]).max())
+        for i in range(a.naive_questions)
+        if i in served
+    )
     same = [i for i in ada["_answers"] if i in full["_answers"]]
     agree = sum(ada["_answers"][i][:2] == full["_answers"][i][:2] for i in same) / max(1, len(same))
     prof = profile_batch(items, 10)
-    ratios = {"s10_vs_naive_throughput": full["throughput_qps"] / naive["throughput_qps"],
-              "s10_vs_deterministic_cost": det["throughput_qps"] / full["throughput_qps"],
-              "adaptive_vs_deterministic_cost": det["throughput_qps"] / ada["throughput_qps"]}
+    ratios = {
+        "s10_vs_naive_throughput": full["throughput_qps"] / naive["throughput_qps"],
+        "s10_vs_deterministic_cost": det["throughput_qps"] / full["throughput_qps"],
+        "adaptive_vs_deterministic_cost": det["throughput_qps"] / ada["throughput_qps"],
+    }
     if top is not None:
         ratios["topL_s10_vs_deterministic_cost"] = det["throughput_qps"] / top["throughput_qps"]
         ratios["topL_adaptive_vs_deterministic_cost"] = det["throughput_qps"] / top_ada["throughput_qps"]
@@ -243,27 +295,53 @@ def main() -> None:
     adaptive_agreement = {"this_run": {"questions": len(same), "agreement": agree}}
     if offline.is_file():
         o = json.loads(offline.read_text())
-        adaptive_agreement["arc_easy_validation"] = {"questions": o["items"], "agreement": o["decision_agreement"],
-                                                     "mean_samples": o["mean_samples"], "source": "adaptive.json"}
+        adaptive_agreement["arc_easy_validation"] = {
+            "questions": o["items"],
+            "agreement": o["decision_agreement"],
+            "mean_samples": o["mean_samples"],
+            "source": "adaptive.json",
+        }
     for r in runs:
         r.pop("_answers", None)
-    data = {"top_adapter": a.top_adapter, "runs": runs, "naive": naive, "ratios": ratios, "adaptive_decision_agreement": adaptive_agreement,
-            "profile_top_ops": prof, "concurrency_for_ratios": c8}
-    table = ["| mode | S | concurrency | requests | q/s | p50 (s) | p95 (s) | p99 (s) | mean S used | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    data = {
+        "top_adapter": a.top_adapter,
+        "runs": runs,
+        "naive": naive,
+        "ratios": ratios,
+        "adaptive_decision_agreement": adaptive_agreement,
+        "profile_top_ops": prof,
+        "concurrency_for_ratios": c8,
+    }
+    table = [
+        "| mode | S | concurrency | requests | q/s | p50 (s) | p95 (s) | p99 (s) | mean S used | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         name = r.get("reference") or ("adaptive ≤ 10" if r.get("adaptive") else str(r["samples"]))
-        table.append(f"| {r['mode']} | {name} | {r['concurrency']} | {r['requests']} | {r['throughput_qps']:.2f} | "
-                     f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['p99_s']:.2f} | {r['mean_samples_used']:.2f} | "
-                     f"{r['errors']} |")
-    table += ["", f"Naive loop (cloze, S = 10, {a.naive_questions} questions, one at a time): "
-                  f"{naive['throughput_qps']:.3f} q/s; max |p_naive − p_server| = "
-                  f"{naive['max_abs_prob_diff_vs_server']:.1e} (same draws).", "",
-              f"| ratio (concurrency {c8}) | value |", "|---|---|"]
+        table.append(
+            f"| {r['mode']} | {name} | {r['concurrency']} | {r['requests']} | {r['throughput_qps']:.2f} | "
+            f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['p99_s']:.2f} | {r['mean_samples_used']:.2f} | "
+            f"{r['errors']} |"
+        )
+    table += [
+        "",
+        f"Naive loop (cloze, S = 10, {a.naive_questions} questions, one at a time): "
+        f"{naive['throughput_qps']:.3f} q/s; max |p_naive − p_server| = "
+        f"{naive['max_abs_prob_diff_vs_server']:.1e} (same draws).",
+        "",
+        f"| ratio (concurrency {c8}) | value |",
+        "|---|---|",
+    ]
     table += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
-    table += ["", f"Adaptive decisions equal to full S = 10: {json.dumps(adaptive_agreement)}", "",
-              "Profile of one batch (8 questions × S = 10, cloze), top operators by self CPU time:", "",
-              "| op | self CPU (s) | share | calls |", "|---|---|---|---|"]
+    table += [
+        "",
+        f"Adaptive decisions equal to full S = 10: {json.dumps(adaptive_agreement)}",
+        "",
+        "Profile of one batch (8 questions × S = 10, cloze), top operators by self CPU time:",
+        "",
+        "| op | self CPU (s) | share | calls |",
+        "|---|---|---|---|",
+    ]
     table += [f"| {p['op']} | {p['self_cpu_s']:.2f} | {p['share']:.0%} | {p['calls']} |" for p in prof]
     write("serve_efficiency", data, "\n".join(table))
     print("\n".join(table))

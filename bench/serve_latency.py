@@ -20,7 +20,9 @@ from bench.serve_efficiency import level  # the one load generator
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--adapters-dir", default=str(Path(__file__).resolve().parents[1] / "adapters" / "default"))
+    ap.add_argument(
+        "--adapters-dir", default=str(Path(__file__).resolve().parents[1] / "adapters" / "default")
+    )
     ap.add_argument("--adapter", default="arc-easy-dalorra")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
@@ -40,12 +42,18 @@ def main() -> None:
             print(r, flush=True)
     finally:
         srv.stop()
-    table = ["| S | concurrency | requests | throughput (q/s) | p50 (s) | p99 (s) | errors |",
-             "|---|---|---|---|---|---|---|"]
+    table = [
+        "| S | concurrency | requests | throughput (q/s) | p50 (s) | p99 (s) | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
-        table.append(f"| {r['samples']} | {r['concurrency']} | {r['requests']} | {r['throughput_qps']:.2f} | "
-                     f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['errors']} |")
-    table.append("\nARC-Easy validation questions (cloze scoring, 4 choices), default adapter, HF backend on CPU.")
+        table.append(
+            f"| {r['samples']} | {r['concurrency']} | {r['requests']} | {r['throughput_qps']:.2f} | "
+            f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['errors']} |"
+        )
+    table.append(
+        "\nARC-Easy validation questions (cloze scoring, 4 choices), default adapter, HF backend on CPU."
+    )
     write("serve_latency", {"runs": runs, "adapter": a.adapter}, "\n".join(table))
 
 

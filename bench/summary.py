@@ -41,15 +41,23 @@ def calibration_rows() -> list[str]:
             continue
         seeds = sorted({r["seed"] for r in by["dalorra"]} & {r["seed"] for r in by["lora"]})
         by = {m: [r for r in rs if r["seed"] in seeds] for m, rs in by.items()}
-        cell = "; ".join(f"{m} {_mean(rs, 'acc'):.3f} / {_mean(rs, 'ece'):.3f} / {_mean(rs, 'nll'):.3f} / "
-                         f"{_mean(rs, 'aurc'):.3f}" for m, rs in by.items())
+        cell = "; ".join(
+            f"{m} {_mean(rs, 'acc'):.3f} / {_mean(rs, 'ece'):.3f} / {_mean(rs, 'nll'):.3f} / "
+            f"{_mean(rs, 'aurc'):.3f}"
+            for m, rs in by.items()
+        )
         gap = _mean(by["lora"], "mean_confidence") - _mean(by["lora"], "acc")
-        out.append(f"| Calibration, paper regime, {ds} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}; LoRA "
-                   f"conf − acc {gap:+.3f}) | acc / ECE / NLL / AURC: {cell}. DALorRA ECE "
-                   f"{_mean(by['dalorra'], 'ece') / _mean(by['lora'], 'ece'):.2f}× LoRA's (paper: ≤ 0.4×) | "
-                   "[calibration.md](bench/results/calibration.md) |")
-    short = [r for r in d["rows"] if r.get("regime", "short") == "short" and r["dataset"] in ("arc_easy",
-                                                                                              "arc_challenge")]
+        out.append(
+            f"| Calibration, paper regime, {ds} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}; LoRA "
+            f"conf − acc {gap:+.3f}) | acc / ECE / NLL / AURC: {cell}. DALorRA ECE "
+            f"{_mean(by['dalorra'], 'ece') / _mean(by['lora'], 'ece'):.2f}× LoRA's (paper: ≤ 0.4×) | "
+            "[calibration.md](bench/results/calibration.md) |"
+        )
+    short = [
+        r
+        for r in d["rows"]
+        if r.get("regime", "short") == "short" and r["dataset"] in ("arc_easy", "arc_challenge")
+    ]
     cells = []
     for ds in ("arc_easy", "arc_challenge"):
         lo = [r for r in short if r["dataset"] == ds and r["method"] == "lora"]
@@ -57,8 +65,11 @@ def calibration_rows() -> list[str]:
         if lo and da:
             cells.append(f"{ds} {_mean(da, 'ece') / _mean(lo, 'ece'):.2f}×")
     if cells:
-        out.append("| Calibration, short regime (under one epoch; LoRA hardly over-confident) | DALorRA ECE / LoRA's: "
-                   + ", ".join(cells) + " | [calibration.md](bench/results/calibration.md) |")
+        out.append(
+            "| Calibration, short regime (under one epoch; LoRA hardly over-confident) | DALorRA ECE / LoRA's: "
+            + ", ".join(cells)
+            + " | [calibration.md](bench/results/calibration.md) |"
+        )
     return out
 
 
@@ -69,9 +80,17 @@ def ood_rows() -> list[str]:
     cells = []
     for r in d["rows"]:
         if r["method"] == "dalorra" and r["seed"] == 0:
-            cells.append(f"{r['ood_dataset'].split('/')[0]}: MI {r['auroc_mi']:.2f}, entropy {r['auroc_entropy']:.2f}")
-    return [f"| OOD detection, DALorRA trained on ARC-Easy (AUROC vs in-distribution) | {'; '.join(cells)} | "
-            "[ood.md](bench/results/ood.md) |"] if cells else []
+            cells.append(
+                f"{r['ood_dataset'].split('/')[0]}: MI {r['auroc_mi']:.2f}, entropy {r['auroc_entropy']:.2f}"
+            )
+    return (
+        [
+            f"| OOD detection, DALorRA trained on ARC-Easy (AUROC vs in-distribution) | {'; '.join(cells)} | "
+            "[ood.md](bench/results/ood.md) |"
+        ]
+        if cells
+        else []
+    )
 
 
 def default_rows() -> list[str]:
@@ -79,24 +98,32 @@ def default_rows() -> list[str]:
     if not d or "reports" not in d:
         return []
     rep = d["reports"]
-    cells = [f"{k}: acc {r['acc']:.3f}, ECE {r['ece']:.3f}, NLL {r['nll']:.3f}, mean MI/log K {r['mean_mi_norm_test']:.4f}"
-             f" (OOD {r['mean_mi_norm_ood']:.4f}), wrong-answer AUROC of MI {r['auroc_wrong_mi']:.2f}"
-             for k, r in rep.items()]
-    return [f"| Default adapter on ARC-Easy test | {'; '.join(cells)} | "
-            "[default_adapter.md](bench/results/default_adapter.md) |"]
+    cells = [
+        f"{k}: acc {r['acc']:.3f}, ECE {r['ece']:.3f}, NLL {r['nll']:.3f}, mean MI/log K {r['mean_mi_norm_test']:.4f}"
+        f" (OOD {r['mean_mi_norm_ood']:.4f}), wrong-answer AUROC of MI {r['auroc_wrong_mi']:.2f}"
+        for k, r in rep.items()
+    ]
+    return [
+        f"| Default adapter on ARC-Easy test | {'; '.join(cells)} | "
+        "[default_adapter.md](bench/results/default_adapter.md) |"
+    ]
 
 
 def sweep_rows() -> list[str]:
     d = _load("dalorra_sweep")
     if not d:
         return []
-    key = {(r["variant"], r["seed"]): r for r in d["rows"] if r.get("train_items") == 200 and r.get("lr") == 1e-3}
+    key = {
+        (r["variant"], r["seed"]): r for r in d["rows"] if r.get("train_items") == 200 and r.get("lr") == 1e-3
+    }
     lo, base, rank = key.get(("lora", 0)), key.get(("base", 0)), key.get(("sharing=rank", 0))
     if not (lo and base and rank):
         return []
-    return [f"| Lever: one switch per rank index across layers (held-out train split, seed 0) | ECE / LoRA's: module "
-            f"(paper) {base['ece'] / lo['ece']:.2f}×, rank {rank['ece'] / lo['ece']:.2f}×; mean MI {base['mean_epistemic']:.4f}"
-            f" vs {rank['mean_epistemic']:.4f} | [dalorra_sweep.md](bench/results/dalorra_sweep.md) |"]
+    return [
+        f"| Lever: one switch per rank index across layers (held-out train split, seed 0) | ECE / LoRA's: module "
+        f"(paper) {base['ece'] / lo['ece']:.2f}×, rank {rank['ece'] / lo['ece']:.2f}×; mean MI {base['mean_epistemic']:.4f}"
+        f" vs {rank['mean_epistemic']:.4f} | [dalorra_sweep.md](bench/results/dalorra_sweep.md) |"
+    ]
 
 
 def serving_rows() -> list[str]:
@@ -104,31 +131,39 @@ def serving_rows() -> list[str]:
     d = _load("serve_efficiency")
     if d:
         r = d["ratios"]
-        out.append(f"| Serving at S = 10 (HF backend, CPU) | throughput {r['s10_vs_naive_throughput']:.1f}× a naive PEFT "
-                   f"loop; an answer costs {r['s10_vs_deterministic_cost']:.1f}× a deterministic one, "
-                   f"{r['adaptive_vs_deterministic_cost']:.1f}× with adaptive sampling | "
-                   "[serve_efficiency.md](bench/results/serve_efficiency.md) |")
+        out.append(
+            f"| Serving at S = 10 (HF backend, CPU) | throughput {r['s10_vs_naive_throughput']:.1f}× a naive PEFT "
+            f"loop; an answer costs {r['s10_vs_deterministic_cost']:.1f}× a deterministic one, "
+            f"{r['adaptive_vs_deterministic_cost']:.1f}× with adaptive sampling | "
+            "[serve_efficiency.md](bench/results/serve_efficiency.md) |"
+        )
     d = _load("generate")
     if d:
         s, a = d["speed"], d["auroc_wrong"]
-        out.append(f"| Generation (OpenAI API), 32-token answer | {s['S=0']['p50_cpu_s']:.1f} CPU-s, "
-                   f"{s['S=10']['p50_cpu_s']:.1f} with the S = 10 uncertainty pass; wrong-answer AUROC of mean MI "
-                   f"{a['epistemic_mean']['all']:.2f}, of −log-likelihood {a['-loglik_mean']['all']:.2f} | "
-                   "[generate.md](bench/results/generate.md) |")
+        out.append(
+            f"| Generation (OpenAI API), 32-token answer | {s['S=0']['p50_cpu_s']:.1f} CPU-s, "
+            f"{s['S=10']['p50_cpu_s']:.1f} with the S = 10 uncertainty pass; wrong-answer AUROC of mean MI "
+            f"{a['epistemic_mean']['all']:.2f}, of −log-likelihood {a['-loglik_mean']['all']:.2f} | "
+            "[generate.md](bench/results/generate.md) |"
+        )
     d = _load("reliability")
     if d and "before" in d:
         b, p, o = d["before"], d["poison"], d["overload"]
-        out.append(f"| Safety probes, before → after | good requests beside a poisoned one: "
-                   f"{b['poison']['good_answered_200']}/{b['poison']['good_requests']} → "
-                   f"{p['good_answered_200']}/{p['good_requests']}; overload burst: "
-                   f"{b['overload']['timed_out_504']}×504 → {o['refused_429']}×429, {o['timed_out_504']}×504 | "
-                   "[reliability.md](bench/results/reliability.md) |")
+        out.append(
+            f"| Safety probes, before → after | good requests beside a poisoned one: "
+            f"{b['poison']['good_answered_200']}/{b['poison']['good_requests']} → "
+            f"{p['good_answered_200']}/{p['good_requests']}; overload burst: "
+            f"{b['overload']['timed_out_504']}×504 → {o['refused_429']}×429, {o['timed_out_504']}×504 | "
+            "[reliability.md](bench/results/reliability.md) |"
+        )
     d = _load("install")
     if d:
         h = d["help"]
-        out.append(f"| Install | CPU venv {d['cpu']['bytes'] / 1e9:.2f} GB; client-only venv "
-                   f"{d['client']['bytes'] / 1e6:.0f} MB; `dalorra predict --help` {h['before: predict --help']['min_s']:.1f} s "
-                   f"→ {h['after: predict --help']['min_s']:.2f} s | [install.md](bench/results/install.md) |")
+        out.append(
+            f"| Install | CPU venv {d['cpu']['bytes'] / 1e9:.2f} GB; client-only venv "
+            f"{d['client']['bytes'] / 1e6:.0f} MB; `dalorra predict --help` {h['before: predict --help']['min_s']:.1f} s "
+            f"→ {h['after: predict --help']['min_s']:.2f} s | [install.md](bench/results/install.md) |"
+        )
     return out
 
 
@@ -148,7 +183,7 @@ def main() -> None:
     text = README.read_text()
     i, j = text.index(START), text.index(END)
     tmp = README.with_name(".README.md.tmp")
-    tmp.write_text(text[:i + len(START)] + "\n" + t + "\n" + text[j:])
+    tmp.write_text(text[: i + len(START)] + "\n" + t + "\n" + text[j:])
     os.replace(tmp, README)
 
 

@@ -23,8 +23,12 @@ from bench.common import write
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=["lora", "dalorra", "map", "mcdropout"],
-                    choices=["lora", "dalorra", "map", "mcdropout"])
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["lora", "dalorra", "map", "mcdropout"],
+        choices=["lora", "dalorra", "map", "mcdropout"],
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dataset", default="arc_easy/train")
     add_budget_args(ap)  # the calibration benchmark's budget, but few steps per round
@@ -40,17 +44,40 @@ def main() -> None:
                 print(f"round {rnd} {method}: {summary['seconds_per_step']:.2f} s/step", flush=True)
     med = {m: statistics.median(v) for m, v in per.items()}
     ref = med.get("lora")
-    rows = [{"method": m, "seconds_per_step_median": med[m], "per_round": per[m],
-             "vs_lora": med[m] / ref if ref else None} for m in a.methods]
-    table = [f"{a.steps} steps of batch {a.batch_size} ({a.dataset}, cloze, r 8 on q/v/lm_head, max length "
-             f"{a.max_length}) per method per round, {a.rounds} interleaved rounds; median s/step.", "",
-             "| method | s/step (median) | per round | × LoRA |", "|---|---|---|---|"]
+    rows = [
+        {
+            "method": m,
+            "seconds_per_step_median": med[m],
+            "per_round": per[m],
+            "vs_lora": med[m] / ref if ref else None,
+        }
+        for m in a.methods
+    ]
+    table = [
+        f"{a.steps} steps of batch {a.batch_size} ({a.dataset}, cloze, r 8 on q/v/lm_head, max length "
+        f"{a.max_length}) per method per round, {a.rounds} interleaved rounds; median s/step.",
+        "",
+        "| method | s/step (median) | per round | × LoRA |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         ratio = f"{r['vs_lora']:.2f}" if r["vs_lora"] else "–"
-        table.append(f"| {r['method']} | {r['seconds_per_step_median']:.2f} | "
-                     f"{', '.join(f'{x:.2f}' for x in r['per_round'])} | {ratio} |")
-    write("train_step", {"rows": rows, "steps": a.steps, "rounds": a.rounds, "dataset": a.dataset,
-                         "batch_size": a.batch_size, "seed": 0}, "\n".join(table))
+        table.append(
+            f"| {r['method']} | {r['seconds_per_step_median']:.2f} | "
+            f"{', '.join(f'{x:.2f}' for x in r['per_round'])} | {ratio} |"
+        )
+    write(
+        "train_step",
+        {
+            "rows": rows,
+            "steps": a.steps,
+            "rounds": a.rounds,
+            "dataset": a.dataset,
+            "batch_size": a.batch_size,
+            "seed": 0,
+        },
+        "\n".join(table),
+    )
     print("\n".join(table))
 
 

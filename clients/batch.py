@@ -50,8 +50,10 @@ def run_batch(c: Client, a: argparse.Namespace) -> int:
     done = _done(a.out)
     todo = [(k, it) for k, it in zip(keys, items, strict=True) if k not in done]
     if done:
-        print(f"dalorra predict: resuming, {len(items) - len(todo)} of {len(items)} items already in {a.out}",
-              file=sys.stderr)
+        print(
+            f"dalorra predict: resuming, {len(items) - len(todo)} of {len(items)} items already in {a.out}",
+            file=sys.stderr,
+        )
     if a.out and done:  # rewrite without a torn last line before appending
         with open(a.out, "w") as f:
             f.writelines(json.dumps(done[k]) + "\n" for k in keys if k in done)
@@ -59,9 +61,19 @@ def run_batch(c: Client, a: argparse.Namespace) -> int:
     rows = dict(done)
     try:
         for i in tqdm(range(0, len(todo), a.batch), desc="predict", unit="batch"):
-            chunk = todo[i:i + a.batch]
-            body = [{"question": it.question, "choices": list(it.choices), "context": it.context, "id": k,
-                     "adapter": a.adapter, "samples": a.samples, "adaptive": a.adaptive} for k, it in chunk]
+            chunk = todo[i : i + a.batch]
+            body = [
+                {
+                    "question": it.question,
+                    "choices": list(it.choices),
+                    "context": it.context,
+                    "id": k,
+                    "adapter": a.adapter,
+                    "samples": a.samples,
+                    "adaptive": a.adaptive,
+                }
+                for k, it in chunk
+            ]
             for (k, it), r in zip(chunk, c.predict_many(body), strict=True):
                 row = {**r.model_dump(), "label": it.label}  # the receipt stays: feedback can follow
                 rows[k] = row
@@ -70,8 +82,11 @@ def run_batch(c: Client, a: argparse.Namespace) -> int:
                     out.flush()
     except KeyboardInterrupt:
         if out:
-            print(f"\ndalorra predict: interrupted; {len(rows)} of {len(items)} results are in {a.out}: run the "
-                  "same command again to resume", file=sys.stderr)
+            print(
+                f"\ndalorra predict: interrupted; {len(rows)} of {len(items)} results are in {a.out}: run the "
+                "same command again to resume",
+                file=sys.stderr,
+            )
         return 130
     finally:
         if out:
@@ -82,14 +97,21 @@ def run_batch(c: Client, a: argparse.Namespace) -> int:
 
 def summarize(rows: list[dict], total: int) -> dict:
     answered = [r for r in rows if r["decision"] == "answer"]
-    summary = {"items": total, "done": len(rows), "answered": len(answered), "abstained": len(rows) - len(answered)}
+    summary = {
+        "items": total,
+        "done": len(rows),
+        "answered": len(answered),
+        "abstained": len(rows) - len(answered),
+    }
     labelled = [r for r in rows if r.get("label") is not None]
     if labelled:
         acc, ece = accuracy_and_ece([r["probabilities"] for r in labelled], [r["label"] for r in labelled])
         summary.update(labelled=len(labelled), accuracy=acc, ece=ece)
         ans = [r for r in labelled if r["decision"] == "answer"]
-        summary.update(labelled_answered=len(ans),
-                       accuracy_answered=sum(r["answer_index"] == r["label"] for r in ans) / len(ans) if ans else None)
+        summary.update(
+            labelled_answered=len(ans),
+            accuracy_answered=sum(r["answer_index"] == r["label"] for r in ans) / len(ans) if ans else None,
+        )
     return summary
 
 

@@ -14,8 +14,11 @@ if TYPE_CHECKING:
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="ask a running server (one question, or a JSONL file)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "predict",
+        help="ask a running server (one question, or a JSONL file)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--url", default=os.environ.get("DALORRA_URL", "http://127.0.0.1:8000"), help="server URL")
     p.add_argument("--token", default=os.environ.get("DALORRA_API_TOKEN"), help="bearer token")
     p.add_argument("--question", help="the question")
@@ -23,12 +26,20 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context", default=None, help="optional passage")
     p.add_argument("--adapter", default=None, help="adapter name (default: the server's)")
     p.add_argument("--samples", type=int, default=None, help="mask samples S (the maximum with --adaptive)")
-    p.add_argument("--adaptive", action="store_true", default=None,
-                   help="adaptive sampling: stop drawing once more samples cannot change the outcome")
+    p.add_argument(
+        "--adaptive",
+        action="store_true",
+        default=None,
+        help="adaptive sampling: stop drawing once more samples cannot change the outcome",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--file", default=None, help="JSONL of items (question, choices, optional label)")
-    p.add_argument("--out", default=None, help="append one JSON result (with its receipt) per line here as "
-                   "answers arrive; rerun to resume (with --file)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="append one JSON result (with its receipt) per line here as "
+        "answers arrive; rerun to resume (with --file)",
+    )
     p.add_argument("--batch", type=int, default=8, help="items per request (with --file)")
     p.set_defaults(func=_predict)
 
@@ -43,8 +54,10 @@ def render(r: PredictResponse, choices: list[str]) -> str:
     for i, (c, p) in enumerate(zip(choices, r.probabilities, strict=True)):
         mark = "→" if i == r.answer_index else " "
         lines.append(f"{mark} {chr(65 + i)}. {c[:40]:<40} {_bar(p)} {p:6.1%}")
-    lines.append(f"confidence {r.confidence:.3f}   entropy {r.entropy_norm:.3f}   "
-                 f"epistemic {r.epistemic_norm:.3f}   (normalised by log K; S = {r.samples})")
+    lines.append(
+        f"confidence {r.confidence:.3f}   entropy {r.entropy_norm:.3f}   "
+        f"epistemic {r.epistemic_norm:.3f}   (normalised by log K; S = {r.samples})"
+    )
     reason = f" ({r.abstain_reason})" if r.abstain_reason else ""
     lines.append(f"decision: {r.decision.upper()}{reason}   answer: {r.answer}")
     return "\n".join(lines)
@@ -60,10 +73,20 @@ def _predict(a: argparse.Namespace) -> int:
 
                 return run_batch(c, a)
             if not a.question or len(a.choice) < 2:
-                print("dalorra predict: give --question and at least two --choice (or --file)", file=sys.stderr)
+                print(
+                    "dalorra predict: give --question and at least two --choice (or --file)", file=sys.stderr
+                )
                 return 2
-            kw = {k: v for k, v in (("context", a.context), ("adapter", a.adapter), ("samples", a.samples),
-                                    ("adaptive", a.adaptive)) if v}
+            kw = {
+                k: v
+                for k, v in (
+                    ("context", a.context),
+                    ("adapter", a.adapter),
+                    ("samples", a.samples),
+                    ("adaptive", a.adaptive),
+                )
+                if v
+            }
             r = c.predict(a.question, a.choice, **kw)
         except DalorraError as exc:
             print(f"dalorra predict: {exc}", file=sys.stderr)

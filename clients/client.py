@@ -1,5 +1,7 @@
 """Python client for the dalorra server (sync and async, httpx), reusing the server's protocol models.
 
+Usage:
+
     from clients.client import Client
     with Client("http://127.0.0.1:8000") as c:
         r = c.predict("Which is a mammal?", ["whale", "shark"])
@@ -49,10 +51,17 @@ class Unreachable(DalorraError):
 
 def _unreachable(url: httpx.URL, exc: httpx.TransportError) -> Unreachable:
     if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
-        return Unreachable(0, "timeout", f"{url} did not answer in time ({type(exc).__name__}); raise the timeout "
-                                         "or lower samples")
-    return Unreachable(0, "unreachable", f"cannot connect to {url} ({type(exc).__name__}: {exc or 'no detail'}); "
-                                         "is the server running, and are the host and port right?")
+        return Unreachable(
+            0,
+            "timeout",
+            f"{url} did not answer in time ({type(exc).__name__}); raise the timeout or lower samples",
+        )
+    return Unreachable(
+        0,
+        "unreachable",
+        f"cannot connect to {url} ({type(exc).__name__}: {exc or 'no detail'}); "
+        "is the server running, and are the host and port right?",
+    )
 
 
 # Only failures where the request never reached the server are retried: a retry can then not run it twice.
@@ -68,16 +77,17 @@ def _raise_for(resp: httpx.Response) -> None:
     except Exception:
         type_, msg = "http_error", resp.text[:500]
     cls = {401: Unauthorized, 403: Unauthorized, 404: NotFound, 429: Overloaded, 503: Overloaded}.get(
-        resp.status_code, BadRequest if resp.status_code < 500 else DalorraError)
+        resp.status_code, BadRequest if resp.status_code < 500 else DalorraError
+    )
     raise cls(resp.status_code, type_, msg)
 
 
 def _retry_after(resp: httpx.Response, attempt: int, backoff: float) -> float:
     ra = resp.headers.get("retry-after")
     try:
-        return max(0.0, float(ra)) if ra is not None else backoff * 2 ** attempt
+        return max(0.0, float(ra)) if ra is not None else backoff * 2**attempt
     except ValueError:
-        return backoff * 2 ** attempt
+        return backoff * 2**attempt
 
 
 def _items(question: str, choices: list[str], kw: dict[str, Any]) -> dict[str, Any]:
@@ -85,8 +95,14 @@ def _items(question: str, choices: list[str], kw: dict[str, Any]) -> dict[str, A
 
 
 class Client:
-    def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None, timeout: float = 60.0,
-                 retries: int = 3, backoff: float = 0.5):
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        token: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+    ):
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
         self.retries, self.backoff = retries, backoff
@@ -106,7 +122,7 @@ class Client:
                 resp = self.http.request(method, path, **kw)
             except httpx.TransportError as exc:
                 if isinstance(exc, SAFE_TO_RETRY) and attempt < self.retries:
-                    time.sleep(self.backoff * 2 ** attempt)
+                    time.sleep(self.backoff * 2**attempt)
                     continue
                 raise _unreachable(self.http.base_url, exc) from None
             if resp.status_code in RETRY_STATUSES and attempt < self.retries:
@@ -122,11 +138,14 @@ class Client:
 
     def predict_many(self, items: list[dict]) -> list[PredictResponse]:
         body = [PredictItem(**it).model_dump(exclude_none=True) for it in items]
-        return [PredictResponse.model_validate(x) for x in self._request("POST", "/predict", json=body).json()]
+        return [
+            PredictResponse.model_validate(x) for x in self._request("POST", "/predict", json=body).json()
+        ]
 
     def feedback(self, receipt: str, label: int) -> FeedbackResponse:
         return FeedbackResponse.model_validate(
-            self._request("POST", "/feedback", json={"receipt": receipt, "label": label}).json())
+            self._request("POST", "/feedback", json={"receipt": receipt, "label": label}).json()
+        )
 
     def adapters(self) -> AdapterList:
         return AdapterList.model_validate(self._request("GET", "/v1/adapters").json())
@@ -139,8 +158,14 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None, timeout: float = 60.0,
-                 retries: int = 3, backoff: float = 0.5):
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        token: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+    ):
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout)
         self.retries, self.backoff = retries, backoff
@@ -157,7 +182,7 @@ class AsyncClient:
                 resp = await self.http.request(method, path, **kw)
             except httpx.TransportError as exc:
                 if isinstance(exc, SAFE_TO_RETRY) and attempt < self.retries:
-                    await asyncio.sleep(self.backoff * 2 ** attempt)
+                    await asyncio.sleep(self.backoff * 2**attempt)
                     continue
                 raise _unreachable(self.http.base_url, exc) from None
             if resp.status_code in RETRY_STATUSES and attempt < self.retries:

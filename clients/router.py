@@ -1,5 +1,7 @@
 """Abstain routing: use the model's answer when it is sure, otherwise ask a fallback (a bigger model, a person).
 
+Usage:
+
     router = AbstainRouter(Client(url), fallback=ask_a_human)
     result = router.route("Which is a mammal?", ["whale", "shark"])
     result.answer, result.path        # "whale", "model"  (or the fallback's answer, "fallback")
@@ -33,8 +35,13 @@ class Routed:
 class AbstainRouter:
     """Sync router over `clients.client.Client`. The fallback returns the index of its chosen answer."""
 
-    def __init__(self, client: Client, fallback: Callable[[str, list[str], PredictResponse], int],
-                 send_feedback: bool = True, **predict_kw):
+    def __init__(
+        self,
+        client: Client,
+        fallback: Callable[[str, list[str], PredictResponse], int],
+        send_feedback: bool = True,
+        **predict_kw,
+    ):
         self.client, self.fallback, self.send_feedback = client, fallback, send_feedback
         self.predict_kw = predict_kw
         self.counts: Counter[str] = Counter()

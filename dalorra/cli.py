@@ -14,8 +14,12 @@ COMMANDS = {
     "serve": ("server.cli", "start the HTTP server (settings also from DALORRA_* env vars)", "server"),
     "predict": ("clients.cli", "ask a running server (one question, or a JSONL file)", "client"),
     "train": ("adapters.cli", "train a DALorRA (or baseline) adapter", "server"),
-    "eval": ("adapters.cli", "evaluate adapters on a JSONL: ACC, ECE, NLL, Brier, AURC, decisions; fit "
-                         "the generation thresholds on a short-answer set", "server"),
+    "eval": (
+        "adapters.cli",
+        "evaluate adapters on a JSONL: ACC, ECE, NLL, Brier, AURC, decisions; fit "
+        "the generation thresholds on a short-answer set",
+        "server",
+    ),
     "convert": ("adapters.cli", "convert the embedded GGUF model to the float cache now", "server"),
 }
 
@@ -29,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    ap = argparse.ArgumentParser(prog="dalorra", description="DALorRA: calibrated LoRA adapters and their server")
+    ap = argparse.ArgumentParser(
+        prog="dalorra", description="DALorRA: calibrated LoRA adapters and their server"
+    )
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     chosen = _chosen(argv)
     for name, (module, help_, extra) in COMMANDS.items():
@@ -43,11 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         return a.func(a)
-    except ModuleNotFoundError as exc:  # e.g. `serve` in a client-only install: uvicorn is imported when it runs
+    except (
+        ModuleNotFoundError
+    ) as exc:  # e.g. `serve` in a client-only install: uvicorn is imported when it runs
         return _missing(a.cmd, extra=COMMANDS[a.cmd][2], exc=exc)
 
 
 def _missing(name: str, extra: str, exc: ModuleNotFoundError) -> int:
-    print(f"dalorra {name}: {exc}. This command needs the '{extra}' extra: pip install 'dalorra[{extra}]' "
-          "(from a checkout: scripts/install.sh)", file=sys.stderr)
+    print(
+        f"dalorra {name}: {exc}. This command needs the '{extra}' extra: pip install 'dalorra[{extra}]' "
+        "(from a checkout: scripts/install.sh)",
+        file=sys.stderr,
+    )
     return 2

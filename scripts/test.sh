@@ -13,6 +13,7 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/python -m ruff check dalorra adapters server clients tests bench
+.venv/bin/python -m ruff format --check dalorra adapters server clients tests bench
 .venv/bin/python -m pytest -q --ignore=tests/vllm_backend "$@"
 # The vLLM backend's tests need vLLM's CPU build, which lives in its own venv (.venv-vllm, ~3.5 GB).
 exec scripts/test_vllm.sh

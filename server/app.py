@@ -36,10 +36,19 @@ from .settings import Settings
 
 log = logging.getLogger("dalorra.app")
 STATIC = Path(__file__).parent / "static"
-ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
-          404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 415: {"model": ErrorResponse},
-          422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 500: {"model": ErrorResponse},
-          503: {"model": ErrorResponse}, 504: {"model": ErrorResponse}}
+ERRORS = {
+    400: {"model": ErrorResponse},
+    401: {"model": ErrorResponse},
+    403: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
+    413: {"model": ErrorResponse},
+    415: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+    429: {"model": ErrorResponse},
+    500: {"model": ErrorResponse},
+    503: {"model": ErrorResponse},
+    504: {"model": ErrorResponse},
+}
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
@@ -86,8 +95,12 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         finally:  # SIGTERM: readiness false, no new work, in-flight finishes, then exit
             await app.state.service.stop()
 
-    app = FastAPI(title="dalorra", version="0.1.0", lifespan=lifespan,
-                  description="Calibrated multiple-choice answers with epistemic uncertainty (DALorRA).")
+    app = FastAPI(
+        title="dalorra",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Calibrated multiple-choice answers with epistemic uncertainty (DALorRA).",
+    )
 
     def _check_token(request: Request, expected: str | None) -> None:
         if not expected:
@@ -95,7 +108,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         got = request.headers.get("authorization", "")
         token = got[7:] if got.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), expected.encode()):  # constant time; never logged
-            raise ApiError(401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
+            )
 
     def user(request: Request) -> None:
         _check_token(request, settings.api_token)
@@ -107,14 +122,23 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         expected = settings.admin_token or settings.api_token
         if expected:
             _check_token(request, expected)
-        elif not (_loopback(request.client.host if request.client else None)
-                  and host_name(request.headers.get("host", "")) in LOOPBACK_NAMES):
-            raise ApiError(403, "admin_forbidden", "adapter management needs DALORRA_ADMIN_TOKEN (Authorization: "
-                                                   "Bearer ...) unless called on loopback (127.0.0.1/localhost)")
+        elif not (
+            _loopback(request.client.host if request.client else None)
+            and host_name(request.headers.get("host", "")) in LOOPBACK_NAMES
+        ):
+            raise ApiError(
+                403,
+                "admin_forbidden",
+                "adapter management needs DALORRA_ADMIN_TOKEN (Authorization: "
+                "Bearer ...) unless called on loopback (127.0.0.1/localhost)",
+            )
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
-            raise ApiError(415, "unsupported_media_type", "adapter management needs Content-Type: application/json "
-                                                          "(send {} as the body)")
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                "adapter management needs Content-Type: application/json (send {} as the body)",
+            )
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -133,16 +157,30 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         if bad_json:
             e = bad_json[0]
             where = e.get("loc", (None, None))[-1]
-            return _error(400, "malformed_json", f"the body is not valid JSON: {(e.get('ctx') or {}).get('error', '')} "
-                                                 f"at character {where}")
+            return _error(
+                400,
+                "malformed_json",
+                f"the body is not valid JSON: {(e.get('ctx') or {}).get('error', '')} at character {where}",
+            )
         # A body that is one object is reported against the one-item form only, a list against the list form.
         branch = "list[" if isinstance(exc.body, list) else "PredictItem"
-        mine = [e for e in errs if not (len(e.get("loc", ())) > 1 and isinstance(e["loc"][1], str)
-                                        and ("PredictItem" in e["loc"][1]) and not e["loc"][1].startswith(branch))]
+        mine = [
+            e
+            for e in errs
+            if not (
+                len(e.get("loc", ())) > 1
+                and isinstance(e["loc"][1], str)
+                and ("PredictItem" in e["loc"][1])
+                and not e["loc"][1].startswith(branch)
+            )
+        ]
         errs = mine or errs
 
         def where(loc: Sequence[int | str]) -> str:
-            return ".".join(str(x) for x in loc if x != "body" and not (isinstance(x, str) and "PredictItem" in x))
+            return ".".join(
+                str(x) for x in loc if x != "body" and not (isinstance(x, str) and "PredictItem" in x)
+            )
+
         msg = "; ".join(f"{where(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errs[:5])
         return _error(422, "invalid_request", msg or "invalid request")
 
@@ -156,13 +194,23 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         _count_refused(request.url.path, 500)
         return _error(500, "internal_error", "the server failed on this request; it has been logged")
 
-    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s,
-                       allowed_hosts=settings.allowed_hosts, on_reject=_count_refused)
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        allowed_hosts=settings.allowed_hosts,
+        on_reject=_count_refused,
+    )
 
-    @app.post("/predict", response_model=PredictResponse | list[PredictResponse], responses=ERRORS,
-              dependencies=[Depends(user)])
-    async def predict(body: PredictItem | list[PredictItem],
-                      svc: Svc) -> PredictResponse | list[PredictResponse]:
+    @app.post(
+        "/predict",
+        response_model=PredictResponse | list[PredictResponse],
+        responses=ERRORS,
+        dependencies=[Depends(user)],
+    )
+    async def predict(
+        body: PredictItem | list[PredictItem], svc: Svc
+    ) -> PredictResponse | list[PredictResponse]:
         """One item → one response; a list → a list, in order."""
         if isinstance(body, list):
             return await svc.predict(body)
@@ -175,7 +223,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     @app.get("/v1/adapters", response_model=AdapterList)
     async def list_adapters(svc: Svc) -> AdapterList:
-        return AdapterList(default=settings.default_adapter, adapters=[svc.describe(n) for n in svc.available()])
+        return AdapterList(
+            default=settings.default_adapter, adapters=[svc.describe(n) for n in svc.available()]
+        )
 
     @app.get("/v1/adapters/{name}", response_model=AdapterInfo, responses=ERRORS)
     async def describe_adapter(name: str, svc: Svc) -> AdapterInfo:
@@ -183,14 +233,22 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             svc.adapter_path(name)  # 404 / 422 when it does not exist at all
         return svc.describe(name)
 
-    @app.post("/v1/adapters/{name}/load", response_model=AdapterInfo, responses=ERRORS,
-              dependencies=[Depends(admin)])
+    @app.post(
+        "/v1/adapters/{name}/load",
+        response_model=AdapterInfo,
+        responses=ERRORS,
+        dependencies=[Depends(admin)],
+    )
     async def load_adapter(name: str, svc: Svc) -> AdapterInfo:
         await svc.load(name)
         return svc.describe(name)
 
-    @app.post("/v1/adapters/{name}/unload", response_model=AdapterInfo, responses=ERRORS,
-              dependencies=[Depends(admin)])
+    @app.post(
+        "/v1/adapters/{name}/unload",
+        response_model=AdapterInfo,
+        responses=ERRORS,
+        dependencies=[Depends(admin)],
+    )
     async def unload_adapter(name: str, svc: Svc) -> AdapterInfo:
         await svc.unload(name)
         return svc.describe(name)
@@ -210,7 +268,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     @app.get("/v2/models/{adapter}/ready", response_model=None, responses={404: {"model": ErrorResponse}})
     async def model_ready(adapter: str, svc: Svc) -> JSONResponse | dict[str, str | bool]:
         if adapter not in svc.records or not svc.ready():
-            return _error(404 if adapter not in svc.records else 503, "not_ready", f"adapter {adapter!r} not ready")
+            return _error(
+                404 if adapter not in svc.records else 503, "not_ready", f"adapter {adapter!r} not ready"
+            )
         return {"name": adapter, "ready": True}
 
     @app.get("/metrics")

@@ -53,8 +53,12 @@ class Backend(abc.ABC):
 
         All rows (Σ S_i) of one adapter go through one forward."""
 
-    def generate(self, request: GenerateRequest, on_token: OnToken | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> GenerateResult:
+    def generate(
+        self,
+        request: GenerateRequest,
+        on_token: OnToken | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> GenerateResult:
         """Decode a GenerateRequest with the mean-mask network and score the answer under S masks
         (server/generation.py); returns a GenerateResult. A backend that cannot raises GenerationUnsupported."""
         from .generation import GenerationUnsupported
@@ -73,4 +77,6 @@ class Scored:
     """A backend's answer for one request when it knows more than the logits."""
 
     logits: np.ndarray  # (S, K)
-    choice_mass: float | None = None  # probability the unrestricted next-token distribution put on the K choices
+    choice_mass: float | None = (
+        None  # probability the unrestricted next-token distribution put on the K choices
+    )

@@ -43,9 +43,15 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(self, backend: Backend, max_batch_rows: int, max_wait_ms: float, max_queue_rows: int,
-                 on_batch: Callable[[int, int, float], None] | None = None,
-                 on_queue: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        max_batch_rows: int,
+        max_wait_ms: float,
+        max_queue_rows: int,
+        on_batch: Callable[[int, int, float], None] | None = None,
+        on_queue: Callable[[int], None] | None = None,
+    ):
         self.backend = backend
         self.max_batch_rows, self.max_wait = max_batch_rows, max_wait_ms / 1000
         self.max_queue_rows = max_queue_rows
@@ -72,7 +78,9 @@ class Batcher:
             raise ShuttingDown("server is shutting down")
         backlog = self.admitted_rows + rows
         if self.row_seconds is None:
-            limit = self.max_queue_rows if deadline_s is None else min(self.max_queue_rows, self.max_batch_rows)
+            limit = (
+                self.max_queue_rows if deadline_s is None else min(self.max_queue_rows, self.max_batch_rows)
+            )
             per_row = 0.0
         else:
             per_row = self.row_seconds
@@ -117,7 +125,11 @@ class Batcher:
         while rows < self.max_batch_rows:
             timeout = deadline - time.perf_counter()
             try:
-                nxt = self.queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self.queue.get(), timeout)
+                nxt = (
+                    self.queue.get_nowait()
+                    if timeout <= 0
+                    else await asyncio.wait_for(self.queue.get(), timeout)
+                )
             except (TimeoutError, asyncio.QueueEmpty):
                 break
             if rows + nxt.req.rows > self.max_batch_rows:

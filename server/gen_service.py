@@ -47,46 +47,84 @@ class GenerationService:
         rec = self.svc.records.get(name)
         if rec is None:
             if name in self.svc.available():
-                raise ApiError(404, "adapter_not_loaded", f"model {name!r} exists but is not loaded; "
-                                                          f"POST /v1/adapters/{name}/load")
+                raise ApiError(
+                    404,
+                    "adapter_not_loaded",
+                    f"model {name!r} exists but is not loaded; POST /v1/adapters/{name}/load",
+                )
             raise ApiError(404, "model_not_found", f"unknown model {name!r}; see GET /v1/models")
         if not self.svc.accepting:
-            raise ApiError(503, "unavailable", "server is not accepting requests (starting or draining)",
-                           {"Retry-After": "5"})
+            raise ApiError(
+                503,
+                "unavailable",
+                "server is not accepting requests (starting or draining)",
+                {"Retry-After": "5"},
+            )
         return rec
 
-    def plan(self, adapter: str, *, prompt: str | None = None,
-             messages: tuple[tuple[str, str], ...] | None = None, max_tokens: int | None,
-             temperature: float, top_p: float, stop: tuple[str, ...], seed: int | None, n: int,
-             top_logprobs: int | None, samples: int | None, mask_seed: int | None,
-             ignore_eos: bool = False) -> GenerateRequest:
+    def plan(
+        self,
+        adapter: str,
+        *,
+        prompt: str | None = None,
+        messages: tuple[tuple[str, str], ...] | None = None,
+        max_tokens: int | None,
+        temperature: float,
+        top_p: float,
+        stop: tuple[str, ...],
+        seed: int | None,
+        n: int,
+        top_logprobs: int | None,
+        samples: int | None,
+        mask_seed: int | None,
+        ignore_eos: bool = False,
+    ) -> GenerateRequest:
         s = self.s
         rec = self.adapter(adapter)
         max_tokens = s.max_tokens if max_tokens is None else max_tokens
         if max_tokens > s.max_tokens:
-            raise ApiError(422, "invalid_request", f"max_tokens={max_tokens} exceeds the limit {s.max_tokens}")
+            raise ApiError(
+                422, "invalid_request", f"max_tokens={max_tokens} exceeds the limit {s.max_tokens}"
+            )
         if n > s.max_n:
             raise ApiError(422, "invalid_request", f"n={n} exceeds the limit {s.max_n}")
         if len(stop) > 4 or any(not x for x in stop):
             raise ApiError(422, "invalid_request", "stop: at most 4 non-empty strings")
         text = prompt if prompt is not None else "".join(c for _, c in messages)
-        if len(text) > s.max_question_chars * 4:  # a cheap bound before tokenising; tokens are checked exactly
+        if (
+            len(text) > s.max_question_chars * 4
+        ):  # a cheap bound before tokenising; tokens are checked exactly
             raise ApiError(413, "too_long", f"prompt exceeds {s.max_question_chars * 4} characters")
         samples = samples if samples is not None else (rec.get("default_samples") or s.default_samples)
         if samples > s.max_samples:
             raise ApiError(422, "invalid_request", f"samples={samples} exceeds the limit {s.max_samples}")
-        return GenerateRequest(adapter=adapter, prompt=prompt, messages=messages, max_tokens=max_tokens,
-                               temperature=temperature, top_p=top_p, stop=stop, seed=seed, n=n,
-                               top_logprobs=top_logprobs, samples=samples,
-                               mask_seed=0 if mask_seed is None else mask_seed, ignore_eos=ignore_eos)
+        return GenerateRequest(
+            adapter=adapter,
+            prompt=prompt,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+            n=n,
+            top_logprobs=top_logprobs,
+            samples=samples,
+            mask_seed=0 if mask_seed is None else mask_seed,
+            ignore_eos=ignore_eos,
+        )
 
     # ---- running --------------------------------------------------------------------------------
     async def _acquire(self, adapter: str) -> None:
         if self._slots.locked():
             if self.waiting >= self.s.generation_queue:
                 self.metrics.gen_requests.labels(adapter, "rejected").inc()
-                raise ApiError(429, "overloaded", f"{self.s.generation_slots} generations running and "
-                                                  f"{self.waiting} waiting; retry later", {"Retry-After": "2"})
+                raise ApiError(
+                    429,
+                    "overloaded",
+                    f"{self.s.generation_slots} generations running and {self.waiting} waiting; retry later",
+                    {"Retry-After": "2"},
+                )
         self.waiting += 1
         try:
             await self._slots.acquire()
@@ -116,8 +154,9 @@ class GenerationService:
             loop.call_soon_threadsafe(queue.put_nowait, ("token", i, text, info))
 
         try:
-            fut = loop.run_in_executor(self._pool, self.svc.backend.generate, req, on_token if stream else None,
-                                       cancel.is_set)
+            fut = loop.run_in_executor(
+                self._pool, self.svc.backend.generate, req, on_token if stream else None, cancel.is_set
+            )
         except BaseException:
             self._release()
             raise
@@ -183,8 +222,14 @@ class GenerationService:
         d = self._decisions[key]
         return d["record"], d["source"]
 
-    def uncertainty(self, adapter: str, res: GenerateResult, i: int, min_confidence: float | None,
-                    max_epistemic: float | None) -> dict | None:
+    def uncertainty(
+        self,
+        adapter: str,
+        res: GenerateResult,
+        i: int,
+        min_confidence: float | None,
+        max_epistemic: float | None,
+    ) -> dict | None:
         """The per-choice extra object (None when the uncertainty pass was skipped)."""
         c = res.choices[i]
         if c.scores is None:
@@ -204,12 +249,18 @@ class GenerationService:
             m.gen_abstentions.labels(adapter, reason).inc()
         sc = c.scores
         return {
-            "kind": "generation", "samples": res.samples, "decoding": "mean-mask network (z = E[z])",
+            "kind": "generation",
+            "samples": res.samples,
+            "decoding": "mean-mask network (z = E[z])",
             **summ,
-            "per_token": {"tokens": c.tokens, "entropy": [round(float(x), 6) for x in sc.entropy],
-                          "epistemic": [round(float(x), 8) for x in sc.epistemic],
-                          "logprob": [round(float(x), 6) for x in sc.mean_logprobs]},
-            "decision": "abstain" if reason else "answer", "abstain_reason": reason,
+            "per_token": {
+                "tokens": c.tokens,
+                "entropy": [round(float(x), 6) for x in sc.entropy],
+                "epistemic": [round(float(x), 8) for x in sc.epistemic],
+                "logprob": [round(float(x), 6) for x in sc.mean_logprobs],
+            },
+            "decision": "abstain" if reason else "answer",
+            "abstain_reason": reason,
             "thresholds": {"min_confidence": conf_t, "max_epistemic": epi_t, "source": src},
         }
 

@@ -21,8 +21,11 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 async def send_error(send: Send, status: int, type_: str, message: str, headers: dict | None = None) -> None:
     """The API's one error shape, written straight to ASGI (used before the app sees the request)."""
     body = json.dumps({"error": {"type": type_, "message": message}}).encode()
-    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close")]
+    hdrs = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
     hdrs += [(k.lower().encode(), str(v).encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
     await send({"type": "http.response.body", "body": body})
@@ -40,8 +43,14 @@ class RequestGuard:
     """ASGI middleware: refuses a Host not in `allowed_hosts` (when given), and reads a request body whole,
     up to `max_body_bytes` and within `body_timeout_s` per read, before the app sees it."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float,
-                 allowed_hosts: list[str] | None = None, on_reject: Callable[[str, int], None] | None = None):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        allowed_hosts: list[str] | None = None,
+        on_reject: Callable[[str, int], None] | None = None,
+    ):
         self.app, self.limit, self.timeout = app, max_body_bytes, body_timeout_s
         self.allowed = {h.lower() for h in allowed_hosts or []}
         self.on_reject = on_reject or (lambda path, status: None)
@@ -55,8 +64,12 @@ class RequestGuard:
             host = host_name(headers.get(b"host", b"").decode("latin-1"))
             if host not in self.allowed:
                 self.on_reject(path, 400)
-                return await send_error(send, 400, "invalid_host", "the Host header is not one this server "
-                                        "answers to (DALORRA_ALLOWED_HOSTS)")
+                return await send_error(
+                    send,
+                    400,
+                    "invalid_host",
+                    "the Host header is not one this server answers to (DALORRA_ALLOWED_HOSTS)",
+                )
         if scope.get("method") not in BODY_METHODS:
             return await self.app(scope, receive, send)
         size = headers.get(b"content-length", b"")
@@ -69,8 +82,12 @@ class RequestGuard:
                 msg = await asyncio.wait_for(receive(), self.timeout)
             except TimeoutError:
                 self.on_reject(path, 408)
-                return await send_error(send, 408, "body_timeout", f"the request body did not arrive within "
-                                        f"{self.timeout:g} s of the last bytes received")
+                return await send_error(
+                    send,
+                    408,
+                    "body_timeout",
+                    f"the request body did not arrive within {self.timeout:g} s of the last bytes received",
+                )
             if msg["type"] == "http.disconnect":
                 return None
             body += msg.get("body", b"")

@@ -63,22 +63,29 @@ class HFBackend(Backend):
                 mod.compile(dynamic=True)
         model.decoder.norm.compile(dynamic=True)
         for rows in (1, max(2, self.settings.default_samples)):
-            self._score_group(model, [ScoreRequest(name, "Which warms the model up?", ("this one", "that one"),
-                                                   None, rows, 0)])
+            self._score_group(
+                model,
+                [ScoreRequest(name, "Which warms the model up?", ("this one", "that one"), None, rows, 0)],
+            )
         seconds = time.perf_counter() - t0
         log.info("adapter %s: torch.compile + warm-up took %.1f s", name, seconds)
         return seconds
 
-    def generate(self, request: GenerateRequest, on_token: OnToken | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> GenerateResult:
+    def generate(
+        self,
+        request: GenerateRequest,
+        on_token: OnToken | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> GenerateResult:
         """Text generation (server/hf_generate.py): the lock is taken per decoding step, not for the whole answer."""
         from .hf_generate import generate
 
         model = self.models.get(request.adapter)
         if model is None:
             raise BackendError(f"adapter {request.adapter!r} is not loaded")
-        return generate(model, request, self.lock, self.settings.max_prompt_tokens, on_token,
-                        cancelled or (lambda: False))
+        return generate(
+            model, request, self.lock, self.settings.max_prompt_tokens, on_token, cancelled or (lambda: False)
+        )
 
     def unload_adapter(self, name: str) -> None:
         with self.lock:
@@ -101,7 +108,9 @@ class HFBackend(Backend):
                         out[i] = BackendError(f"adapter {name!r} is not loaded")
                     continue
                 for chunk in self._chunks(idx, requests):
-                    for i, res in zip(chunk, self._score_isolated(model, [requests[i] for i in chunk]), strict=True):
+                    for i, res in zip(
+                        chunk, self._score_isolated(model, [requests[i] for i in chunk]), strict=True
+                    ):
                         out[i] = res
         return out  # type: ignore[return-value]
 
@@ -146,12 +155,18 @@ class HFBackend(Backend):
         bad: dict[int, Exception] = {}
         for i, r in enumerate(reqs):  # a too-long request fails alone, with a 4xx
             try:
-                enc += encode([Item(r.question, r.choices, None, context=r.context)], model.tokenizer, model.fmt,
-                              strict=True)
+                enc += encode(
+                    [Item(r.question, r.choices, None, context=r.context)],
+                    model.tokenizer,
+                    model.fmt,
+                    strict=True,
+                )
             except ValueError as exc:
                 bad[i] = BackendError(str(exc))
             except Exception as exc:  # e.g. TypeError from the tokenizer on text it cannot encode
-                bad[i] = BackendError(f"this request's text cannot be tokenized ({type(exc).__name__}: {exc})")
+                bad[i] = BackendError(
+                    f"this request's text cannot be tokenized ({type(exc).__name__}: {exc})"
+                )
         if bad:
             good = [i for i in range(len(reqs)) if i not in bad]
             res = self._score_group(model, [reqs[i] for i in good]) if good else []

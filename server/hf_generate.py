@@ -17,9 +17,14 @@ if TYPE_CHECKING:
     from adapters.model import DalorraModel
 
 
-def generate(model: DalorraModel, req: GenerateRequest, lock: AbstractContextManager[object],
-             max_prompt_tokens: int, on_token: method.OnToken | None = None,
-             cancelled: Callable[[], bool] = lambda: False) -> GenerateResult:
+def generate(
+    model: DalorraModel,
+    req: GenerateRequest,
+    lock: AbstractContextManager[object],
+    max_prompt_tokens: int,
+    on_token: method.OnToken | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> GenerateResult:
     try:
         return method.generate(model, req, lock, max_prompt_tokens, on_token, cancelled)
     except method.PromptTooLong as exc:

@@ -19,16 +19,24 @@ from .errors import ApiError
 from .openai_protocol import InferRequest, InferTensor
 from .protocol import PredictItem
 
-INPUTS = [{"name": "question", "datatype": "BYTES", "shape": [-1]},
-          {"name": "choices", "datatype": "BYTES", "shape": [-1, -1]},
-          {"name": "context", "datatype": "BYTES", "shape": [-1], "parameters": {"optional": True}}]
+INPUTS = [
+    {"name": "question", "datatype": "BYTES", "shape": [-1]},
+    {"name": "choices", "datatype": "BYTES", "shape": [-1, -1]},
+    {"name": "context", "datatype": "BYTES", "shape": [-1], "parameters": {"optional": True}},
+]
 SCALARS = ("confidence", "entropy", "entropy_norm", "aleatoric", "epistemic", "epistemic_norm")
-OUTPUTS = ([{"name": "answer", "datatype": "BYTES", "shape": [-1]},
-            {"name": "answer_index", "datatype": "INT64", "shape": [-1]},
-            {"name": "probabilities", "datatype": "FP64", "shape": [-1, -1]}]
-           + [{"name": n, "datatype": "FP64", "shape": [-1]} for n in SCALARS]
-           + [{"name": "decision", "datatype": "BYTES", "shape": [-1]},
-              {"name": "abstain_reason", "datatype": "BYTES", "shape": [-1]}])
+OUTPUTS = (
+    [
+        {"name": "answer", "datatype": "BYTES", "shape": [-1]},
+        {"name": "answer_index", "datatype": "INT64", "shape": [-1]},
+        {"name": "probabilities", "datatype": "FP64", "shape": [-1, -1]},
+    ]
+    + [{"name": n, "datatype": "FP64", "shape": [-1]} for n in SCALARS]
+    + [
+        {"name": "decision", "datatype": "BYTES", "shape": [-1]},
+        {"name": "abstain_reason", "datatype": "BYTES", "shape": [-1]},
+    ]
+)
 
 
 def _err(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -52,8 +60,11 @@ def _tensor(t: InferTensor, rank: int) -> list:
     for d in t.shape:
         size *= d
     if len(data) != size:
-        raise ApiError(400, "invalid_request", f"input {t.name!r}: shape {t.shape} holds {size} elements, "
-                                               f"data has {len(data)}")
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"input {t.name!r}: shape {t.shape} holds {size} elements, data has {len(data)}",
+        )
     if not all(isinstance(x, str) for x in data):
         raise ApiError(400, "invalid_request", f"input {t.name!r}: BYTES elements must be strings")
     return data
@@ -63,8 +74,11 @@ def items_from(body: InferRequest, adapter: str) -> list[PredictItem]:
     named = {t.name: t for t in body.inputs}
     unknown = set(named) - {"question", "choices", "context"}
     if unknown or "question" not in named or "choices" not in named:
-        raise ApiError(400, "invalid_request", "inputs: question [B] and choices [B, K] (BYTES), optional context "
-                                               f"[B]; got {sorted(named)}")
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"inputs: question [B] and choices [B, K] (BYTES), optional context [B]; got {sorted(named)}",
+        )
     qs = _tensor(named["question"], 1)
     ch = _tensor(named["choices"], 2)
     B, K = named["choices"].shape
@@ -76,15 +90,25 @@ def items_from(body: InferRequest, adapter: str) -> list[PredictItem]:
     p = body.parameters or {}
     items = []
     for b in range(B):
-        row = ch[b * K:(b + 1) * K]
+        row = ch[b * K : (b + 1) * K]
         while row and row[-1] == "":
             row.pop()  # trailing "" pads a row with fewer choices
         try:
-            items.append(PredictItem(question=qs[b], choices=row, context=ctx[b] or None, adapter=adapter,
-                                     samples=p.get("samples"), seed=p.get("seed")))
+            items.append(
+                PredictItem(
+                    question=qs[b],
+                    choices=row,
+                    context=ctx[b] or None,
+                    adapter=adapter,
+                    samples=p.get("samples"),
+                    seed=p.get("seed"),
+                )
+            )
         except ValidationError as exc:
             e = exc.errors()[0]
-            raise ApiError(400, "invalid_request", f"row {b}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+            raise ApiError(
+                400, "invalid_request", f"row {b}: {'.'.join(map(str, e['loc']))}: {e['msg']}"
+            ) from None
     return items
 
 
@@ -110,7 +134,9 @@ def router() -> APIRouter:
         want = [o.name for o in body.outputs] if body.outputs else [o["name"] for o in OUTPUTS]
         known = {o["name"]: o for o in OUTPUTS}
         if any(w not in known for w in want):
-            return _err(400, f"unknown outputs {[w for w in want if w not in known]}; see GET /v2/models/{name}")
+            return _err(
+                400, f"unknown outputs {[w for w in want if w not in known]}; see GET /v2/models/{name}"
+            )
         try:
             res = await svc.predict(items_from(body, name))
         except ApiError as exc:
@@ -118,12 +144,22 @@ def router() -> APIRouter:
         B = len(res)
         K = max(len(x.probabilities) for x in res)
         values = {
-            "answer": [x.answer for x in res], "answer_index": [x.answer_index for x in res],
+            "answer": [x.answer for x in res],
+            "answer_index": [x.answer_index for x in res],
             "probabilities": [p for x in res for p in x.probabilities + [0.0] * (K - len(x.probabilities))],
-            "decision": [x.decision for x in res], "abstain_reason": [x.abstain_reason or "" for x in res],
-            **{n: [getattr(x, n) for x in res] for n in SCALARS}}
-        outs = [{"name": w, "datatype": known[w]["datatype"], "shape": [B, K] if w == "probabilities" else [B],
-                 "data": values[w]} for w in want]
+            "decision": [x.decision for x in res],
+            "abstain_reason": [x.abstain_reason or "" for x in res],
+            **{n: [getattr(x, n) for x in res] for n in SCALARS},
+        }
+        outs = [
+            {
+                "name": w,
+                "datatype": known[w]["datatype"],
+                "shape": [B, K] if w == "probabilities" else [B],
+                "data": values[w],
+            }
+            for w in want
+        ]
         out = {"model_name": name, "outputs": outs}
         if body.id is not None:
             out["id"] = body.id

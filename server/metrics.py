@@ -17,54 +17,121 @@ UNIT_BUCKETS = tuple(i / 20 for i in range(1, 21))
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("dalorra_requests_total", "Prediction items by outcome.",
-                                ["adapter", "outcome"], registry=r)
-        self.latency = Histogram("dalorra_request_latency_seconds", "End-to-end latency of one item.",
-                                 ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("dalorra_queue_wait_seconds", "Time from enqueue to scored.",
-                                    buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_rows = Histogram("dalorra_batch_rows", "Rows (requests × samples) per backend call.",
-                                    buckets=(1, 2, 5, 10, 20, 40, 80, 160, 320, 640), registry=r)
-        self.batch_requests = Histogram("dalorra_batch_requests", "Requests per backend call.",
-                                        buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.requests = Counter(
+            "dalorra_requests_total", "Prediction items by outcome.", ["adapter", "outcome"], registry=r
+        )
+        self.latency = Histogram(
+            "dalorra_request_latency_seconds",
+            "End-to-end latency of one item.",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "dalorra_queue_wait_seconds", "Time from enqueue to scored.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_rows = Histogram(
+            "dalorra_batch_rows",
+            "Rows (requests × samples) per backend call.",
+            buckets=(1, 2, 5, 10, 20, 40, 80, 160, 320, 640),
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "dalorra_batch_requests",
+            "Requests per backend call.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.backend_calls = Counter("dalorra_backend_calls_total", "Backend scoring calls.", registry=r)
-        self.backend_seconds = Counter("dalorra_backend_seconds_total", "Time spent in backend calls.",
-                                       registry=r)
+        self.backend_seconds = Counter(
+            "dalorra_backend_seconds_total", "Time spent in backend calls.", registry=r
+        )
         self.queue_depth = Gauge("dalorra_queue_depth_rows", "Rows waiting in the batcher queue.", registry=r)
-        self.samples = Counter("dalorra_samples_total", "Mask samples in answers (cache hits included).", ["adapter"],
-                               registry=r)
-        self.cache_hits = Counter("dalorra_cache_hits_total", "Requests answered from the seeded-result cache.",
-                                  ["adapter"], registry=r)
-        self.confidence = Histogram("dalorra_confidence", "Top-1 probability of answered items.", ["adapter"],
-                                    buckets=UNIT_BUCKETS, registry=r)
-        self.entropy = Histogram("dalorra_entropy_normalized", "Predictive entropy / log K.", ["adapter"],
-                                 buckets=UNIT_BUCKETS, registry=r)
-        self.epistemic = Histogram("dalorra_epistemic_normalized", "Mutual information / log K.", ["adapter"],
-                                   buckets=UNIT_BUCKETS, registry=r)
-        self.abstentions = Counter("dalorra_abstentions_total", "Abstain decisions by reason.",
-                                   ["adapter", "reason"], registry=r)
+        self.samples = Counter(
+            "dalorra_samples_total", "Mask samples in answers (cache hits included).", ["adapter"], registry=r
+        )
+        self.cache_hits = Counter(
+            "dalorra_cache_hits_total",
+            "Requests answered from the seeded-result cache.",
+            ["adapter"],
+            registry=r,
+        )
+        self.confidence = Histogram(
+            "dalorra_confidence",
+            "Top-1 probability of answered items.",
+            ["adapter"],
+            buckets=UNIT_BUCKETS,
+            registry=r,
+        )
+        self.entropy = Histogram(
+            "dalorra_entropy_normalized",
+            "Predictive entropy / log K.",
+            ["adapter"],
+            buckets=UNIT_BUCKETS,
+            registry=r,
+        )
+        self.epistemic = Histogram(
+            "dalorra_epistemic_normalized",
+            "Mutual information / log K.",
+            ["adapter"],
+            buckets=UNIT_BUCKETS,
+            registry=r,
+        )
+        self.abstentions = Counter(
+            "dalorra_abstentions_total", "Abstain decisions by reason.", ["adapter", "reason"], registry=r
+        )
         self.feedback = Counter("dalorra_feedback_total", "Feedback by outcome.", ["outcome"], registry=r)
-        self.cal_n = Counter("dalorra_calibration_predictions_total", "Labelled predictions per confidence bin.",
-                             ["adapter", "bin"], registry=r)
-        self.cal_conf = Counter("dalorra_calibration_confidence_total", "Σ confidence per bin (labelled).",
-                                ["adapter", "bin"], registry=r)
-        self.cal_correct = Counter("dalorra_calibration_correct_total", "Correct labelled predictions per bin.",
-                                   ["adapter", "bin"], registry=r)
+        self.cal_n = Counter(
+            "dalorra_calibration_predictions_total",
+            "Labelled predictions per confidence bin.",
+            ["adapter", "bin"],
+            registry=r,
+        )
+        self.cal_conf = Counter(
+            "dalorra_calibration_confidence_total",
+            "Σ confidence per bin (labelled).",
+            ["adapter", "bin"],
+            registry=r,
+        )
+        self.cal_correct = Counter(
+            "dalorra_calibration_correct_total",
+            "Correct labelled predictions per bin.",
+            ["adapter", "bin"],
+            registry=r,
+        )
         # Generated answers (/v1/completions, /v1/chat/completions); confidence = exp(mean log p̄(y_t)).
-        self.gen_requests = Counter("dalorra_generation_requests_total", "Generation requests by outcome.",
-                                    ["adapter", "outcome"], registry=r)
-        self.gen_tokens = Counter("dalorra_generated_tokens_total", "Tokens generated (all choices).", ["adapter"],
-                                  registry=r)
-        self.gen_prompt_tokens = Counter("dalorra_generation_prompt_tokens_total", "Prompt tokens of generations.",
-                                         ["adapter"], registry=r)
-        self.gen_confidence = Histogram("dalorra_generation_confidence", "Geometric-mean token probability of "
-                                        "generated answers under the mask average.", ["adapter"],
-                                        buckets=UNIT_BUCKETS, registry=r)
-        self.gen_epistemic = Histogram("dalorra_generation_epistemic_nats", "Mean per-token mutual information "
-                                       "of generated answers (nats).", ["adapter"],
-                                       buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3), registry=r)
-        self.gen_abstentions = Counter("dalorra_generation_abstentions_total", "Abstain decisions on generated "
-                                       "answers by reason.", ["adapter", "reason"], registry=r)
+        self.gen_requests = Counter(
+            "dalorra_generation_requests_total",
+            "Generation requests by outcome.",
+            ["adapter", "outcome"],
+            registry=r,
+        )
+        self.gen_tokens = Counter(
+            "dalorra_generated_tokens_total", "Tokens generated (all choices).", ["adapter"], registry=r
+        )
+        self.gen_prompt_tokens = Counter(
+            "dalorra_generation_prompt_tokens_total", "Prompt tokens of generations.", ["adapter"], registry=r
+        )
+        self.gen_confidence = Histogram(
+            "dalorra_generation_confidence",
+            "Geometric-mean token probability of generated answers under the mask average.",
+            ["adapter"],
+            buckets=UNIT_BUCKETS,
+            registry=r,
+        )
+        self.gen_epistemic = Histogram(
+            "dalorra_generation_epistemic_nats",
+            "Mean per-token mutual information of generated answers (nats).",
+            ["adapter"],
+            buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3),
+            registry=r,
+        )
+        self.gen_abstentions = Counter(
+            "dalorra_generation_abstentions_total",
+            "Abstain decisions on generated answers by reason.",
+            ["adapter", "reason"],
+            registry=r,
+        )
         self.gen_slots = Gauge("dalorra_generation_slots_busy", "Generation slots in use.", registry=r)
         self.adapters_loaded = Gauge("dalorra_adapters_loaded", "Adapters currently loaded.", registry=r)
         self.ready = Gauge("dalorra_ready", "1 when the server is ready.", registry=r)

@@ -33,8 +33,11 @@ def generation_service(request: Request) -> GenerationService:
 
 
 def openai_error(exc: ApiError) -> JSONResponse:
-    return JSONResponse({"error": {"message": exc.message, "type": exc.type, "param": None, "code": exc.type}},
-                        status_code=exc.status, headers=exc.headers)
+    return JSONResponse(
+        {"error": {"message": exc.message, "type": exc.type, "param": None, "code": exc.type}},
+        status_code=exc.status,
+        headers=exc.headers,
+    )
 
 
 def _sse(obj: dict) -> str:
@@ -43,25 +46,38 @@ def _sse(obj: dict) -> str:
 
 def _usage(res: GenerateResult) -> dict:
     done = sum(len(c.token_ids) for c in res.choices)
-    return {"prompt_tokens": res.prompt_tokens, "completion_tokens": done, "total_tokens": res.prompt_tokens + done}
+    return {
+        "prompt_tokens": res.prompt_tokens,
+        "completion_tokens": done,
+        "total_tokens": res.prompt_tokens + done,
+    }
 
 
 def _chat_logprobs(tokens: list[str], lps: list[float], tops: list[list[tuple[str, float]]]) -> dict:
     def one(t: str, lp: float) -> dict:
         return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8", "replace"))}
 
-    return {"content": [{**one(t, lp), "top_logprobs": [one(a, b) for a, b in top]}
-                        for t, lp, top in zip(tokens, lps, tops, strict=True)]}
+    return {
+        "content": [
+            {**one(t, lp), "top_logprobs": [one(a, b) for a, b in top]}
+            for t, lp, top in zip(tokens, lps, tops, strict=True)
+        ]
+    }
 
 
-def _completion_logprobs(tokens: list[str], lps: list[float], tops: list[list[tuple[str, float]]],
-                         offset: int = 0) -> dict:
+def _completion_logprobs(
+    tokens: list[str], lps: list[float], tops: list[list[tuple[str, float]]], offset: int = 0
+) -> dict:
     offsets, at = [], offset
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": [dict(top) for top in tops],
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": lps,
+        "top_logprobs": [dict(top) for top in tops],
+        "text_offset": offsets,
+    }
 
 
 def _check(body: _Common) -> None:
@@ -98,10 +114,20 @@ def router() -> APIRouter:
             if body.choices is not None:
                 return await _multiple_choice(request, body, prompt, None, chat=False)
             g = generation_service(request)
-            req = g.plan(body.model, prompt=prompt, max_tokens=body.max_tokens, temperature=body.temperature,
-                         top_p=body.top_p, stop=body.stops(), seed=body.seed, n=body.n,
-                         top_logprobs=body.logprobs, samples=body.samples, mask_seed=body.mask_seed,
-                         ignore_eos=body.ignore_eos)
+            req = g.plan(
+                body.model,
+                prompt=prompt,
+                max_tokens=body.max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                stop=body.stops(),
+                seed=body.seed,
+                n=body.n,
+                top_logprobs=body.logprobs,
+                samples=body.samples,
+                mask_seed=body.mask_seed,
+                ignore_eos=body.ignore_eos,
+            )
             return await _respond(g, req, body, chat=False)
         except ApiError as exc:
             return openai_error(exc)
@@ -111,7 +137,9 @@ def router() -> APIRouter:
         try:
             _check(body)
             try:
-                messages = tuple(("system" if m.role == "developer" else m.role, m.text()) for m in body.messages)
+                messages = tuple(
+                    ("system" if m.role == "developer" else m.role, m.text()) for m in body.messages
+                )
             except ValueError as exc:
                 raise ApiError(422, "invalid_request", f"messages: {exc}") from None
             if body.top_logprobs is not None and not body.logprobs:
@@ -119,15 +147,27 @@ def router() -> APIRouter:
             if body.choices is not None:
                 users = [i for i, (role, _) in enumerate(messages) if role == "user"]
                 if not users:
-                    raise ApiError(422, "invalid_request", "multiple choice needs a user message (the question)")
+                    raise ApiError(
+                        422, "invalid_request", "multiple choice needs a user message (the question)"
+                    )
                 last = users[-1]
                 earlier = "\n".join(c for _, c in messages[:last] if c.strip())
                 return await _multiple_choice(request, body, messages[last][1], earlier or None, chat=True)
             g = generation_service(request)
-            req = g.plan(body.model, messages=messages, max_tokens=body.max_completion_tokens or body.max_tokens,
-                         temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,
-                         n=body.n, top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-                         samples=body.samples, mask_seed=body.mask_seed, ignore_eos=body.ignore_eos)
+            req = g.plan(
+                body.model,
+                messages=messages,
+                max_tokens=body.max_completion_tokens or body.max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                stop=body.stops(),
+                seed=body.seed,
+                n=body.n,
+                top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                samples=body.samples,
+                mask_seed=body.mask_seed,
+                ignore_eos=body.ignore_eos,
+            )
             return await _respond(g, req, body, chat=True)
         except ApiError as exc:
             return openai_error(exc)
@@ -136,12 +176,19 @@ def router() -> APIRouter:
 
 
 def _model_card(name: str, rec: dict) -> dict:
-    return {"id": name, "object": "model", "created": int(rec.get("created", 0) or 0), "owned_by": "dalorra",
-            "root": (rec.get("base_model") or {}).get("name"), "parent": None}
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(rec.get("created", 0) or 0),
+        "owned_by": "dalorra",
+        "root": (rec.get("base_model") or {}).get("name"),
+        "parent": None,
+    }
 
 
-async def _respond(g: GenerationService, req: GenerateRequest, body: _Common,
-                   chat: bool) -> JSONResponse | StreamingResponse:
+async def _respond(
+    g: GenerationService, req: GenerateRequest, body: _Common, chat: bool
+) -> JSONResponse | StreamingResponse:
     rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
     obj = "chat.completion" if chat else "text_completion"
     if not body.stream:
@@ -155,30 +202,62 @@ async def _respond(g: GenerationService, req: GenerateRequest, body: _Common,
             out = {"index": i, "logprobs": lp, "finish_reason": c.finish_reason, "uncertainty": unc}
             out.update({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})
             choices.append(out)
-        return JSONResponse({"id": rid, "object": obj, "created": created, "model": req.adapter,
-                             "choices": choices, "usage": _usage(res)})
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": req.adapter,
+                "choices": choices,
+                "usage": _usage(res),
+            }
+        )
     events = g.events(req, stream=True)
-    first = await events.__anext__()  # a bad prompt or a full server is still an HTTP error, not a broken stream
+    first = (
+        await events.__anext__()
+    )  # a bad prompt or a full server is still an HTTP error, not a broken stream
     chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list[dict], **extra) -> str:
-        return _sse({"id": rid, "object": chunk_obj, "created": created, "model": req.adapter, "choices": choices,
-                     **extra})
+        return _sse(
+            {
+                "id": rid,
+                "object": chunk_obj,
+                "created": created,
+                "model": req.adapter,
+                "choices": choices,
+                **extra,
+            }
+        )
 
     async def sse() -> AsyncIterator[str]:
         offsets = [0] * req.n
         try:
             if chat:
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i in range(req.n)])
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                        for i in range(req.n)
+                    ]
+                )
             ev = first
             while ev[0] != "done":
                 _, i, text, info = ev
                 if text or info:
                     lp = None
                     if info is not None:
-                        lp = (_chat_logprobs([info["token"]], [info["logprob"]], [info["top"]]) if chat else
-                              _completion_logprobs([info["token"]], [info["logprob"]], [info["top"]], offsets[i]))
+                        lp = (
+                            _chat_logprobs([info["token"]], [info["logprob"]], [info["top"]])
+                            if chat
+                            else _completion_logprobs(
+                                [info["token"]], [info["logprob"]], [info["top"]], offsets[i]
+                            )
+                        )
                         offsets[i] += len(info["token"])
                     c = {"index": i, "logprobs": lp, "finish_reason": None}
                     c.update({"delta": {"content": text}} if chat else {"text": text})
@@ -199,17 +278,25 @@ async def _respond(g: GenerationService, req: GenerateRequest, body: _Common,
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _multiple_choice(request: Request, body: _Common, question: str, context: str | None,
-                           chat: bool) -> JSONResponse | StreamingResponse:
+async def _multiple_choice(
+    request: Request, body: _Common, question: str, context: str | None, chat: bool
+) -> JSONResponse | StreamingResponse:
     """Answer by scoring the listed choices, exactly as POST /predict does; `uncertainty` is its response."""
     if body.n != 1:
         raise ApiError(422, "invalid_request", "multiple choice returns one answer: n must be 1")
     if body.samples == 0:
         raise ApiError(422, "invalid_request", "multiple choice needs samples >= 1")
     try:
-        item = PredictItem(question=question, choices=body.choices, context=body.context or context,
-                           adapter=body.model, samples=body.samples, seed=body.mask_seed,
-                           min_confidence=body.min_confidence, max_epistemic=body.max_epistemic)
+        item = PredictItem(
+            question=question,
+            choices=body.choices,
+            context=body.context or context,
+            adapter=body.model,
+            samples=body.samples,
+            seed=body.mask_seed,
+            min_confidence=body.min_confidence,
+            max_epistemic=body.max_epistemic,
+        )
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", str(exc.errors()[0].get("msg"))) from None
     svc = request.app.state.service
@@ -222,10 +309,19 @@ async def _multiple_choice(request: Request, body: _Common, question: str, conte
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         async def sse() -> AsyncIterator[str]:
-            yield _sse({"id": rid, "object": obj, "created": created, "model": pr.adapter, "choices": [choice]})
+            yield _sse(
+                {"id": rid, "object": obj, "created": created, "model": pr.adapter, "choices": [choice]}
+            )
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
     choice.update({"message": {"role": "assistant", "content": pr.answer}} if chat else {"text": pr.answer})
-    return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                         "created": created, "model": pr.adapter, "choices": [choice]})
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": pr.adapter,
+            "choices": [choice],
+        }
+    )

@@ -24,24 +24,41 @@ class _Common(BaseModel):
     model: str = Field(..., min_length=1, description="The adapter that answers (GET /v1/models).")
     temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature; 0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the answer (not returned).")
+    stop: str | list[str] | None = Field(
+        None, description="Up to 4 strings that end the answer (not returned)."
+    )
     seed: int | None = Field(None, ge=0, description="Sampling seed: same seed, same answer.")
     n: int = Field(1, ge=1, description="Answers per request.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # ---- dalorra extensions (OpenAI clients pass them with extra_body) --------------------------------------
-    choices: list[str] | None = Field(None, min_length=2, max_length=MAX_CHOICES, description="Multiple choice: "
-                                      "score these answers as /predict does instead of generating.")
+    choices: list[str] | None = Field(
+        None,
+        min_length=2,
+        max_length=MAX_CHOICES,
+        description="Multiple choice: score these answers as /predict does instead of generating.",
+    )
     context: str | None = Field(None, description="Multiple choice: passage placed before the question.")
-    samples: int | None = Field(None, ge=0, description="Mask draws S of the uncertainty pass (default: the "
-                                "adapter's); 0 skips it (plain mean-mask generation).")
-    mask_seed: int | None = Field(None, ge=0, description="Seed of the S mask draws (default: the adapter's "
-                                  "fixed draws, as /predict).")
+    samples: int | None = Field(
+        None,
+        ge=0,
+        description="Mask draws S of the uncertainty pass (default: the "
+        "adapter's); 0 skips it (plain mean-mask generation).",
+    )
+    mask_seed: int | None = Field(
+        None, ge=0, description="Seed of the S mask draws (default: the adapter's fixed draws, as /predict)."
+    )
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (as vLLM's extension).")
-    min_confidence: float | None = Field(None, ge=0, le=1, description="Override: abstain below this confidence.")
-    max_epistemic: float | None = Field(None, ge=0, description="Override: abstain above this epistemic score "
-                                        "(generation: mean per-token MI in nats; choices: MI / log K).")
+    min_confidence: float | None = Field(
+        None, ge=0, le=1, description="Override: abstain below this confidence."
+    )
+    max_epistemic: float | None = Field(
+        None,
+        ge=0,
+        description="Override: abstain above this epistemic score "
+        "(generation: mean per-token MI in nats; choices: MI / log K).",
+    )
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -49,8 +66,21 @@ class _Common(BaseModel):
     def unsupported(self) -> list[str]:
         """Fields a client set that would change the answer and that this server does not implement."""
         extra = self.model_extra or {}
-        bad = [k for k in ("tools", "functions", "tool_choice", "function_call", "response_format", "logit_bias",
-                           "suffix", "prediction", "audio") if extra.get(k)]
+        bad = [
+            k
+            for k in (
+                "tools",
+                "functions",
+                "tool_choice",
+                "function_call",
+                "response_format",
+                "logit_bias",
+                "suffix",
+                "prediction",
+                "audio",
+            )
+            if extra.get(k)
+        ]
         bad += [k for k in ("presence_penalty", "frequency_penalty") if extra.get(k) not in (None, 0, 0.0)]
         if extra.get("echo"):
             bad.append("echo")
@@ -62,8 +92,12 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     prompt: str | list[str] = Field(..., description="The prompt (one string, or a list holding one).")
     max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most (OpenAI's default: 16).")
-    logprobs: int | None = Field(None, ge=0, le=20, description="Return log-probabilities of each token and "
-                                 "of this many most likely alternatives.")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="Return log-probabilities of each token and of this many most likely alternatives.",
+    )
 
 
 class ChatMessage(BaseModel):
@@ -82,8 +116,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most (default: the server's "
-                                   "limit).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Tokens to generate at most (default: the server's limit)."
+    )
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)

@@ -14,20 +14,35 @@ class PredictItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     question: str = Field(..., min_length=1, description="The question text.")
-    choices: list[str] = Field(..., min_length=2, max_length=MAX_CHOICES, description="2 to 26 answer choices.")
+    choices: list[str] = Field(
+        ..., min_length=2, max_length=MAX_CHOICES, description="2 to 26 answer choices."
+    )
     context: str | None = Field(None, description="Optional passage placed before the question.")
     adapter: str | None = Field(None, description="Adapter name (default: the server's default adapter).")
-    samples: int | None = Field(None, ge=1, strict=True, description="Mask samples S (default: the adapter's).")
-    seed: int | None = Field(None, ge=0, strict=True, description="Mask seed; omit for the adapter's fixed draws.")
+    samples: int | None = Field(
+        None, ge=1, strict=True, description="Mask samples S (default: the adapter's)."
+    )
+    seed: int | None = Field(
+        None, ge=0, strict=True, description="Mask seed; omit for the adapter's fixed draws."
+    )
     fresh: bool = Field(False, description="Fresh random mask draws instead of the adapter's fixed ones.")
     return_samples: bool = Field(False, description="Include each sample's probabilities.")
-    adaptive: bool | None = Field(None, description="Draw samples in rounds and stop once more cannot change the "
-                                  "answer, the decision, or p_top / MI beyond the tolerance (samples is then the "
-                                  "maximum). Default: the server's setting.")
-    min_confidence: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
-                                         description="Override: abstain below this confidence.")
-    max_epistemic: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
-                                        description="Override: abstain above this normalised mutual information.")
+    adaptive: bool | None = Field(
+        None,
+        description="Draw samples in rounds and stop once more cannot change the "
+        "answer, the decision, or p_top / MI beyond the tolerance (samples is then the "
+        "maximum). Default: the server's setting.",
+    )
+    min_confidence: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False, description="Override: abstain below this confidence."
+    )
+    max_epistemic: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Override: abstain above this normalised mutual information.",
+    )
     id: str | None = Field(None, max_length=128, description="Caller's id, echoed back.")
 
 
@@ -48,8 +63,11 @@ class PredictResponse(BaseModel):
     abstain_reason: Literal["low_confidence", "high_epistemic", "ambiguous_set"] | None
     prediction_set: list[int]
     samples: int = Field(..., description="Mask draws actually scored (1 for a deterministic adapter).")
-    choice_mass: float | None = Field(None, description="Probability the unrestricted model put on the choices "
-                                      "(mean over samples); vLLM backend only.")
+    choice_mass: float | None = Field(
+        None,
+        description="Probability the unrestricted model put on the choices "
+        "(mean over samples); vLLM backend only.",
+    )
     sample_probabilities: list[list[float]] | None = None
     cached: bool = Field(False, description="Answered from the seeded-result cache: scored before, not now.")
     latency_ms: float
@@ -60,7 +78,9 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     receipt: str = Field(..., min_length=1, max_length=4096)
-    label: int = Field(..., ge=0, strict=True, description="Index of the true answer among the prediction's choices.")
+    label: int = Field(
+        ..., ge=0, strict=True, description="Index of the true answer among the prediction's choices."
+    )
 
 
 class FeedbackResponse(BaseModel):

@@ -76,18 +76,28 @@ class Service:
         self.cache: OrderedDict[tuple, np.ndarray | Scored] = OrderedDict()
         self.generation: dict[str, int] = {}
         self.active = 0  # /predict calls in progress (stop() waits for them)
-        self.busy: Counter[str] = Counter()  # adapter → admitted items not yet answered (unload waits for them)
+        self.busy: Counter[str] = (
+            Counter()
+        )  # adapter → admitted items not yet answered (unload waits for them)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        self.batcher = Batcher(self.backend, self.s.max_batch_rows, self.s.max_wait_ms, self.s.max_queue_rows,
-                               on_batch=self.metrics.observe_batch, on_queue=self.metrics.queue_depth.set)
+        self.batcher = Batcher(
+            self.backend,
+            self.s.max_batch_rows,
+            self.s.max_wait_ms,
+            self.s.max_queue_rows,
+            on_batch=self.metrics.observe_batch,
+            on_queue=self.metrics.queue_depth.set,
+        )
         self.batcher.start()
         for name in [self.s.default_adapter, *self.s.preload]:
             if name and name not in self.records:
                 await self.load(name)
         self.accepting = True
-        self.metrics.ready.set_function(lambda: 1.0 if self.ready() else 0.0)  # exactly what /health/ready says
+        self.metrics.ready.set_function(
+            lambda: 1.0 if self.ready() else 0.0
+        )  # exactly what /health/ready says
 
     def ready(self) -> bool:
         return self.accepting and bool(self.records) and self.backend.ready()
@@ -117,15 +127,18 @@ class Service:
             raise ApiError(404, "adapter_not_found", f"no adapter named {name!r} in the adapters directory")
         for f in path.iterdir():  # its files too: a folder of symlinks must not serve files from elsewhere
             if root not in f.resolve().parents:
-                raise ApiError(403, "forbidden", f"adapter {name!r}: {f.name} resolves outside the adapters directory")
+                raise ApiError(
+                    403, "forbidden", f"adapter {name!r}: {f.name} resolves outside the adapters directory"
+                )
         return path
 
     async def load(self, name: str) -> dict:
         path = self.adapter_path(name)
         async with self._load_lock:
             try:  # off the event loop: requests on other adapters keep flowing
-                rec = await asyncio.get_running_loop().run_in_executor(None, self.backend.load_adapter, name,
-                                                                       str(path))
+                rec = await asyncio.get_running_loop().run_in_executor(
+                    None, self.backend.load_adapter, name, str(path)
+                )
             except Exception as exc:
                 log.warning("adapter %s (%s) could not be loaded: %s", name, path, exc)
                 # The client sees the adapter's name, never where the server keeps it.
@@ -158,19 +171,29 @@ class Service:
         if rec is None:
             return AdapterInfo(name=name, loaded=False)
         a = rec.get("adapter", {})
-        return AdapterInfo(name=name, loaded=True, method=rec.get("method"),
-                           base_model=rec.get("base_model", {}).get("name"), rank=a.get("r"), p0=a.get("p0"),
-                           mode=rec.get("prompt", {}).get("mode"),
-                           keep_probability=rec.get("keep_probability", {}),
-                           temperature=self.temperature(name),
-                           default_samples=rec.get("default_samples", self.s.default_samples),
-                           calibration=(rec.get("calibration") or {}).get("metrics"),
-                           decision=rec.get("decision"), validation=rec.get("validation"))
+        return AdapterInfo(
+            name=name,
+            loaded=True,
+            method=rec.get("method"),
+            base_model=rec.get("base_model", {}).get("name"),
+            rank=a.get("r"),
+            p0=a.get("p0"),
+            mode=rec.get("prompt", {}).get("mode"),
+            keep_probability=rec.get("keep_probability", {}),
+            temperature=self.temperature(name),
+            default_samples=rec.get("default_samples", self.s.default_samples),
+            calibration=(rec.get("calibration") or {}).get("metrics"),
+            decision=rec.get("decision"),
+            validation=rec.get("validation"),
+        )
 
     def available(self) -> list[str]:
         root = Path(self.s.adapters_dir)
-        on_disk = sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").is_file()) \
-            if root.is_dir() else []
+        on_disk = (
+            sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").is_file())
+            if root.is_dir()
+            else []
+        )
         return sorted(set(on_disk) | set(self.records))
 
     # ---- predict --------------------------------------------------------------------------------
@@ -180,21 +203,33 @@ class Service:
         rec = self.records.get(name)
         if rec is None:
             if NAME.match(name or "") and (Path(s.adapters_dir) / name).is_dir():
-                raise ApiError(404, "adapter_not_loaded", f"adapter {name!r} exists but is not loaded; "
-                                                          f"POST /v1/adapters/{name}/load")
+                raise ApiError(
+                    404,
+                    "adapter_not_loaded",
+                    f"adapter {name!r} exists but is not loaded; POST /v1/adapters/{name}/load",
+                )
             raise ApiError(404, "adapter_not_found", f"unknown adapter {name!r}; see GET /v1/adapters")
-        for field, text in (("question", item.question), ("context", item.context or ""),
-                            *((f"choices.{i}", c) for i, c in enumerate(item.choices))):
+        for field, text in (
+            ("question", item.question),
+            ("context", item.context or ""),
+            *((f"choices.{i}", c) for i, c in enumerate(item.choices)),
+        ):
             if not_unicode(text):
-                raise ApiError(422, "invalid_text", f"{field} contains a lone surrogate (an unpaired \\ud800-"
-                                                    "\\udfff escape), which is not text: send valid UTF-8")
+                raise ApiError(
+                    422,
+                    "invalid_text",
+                    f"{field} contains a lone surrogate (an unpaired \\ud800-"
+                    "\\udfff escape), which is not text: send valid UTF-8",
+                )
         if blank(item.question):
             raise ApiError(422, "invalid_request", "question is empty (only spaces or invisible characters)")
         if len(item.question) + len(item.context or "") > s.max_question_chars:
             raise ApiError(413, "too_long", f"question + context exceed {s.max_question_chars} characters")
         for i, c in enumerate(item.choices):
             if blank(c):
-                raise ApiError(422, "invalid_request", f"choice {i} is empty (only spaces or invisible characters)")
+                raise ApiError(
+                    422, "invalid_request", f"choice {i} is empty (only spaces or invisible characters)"
+                )
             if len(c) > s.max_choice_chars:
                 raise ApiError(413, "too_long", f"choice {i} exceeds {s.max_choice_chars} characters")
         samples = item.samples or rec.get("default_samples") or s.default_samples
@@ -202,8 +237,11 @@ class Service:
             raise ApiError(422, "invalid_request", f"samples={samples} exceeds the limit {s.max_samples}")
         if item.fresh and item.seed is not None:
             raise ApiError(422, "invalid_request", "give either seed or fresh=true, not both")
-        seed = item.seed if item.seed is not None else (
-            int.from_bytes(uuid.uuid4().bytes[:4], "big") if item.fresh else FIXED_SEED)
+        seed = (
+            item.seed
+            if item.seed is not None
+            else (int.from_bytes(uuid.uuid4().bytes[:4], "big") if item.fresh else FIXED_SEED)
+        )
         return Plan(name, samples, seed, rec)
 
     async def predict(self, items: list[PredictItem]) -> list[PredictResponse]:
@@ -217,7 +255,9 @@ class Service:
         except Exception:  # a bug, not the caller's fault: this request fails alone, in the one error shape
             log.exception("predict failed")
             self._count_failure(items, "error")
-            raise ApiError(500, "internal_error", "the server failed on this request; it has been logged") from None
+            raise ApiError(
+                500, "internal_error", "the server failed on this request; it has been logged"
+            ) from None
         finally:
             self.active -= 1
 
@@ -229,30 +269,46 @@ class Service:
 
     async def _predict(self, items: list[PredictItem]) -> list[PredictResponse]:
         if not self.accepting:
-            raise ApiError(503, "unavailable", "server is not accepting requests (starting or draining)",
-                           {"Retry-After": "5"})
+            raise ApiError(
+                503,
+                "unavailable",
+                "server is not accepting requests (starting or draining)",
+                {"Retry-After": "5"},
+            )
         if not items:
             raise ApiError(422, "invalid_request", "no items")
         if len(items) > self.s.max_items:
-            raise ApiError(413, "too_many_items", f"{len(items)} items; at most {self.s.max_items} per request")
+            raise ApiError(
+                413, "too_many_items", f"{len(items)} items; at most {self.s.max_items} per request"
+            )
         plans = [self._validate(it) for it in items]  # all validated before anything is queued
         t0 = time.perf_counter()
-        reqs = [ScoreRequest(p.adapter, it.question, tuple(it.choices), it.context, p.samples, p.seed)
-                for it, p in zip(items, plans, strict=True)]
+        reqs = [
+            ScoreRequest(p.adapter, it.question, tuple(it.choices), it.context, p.samples, p.seed)
+            for it, p in zip(items, plans, strict=True)
+        ]
         rows = sum(r.rows for r in reqs)
         if rows > self.s.max_queue_rows:
-            raise ApiError(413, "too_large", f"request needs {rows} rows (items × samples); this server queues "
-                                             f"at most {self.s.max_queue_rows}: split it or lower samples")
+            raise ApiError(
+                413,
+                "too_large",
+                f"request needs {rows} rows (items × samples); this server queues "
+                f"at most {self.s.max_queue_rows}: split it or lower samples",
+            )
         try:  # all items of a request, or none; only what can finish before the deadline
             self.batcher.admit(rows, ADMISSION_MARGIN * self.s.request_timeout_s)
         except Overloaded as exc:
-            raise ApiError(429, "overloaded", str(exc), {"Retry-After": str(int(np.ceil(exc.retry_after)))}) from None
+            raise ApiError(
+                429, "overloaded", str(exc), {"Retry-After": str(int(np.ceil(exc.retry_after)))}
+            ) from None
         except ShuttingDown:
             raise ApiError(503, "unavailable", "server is shutting down", {"Retry-After": "5"}) from None
         self.busy.update(p.adapter for p in plans)
         try:
             hits: list[list[bool]] = [[] for _ in items]  # per item: cache hit of each submit
-            tasks = [self._score(it, r, p.record, h) for it, r, p, h in zip(items, reqs, plans, hits, strict=True)]
+            tasks = [
+                self._score(it, r, p.record, h) for it, r, p, h in zip(items, reqs, plans, hits, strict=True)
+            ]
             logits = await asyncio.wait_for(asyncio.gather(*tasks), self.s.request_timeout_s)
         except TimeoutError:
             raise ApiError(504, "timeout", f"not answered within {self.s.request_timeout_s} s") from None
@@ -262,11 +318,14 @@ class Service:
             self.batcher.release(rows)
             self.busy.subtract(p.adapter for p in plans)
         wait = time.perf_counter() - t0
-        return [self._respond(it, r, p.record, lg, t0, wait, cached=all(h))
-                for it, r, p, lg, h in zip(items, reqs, plans, logits, hits, strict=True)]
+        return [
+            self._respond(it, r, p.record, lg, t0, wait, cached=all(h))
+            for it, r, p, lg, h in zip(items, reqs, plans, logits, hits, strict=True)
+        ]
 
-    async def _score(self, item: PredictItem, req: ScoreRequest, rec: dict,
-                     hits: list[bool]) -> np.ndarray | Scored:
+    async def _score(
+        self, item: PredictItem, req: ScoreRequest, rec: dict, hits: list[bool]
+    ) -> np.ndarray | Scored:
         """All S draws in one go, or (adaptive) rounds of draws until sampling_settled() says more cannot
         change the outcome. Admission reserved all S rows up front: an accepted request is never refused
         half-way."""
@@ -286,8 +345,13 @@ class Service:
             n += size
             if len(lg) < size:  # the adapter has no more distinct draws (deterministic, ensemble)
                 break
-            if sampling_settled(np.concatenate(parts) / temperature, policy.min_confidence, policy.max_epistemic,
-                                self.s.adaptive_tolerance, self.s.adaptive_z):
+            if sampling_settled(
+                np.concatenate(parts) / temperature,
+                policy.min_confidence,
+                policy.max_epistemic,
+                self.s.adaptive_tolerance,
+                self.s.adaptive_z,
+            ):
                 break
         logits = np.concatenate(parts)
         if mass:
@@ -321,15 +385,27 @@ class Service:
         """The policy in force: the request's threshold overrides, else the adapter's valid fitted ones."""
         return DecisionPolicy.from_record(rec.get("decision"), item.min_confidence, item.max_epistemic)
 
-    def _respond(self, item: PredictItem, req: ScoreRequest, rec: dict, logits: np.ndarray | Scored, t0: float,
-                 wait: float, cached: bool = False) -> PredictResponse:
+    def _respond(
+        self,
+        item: PredictItem,
+        req: ScoreRequest,
+        rec: dict,
+        logits: np.ndarray | Scored,
+        t0: float,
+        wait: float,
+        cached: bool = False,
+    ) -> PredictResponse:
         mass = None
         if isinstance(logits, Scored):
             logits, mass = logits.logits, logits.choice_mass
         logits = logits / _temperature(rec)  # the cache keeps raw logits
         if not np.isfinite(logits).all():  # never answer with null probabilities
-            raise ApiError(500, "non_finite_scores", f"adapter {req.adapter!r} produced non-finite scores for this "
-                                                     "request; the adapter is likely broken: reload or retrain it")
+            raise ApiError(
+                500,
+                "non_finite_scores",
+                f"adapter {req.adapter!r} produced non-finite scores for this "
+                "request; the adapter is likely broken: reload or retrain it",
+            )
         s = summarize(logits[:, None, :])  # (S, 1, K)
         one = {k: v[0] for k, v in s.items()}
         policy = self._policy(item, rec)
@@ -348,20 +424,42 @@ class Service:
         m.epistemic.labels(req.adapter).observe(float(one["epistemic_norm"]))
         if reason:
             m.abstentions.labels(req.adapter, reason).inc()
-        receipt = self.receipts.sign({"id": uuid.uuid4().hex, "a": req.adapter, "p": k, "c": conf,
-                                      "k": len(req.choices), "t": time.time()})
+        receipt = self.receipts.sign(
+            {
+                "id": uuid.uuid4().hex,
+                "a": req.adapter,
+                "p": k,
+                "c": conf,
+                "k": len(req.choices),
+                "t": time.time(),
+            }
+        )
         sample_probs = None
         if item.return_samples:
             sample_probs = softmax(logits).round(6).tolist()
         return PredictResponse(
-            id=rid, adapter=req.adapter, answer=req.choices[k], answer_index=k,
-            probabilities=[float(x) for x in one["probabilities"]], confidence=conf,
-            entropy=float(one["entropy"]), entropy_norm=float(one["entropy_norm"]),
-            aleatoric=float(one["aleatoric"]), aleatoric_norm=float(one["aleatoric_norm"]),
-            epistemic=float(one["epistemic"]), epistemic_norm=float(one["epistemic_norm"]),
-            decision="abstain" if reason else "answer", abstain_reason=reason,
-            prediction_set=policy.prediction_set(one["probabilities"]), samples=len(logits), choice_mass=mass,
-            sample_probabilities=sample_probs, cached=cached, latency_ms=latency * 1000, receipt=receipt)
+            id=rid,
+            adapter=req.adapter,
+            answer=req.choices[k],
+            answer_index=k,
+            probabilities=[float(x) for x in one["probabilities"]],
+            confidence=conf,
+            entropy=float(one["entropy"]),
+            entropy_norm=float(one["entropy_norm"]),
+            aleatoric=float(one["aleatoric"]),
+            aleatoric_norm=float(one["aleatoric_norm"]),
+            epistemic=float(one["epistemic"]),
+            epistemic_norm=float(one["epistemic_norm"]),
+            decision="abstain" if reason else "answer",
+            abstain_reason=reason,
+            prediction_set=policy.prediction_set(one["probabilities"]),
+            samples=len(logits),
+            choice_mass=mass,
+            sample_probabilities=sample_probs,
+            cached=cached,
+            latency_ms=latency * 1000,
+            receipt=receipt,
+        )
 
     # ---- feedback -------------------------------------------------------------------------------
     def feedback(self, fb: FeedbackRequest) -> FeedbackResponse:
@@ -372,8 +470,12 @@ class Service:
             raise ApiError(422 if isinstance(exc, ReceiptInvalid) else 403, "bad_receipt", str(exc)) from None
         if p.a not in self.records:  # no metric series for names this replica does not serve
             self.metrics.feedback.labels("rejected").inc()
-            raise ApiError(404, "adapter_not_loaded", f"the receipt is for adapter {p.a!r}, which this server "
-                                                      "has not loaded; send the feedback where it is loaded")
+            raise ApiError(
+                404,
+                "adapter_not_loaded",
+                f"the receipt is for adapter {p.a!r}, which this server "
+                "has not loaded; send the feedback where it is loaded",
+            )
         if fb.label >= p.k:
             raise ApiError(422, "invalid_label", f"label {fb.label} is not an index into {p.k} choices")
         correct = fb.label == p.p
@@ -395,7 +497,10 @@ def feedback_key(configured: str | None) -> str:
     for this process (feedback then works only on this replica and until it restarts, and says so)."""
     if configured and configured not in PUBLIC_KEYS:
         return configured
-    log.warning("DALORRA_FEEDBACK_KEY is %s: receipts are signed with a random key of this process, so "
-                "feedback is accepted only by this replica until it restarts. Set DALORRA_FEEDBACK_KEY to a "
-                "secret shared by all replicas.", "a published example" if configured else "not set")
+    log.warning(
+        "DALORRA_FEEDBACK_KEY is %s: receipts are signed with a random key of this process, so "
+        "feedback is accepted only by this replica until it restarts. Set DALORRA_FEEDBACK_KEY to a "
+        "secret shared by all replicas.",
+        "a published example" if configured else "not set",
+    )
     return secrets.token_urlsafe(32)

@@ -55,7 +55,9 @@ class Bank:
     fmt: PromptFormat
     directory: Path
     members: list  # LoRARequest per member
-    stochastic: bool  # False: the members are all the distinct predictions there are (deterministic, ensemble)
+    stochastic: (
+        bool  # False: the members are all the distinct predictions there are (deterministic, ensemble)
+    )
     letter_ids: list[int] = field(default_factory=list)
 
 
@@ -70,10 +72,18 @@ class VLLMBackend(Backend):
         if llm is None:
             from vllm import LLM  # imported only here
 
-            llm = LLM(model=self.base_path, enable_lora=True, max_loras=s.vllm_max_loras,
-                      max_cpu_loras=max(s.vllm_max_cpu_loras, s.vllm_max_loras), max_lora_rank=s.vllm_max_lora_rank,
-                      dtype=s.vllm_dtype, gpu_memory_utilization=s.vllm_gpu_memory_utilization,
-                      max_model_len=s.vllm_max_model_len, enable_prefix_caching=True, seed=0)
+            llm = LLM(
+                model=self.base_path,
+                enable_lora=True,
+                max_loras=s.vllm_max_loras,
+                max_cpu_loras=max(s.vllm_max_cpu_loras, s.vllm_max_loras),
+                max_lora_rank=s.vllm_max_lora_rank,
+                dtype=s.vllm_dtype,
+                gpu_memory_utilization=s.vllm_gpu_memory_utilization,
+                max_model_len=s.vllm_max_model_len,
+                enable_prefix_caching=True,
+                seed=0,
+            )
         self.llm = llm
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
         if self.tokenizer.pad_token_id is None:
@@ -92,16 +102,22 @@ class VLLMBackend(Backend):
         src.files.check_base(self.config_hash, self.base_path)
         rank = max(src.ranks.values())
         if rank > self.settings.vllm_max_lora_rank:
-            raise AdapterError(f"{path}: rank {rank} exceeds the engine's max_lora_rank "
-                               f"{self.settings.vllm_max_lora_rank}; restart with DALORRA_VLLM_MAX_LORA_RANK >= {rank}")
+            raise AdapterError(
+                f"{path}: rank {rank} exceeds the engine's max_lora_rank "
+                f"{self.settings.vllm_max_lora_rank}; restart with DALORRA_VLLM_MAX_LORA_RANK >= {rank}"
+            )
         distinct = src.distinct()
         if src.files.config.method == "mcdropout":
-            raise AdapterError(f"{path}: MC-dropout adapters sample activations, which a LoRA bank cannot "
-                               "represent; serve them with the hf backend")
+            raise AdapterError(
+                f"{path}: MC-dropout adapters sample activations, which a LoRA bank cannot "
+                "represent; serve them with the hf backend"
+            )
         fmt = src.files.fmt
         if fmt.max_length + MAX_CONTINUATION_TOKENS > self.settings.vllm_max_model_len:
-            raise AdapterError(f"{path}: prompts of up to {fmt.max_length} + {MAX_CONTINUATION_TOKENS} tokens do not "
-                               f"fit DALORRA_VLLM_MAX_MODEL_LEN={self.settings.vllm_max_model_len}")
+            raise AdapterError(
+                f"{path}: prompts of up to {fmt.max_length} + {MAX_CONTINUATION_TOKENS} tokens do not "
+                f"fit DALORRA_VLLM_MAX_MODEL_LEN={self.settings.vllm_max_model_len}"
+            )
         m = distinct or self.settings.vllm_bank_size
         seed = self.settings.vllm_bank_seed
         masks = src.draw(m, seed)
@@ -115,13 +131,22 @@ class VLLMBackend(Backend):
             for j in range(m):
                 out = src.write_member(masks, j, directory / f"m{j}")
                 members.append(LoRARequest(f"{name}#{uid}.{j}", next(self._ids), str(out)))
-            bank = Bank(name, {**rec, "mask_bank": {"members": m, "seed": seed, "uid": uid}}, fmt, directory,
-                        members, distinct is None)
+            bank = Bank(
+                name,
+                {**rec, "mask_bank": {"members": m, "seed": seed, "uid": uid}},
+                fmt,
+                directory,
+                members,
+                distinct is None,
+            )
             if fmt.mode == "letter":
                 bank.letter_ids = letter_token_ids(self.tokenizer, fmt, len(fmt.letters))
             with self.lock:  # a first request through member 0 fails here, not on a user's request
-                self._generate(self._prompts(bank, [0], encode([Item("Is this a test?", ("yes", "no"), None)],
-                                                               self.tokenizer, fmt))[0])
+                self._generate(
+                    self._prompts(
+                        bank, [0], encode([Item("Is this a test?", ("yes", "no"), None)], self.tokenizer, fmt)
+                    )[0]
+                )
                 old = self.banks.get(name)
                 self.banks[name] = bank
                 if old is not None:
@@ -166,8 +191,12 @@ class VLLMBackend(Backend):
                     if bank is None:
                         raise BackendError(f"adapter {r.adapter!r} is not loaded")
                     members = self.members_for(bank, r.samples, r.seed, r.first)
-                    enc = encode([Item(r.question, r.choices, None, context=r.context)], self.tokenizer, bank.fmt,
-                                 strict=True)
+                    enc = encode(
+                        [Item(r.question, r.choices, None, context=r.context)],
+                        self.tokenizer,
+                        bank.fmt,
+                        strict=True,
+                    )
                 except (BackendError, ValueError) as exc:
                     out[i] = exc if isinstance(exc, BackendError) else BackendError(str(exc))
                     continue
@@ -183,7 +212,7 @@ class VLLMBackend(Backend):
                 return out
         start = 0
         for (i, _, members, enc), (prompts, index) in zip(plans, batches, strict=True):
-            mine = np.asarray(lps[start:start + len(prompts)])
+            mine = np.asarray(lps[start : start + len(prompts)])
             start += len(prompts)
             k = enc[0].k
             total = np.zeros((len(members), k))
@@ -199,9 +228,11 @@ class VLLMBackend(Backend):
         if not bank.stochastic:
             return list(range(min(first, m), min(first + samples, m)))
         if first + samples > m:
-            raise BackendError(f"samples={first + samples} exceeds the mask bank of {m} members "
-                               "(DALORRA_VLLM_BANK_SIZE); ask for fewer samples")
-        return np.random.default_rng(seed).permutation(m)[first:first + samples].tolist()
+            raise BackendError(
+                f"samples={first + samples} exceeds the mask bank of {m} members "
+                "(DALORRA_VLLM_BANK_SIZE); ask for fewer samples"
+            )
+        return np.random.default_rng(seed).permutation(m)[first : first + samples].tolist()
 
     def _prompts(self, bank: Bank, members: list[int], enc: list[Encoded]) -> tuple[list, np.ndarray]:
         """One (prompt tokens, forced token, LoRA) per scored token; index rows = (sample, choice)."""
@@ -224,18 +255,27 @@ class VLLMBackend(Backend):
         params = {}
         for _, target, _ in prompts:
             if target not in params:
-                params[target] = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, allowed_token_ids=[target])
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _, _ in prompts],
-                                 [params[t] for _, t, _ in prompts], lora_request=[lr for *_, lr in prompts],
-                                 use_tqdm=False)
+                params[target] = SamplingParams(
+                    max_tokens=1, temperature=0.0, logprobs=0, allowed_token_ids=[target]
+                )
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids, _, _ in prompts],
+            [params[t] for _, t, _ in prompts],
+            lora_request=[lr for *_, lr in prompts],
+            use_tqdm=False,
+        )
         res = []
         for (_, target, _), o in zip(prompts, outs, strict=True):
             lp = o.outputs[0].logprobs[0]
             res.append(float(lp[target].logprob))
         return res
 
-    def generate(self, request: GenerateRequest, on_token: OnToken | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> GenerateResult:
+    def generate(
+        self,
+        request: GenerateRequest,
+        on_token: OnToken | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> GenerateResult:
         from .generation import GenerationUnsupported
 
         raise GenerationUnsupported(
@@ -243,7 +283,8 @@ class VLLMBackend(Backend):
             "draws but not the mean-mask network, and the per-token entropy and mutual information need every "
             "bank member's full next-token distribution at every answer position, which vLLM's LoRA path does not "
             "return (prompt_logprobs crashed with LoRA on vLLM's CPU build; allowed_token_ids gives one token's "
-            "log-probability). Multiple choice (the `choices` field, /predict, KServe v2) works on this backend")
+            "log-probability). Multiple choice (the `choices` field, /predict, KServe v2) works on this backend"
+        )
 
     def shutdown(self) -> None:
         shutil.rmtree(self.bank_root, ignore_errors=True)

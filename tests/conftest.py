@@ -50,9 +50,17 @@ def make_tiny(seed: int = 0, vocab: int = 49152):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, pad_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=2,
+    )
     model = LlamaForCausalLM(cfg).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -96,8 +104,11 @@ def adapters_dir(tmp_path_factory, smollm_path):
     base, tok = load_base(None)
     model = DalorraModel(base, tok, AdapterConfig(), PromptFormat(mode="cloze"), seed=0)
     randomize_lora(model, std=0.01)
-    decision = {"confidence": {"valid": True, "threshold": 0.5}, "epistemic": {"valid": False},
-                "conformal": {"valid": True, "qhat": 0.8}}
+    decision = {
+        "confidence": {"valid": True, "threshold": 0.5},
+        "epistemic": {"valid": False},
+        "conformal": {"valid": True, "qhat": 0.8},
+    }
     save_adapter(model, d / "test-ad", extra={"default_samples": 4, "decision": decision})
     (d / "corrupt").mkdir()
     (d / "corrupt" / "adapter_config.json").write_text("{not json")

@@ -13,7 +13,9 @@ from tests.conftest import make_tiny, randomize_lora
 
 
 def _saved(tmp_path, tokenizer):
-    model = DalorraModel(make_tiny(), tokenizer, AdapterConfig(), PromptFormat(mode="cloze"), seed=0, base_name="tiny")
+    model = DalorraModel(
+        make_tiny(), tokenizer, AdapterConfig(), PromptFormat(mode="cloze"), seed=0, base_name="tiny"
+    )
     randomize_lora(model)
     return save_adapter(model, tmp_path / "ad")
 
@@ -26,8 +28,9 @@ def _poison(path, key_part):
     save_file(t, str(path))
 
 
-@pytest.mark.parametrize("file,key", [("adapter_model.safetensors", "lora_B"), (MASKS, "mask_logits"),
-                                      (MASKS, "lora_A")])
+@pytest.mark.parametrize(
+    "file,key", [("adapter_model.safetensors", "lora_B"), (MASKS, "mask_logits"), (MASKS, "lora_A")]
+)
 def test_non_finite_tensors_are_refused(tmp_path, tokenizer, file, key):
     out = _saved(tmp_path, tokenizer)
     load_adapter(out, make_tiny(), tokenizer)  # the clean one loads
@@ -38,8 +41,9 @@ def test_non_finite_tensors_are_refused(tmp_path, tokenizer, file, key):
         load_adapter(out, make_tiny(), tokenizer)
 
 
-@pytest.mark.parametrize("text,match", [("{not json", "not valid JSON"), ("[1, 2]", "JSON object"),
-                                        (None, "r=4")])
+@pytest.mark.parametrize(
+    "text,match", [("{not json", "not valid JSON"), ("[1, 2]", "JSON object"), (None, "r=4")]
+)
 def test_adapter_config_json_is_read_and_checked(tmp_path, tokenizer, text, match):
     out = _saved(tmp_path, tokenizer)
     cfg = out / "adapter_config.json"

@@ -14,8 +14,9 @@ from tests.test_scoring import MIXED
 
 
 def _saved(tmp_path, tokenizer, mode="cloze"):
-    model = DalorraModel(make_tiny(), tokenizer, AdapterConfig(p0=0.7), PromptFormat(mode=mode), seed=0,
-                         base_name="tiny")
+    model = DalorraModel(
+        make_tiny(), tokenizer, AdapterConfig(p0=0.7), PromptFormat(mode=mode), seed=0, base_name="tiny"
+    )
     randomize_lora(model, std=0.3)
     out = save_adapter(model, tmp_path / "ad", extra={"training": {"steps": 0}})
     return model, out
@@ -26,7 +27,9 @@ def test_round_trip_identical_predictions(tmp_path, tokenizer, mode):
     model, out = _saved(tmp_path, tokenizer, mode)
     loaded = load_adapter(out, make_tiny(), tokenizer)
     assert loaded.fmt == model.fmt and loaded.cfg == model.cfg
-    np.testing.assert_array_equal(score(model, MIXED, samples=5, seed=3), score(loaded, MIXED, samples=5, seed=3))
+    np.testing.assert_array_equal(
+        score(model, MIXED, samples=5, seed=3), score(loaded, MIXED, samples=5, seed=3)
+    )
     rec = json.loads((out / "dalorra.json").read_text())
     assert rec["method"] == "dalorra" and rec["adapter"]["p0"] == 0.7 and rec["training"] == {"steps": 0}
     assert rec["base_model"]["config_hash"]
@@ -39,7 +42,9 @@ def test_peft_loads_the_directory(tmp_path, tokenizer):
     peft = PeftModel.from_pretrained(make_tiny(), str(out))
     ids = torch.randint(0, 49152, (2, 9))
     model.set_mask_mode("mean")  # PEFT gets the mean-mask network B·diag(σ(φ))·A: the deterministic answer
-    torch.testing.assert_close(peft(input_ids=ids).logits, model.base(input_ids=ids).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        peft(input_ids=ids).logits, model.base(input_ids=ids).logits, atol=1e-5, rtol=0
+    )
     model.set_mask_mode("all")  # …which is not the all-on network (keep-probabilities < 1)
     assert not torch.allclose(peft(input_ids=ids).logits, model.base(input_ids=ids).logits, atol=1e-4)
 
@@ -53,8 +58,9 @@ def test_raw_factors_survive_the_mean_network_export(tmp_path, tokenizer):
     name = "lm_head"
     layer = model.adapted[name]
     torch.testing.assert_close(raw[f"{name}.lora_B"], layer.lora_B.detach())
-    torch.testing.assert_close(peft_file[f"base_model.model.{name}.lora_B.weight"],
-                               layer.lora_B.detach() * layer.keep_prob.detach())
+    torch.testing.assert_close(
+        peft_file[f"base_model.model.{name}.lora_B.weight"], layer.lora_B.detach() * layer.keep_prob.detach()
+    )
     loaded = load_adapter(out, make_tiny(), tokenizer)  # the raw factors, not the mean network, come back
     torch.testing.assert_close(loaded.adapted[name].lora_B.detach(), layer.lora_B.detach())
 
@@ -92,15 +98,25 @@ def test_plain_peft_adapter_loads_with_all_masks_on(tmp_path, tokenizer):
     assert s.shape[0] == 1  # all masks on: every sample would be the same, so one is scored
     ids = torch.randint(0, 49152, (2, 9))
     loaded.set_mask_mode("all")
-    torch.testing.assert_close(peft(input_ids=ids).logits, loaded.base(input_ids=ids).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        peft(input_ids=ids).logits, loaded.base(input_ids=ids).logits, atol=1e-5, rtol=0
+    )
 
 
 def test_mismatched_base_model_refused(tmp_path, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _, out = _saved(tmp_path, tokenizer)
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=48, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=49152,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(AdapterError, match="config hash"):
         load_adapter(out, other, tokenizer)
 
@@ -113,13 +129,16 @@ def test_truncated_adapter_refused(tmp_path, tokenizer):
         load_adapter(out, make_tiny(), tokenizer)
 
 
-@pytest.mark.parametrize("row,match", [
-    ('{"question": "q", "choices": ["a", "b"], "label": 5}', "label 5"),
-    ('{"question": "q", "choices": ["a"], "label": 0}', "1 choices"),
-    ('{"question": "", "choices": ["a", "b"], "label": 0}', "question"),
-    ('{"choices": ["a", "b"], "label": 0}', "missing"),
-    ('{not json', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "row,match",
+    [
+        ('{"question": "q", "choices": ["a", "b"], "label": 5}', "label 5"),
+        ('{"question": "q", "choices": ["a"], "label": 0}', "1 choices"),
+        ('{"question": "", "choices": ["a", "b"], "label": 0}', "question"),
+        ('{"choices": ["a", "b"], "label": 0}', "missing"),
+        ("{not json", "not valid JSON"),
+    ],
+)
 def test_bad_rows_name_file_and_line(tmp_path, row, match):
     p = tmp_path / "d.jsonl"
     p.write_text('{"question": "ok", "choices": ["a", "b"], "label": 1}\n' + row + "\n")

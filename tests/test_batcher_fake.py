@@ -18,6 +18,7 @@ def req(question: str, samples: int = 2, seed: int = 0, choices=("yes", "no", "m
 
 def run(coro_fn, **batcher_kw):
     """Run `coro_fn(batcher, backend)` on a started batcher; always opens the gate and closes the batcher."""
+
     async def main():
         backend = FakeBackend()
         backend.loaded.add("fake")
@@ -54,8 +55,12 @@ def test_each_request_gets_its_own_logits_from_one_backend_call():
 
 def test_a_bad_request_fails_alone_in_a_shared_batch():
     async def body(b, backend):
-        got = await asyncio.gather(b.submit(req("good one")), b.submit(req("bad one")), b.submit(req("good two")),
-                                   return_exceptions=True)
+        got = await asyncio.gather(
+            b.submit(req("good one")),
+            b.submit(req("bad one")),
+            b.submit(req("good two")),
+            return_exceptions=True,
+        )
         assert len(backend.calls) == 1  # all three went through one call, so isolation is really tested
         np.testing.assert_array_equal(got[0], logits_for(req("good one")))
         assert isinstance(got[1], BackendError) and "bad one" in str(got[1])
@@ -66,7 +71,9 @@ def test_a_bad_request_fails_alone_in_a_shared_batch():
 
 def test_a_failed_call_fails_its_batch_and_the_next_batch_is_served():
     async def body(b, backend):
-        got = await asyncio.gather(b.submit(req("crash now")), b.submit(req("innocent")), return_exceptions=True)
+        got = await asyncio.gather(
+            b.submit(req("crash now")), b.submit(req("innocent")), return_exceptions=True
+        )
         assert all(isinstance(g, RuntimeError) and "whole backend call" in str(g) for g in got)
         later = await b.submit(req("later"))
         np.testing.assert_array_equal(later, logits_for(req("later")))
@@ -89,8 +96,13 @@ def test_count_check_fails_the_batch_instead_of_misrouting_results():
 
 def test_a_request_that_does_not_fit_is_carried_to_the_next_batch():
     async def body(b, backend):
-        rs = [req("six a", samples=6), req("six b", samples=6), req("three", samples=3), req("fifteen", samples=15),
-              req("one", samples=1)]
+        rs = [
+            req("six a", samples=6),
+            req("six b", samples=6),
+            req("three", samples=3),
+            req("fifteen", samples=15),
+            req("one", samples=1),
+        ]
         got = await asyncio.gather(*(b.submit(r) for r in rs))
         for r, g in zip(rs, got, strict=True):
             np.testing.assert_array_equal(g, logits_for(r))
@@ -131,7 +143,9 @@ def test_a_full_queue_refuses_with_retry_after_and_recovers():
         assert exc.value.retry_after >= 1
         backend.gate.set()
         await asyncio.gather(first, queued)
-        np.testing.assert_array_equal(await b.submit(req("room again", samples=5)), logits_for(req("room again", 5)))
+        np.testing.assert_array_equal(
+            await b.submit(req("room again", samples=5)), logits_for(req("room again", 5))
+        )
 
     run(body, max_queue_rows=10, max_batch_rows=8)
 

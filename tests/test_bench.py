@@ -17,7 +17,9 @@ def test_method_spec_sets_exactly_one_knob_and_rejects_unknown_ones():
 def test_small_training_set_keeps_the_usual_held_out_split_and_never_trains_on_it(tmp_path):
     paths = capped_train("arc_easy", 0, 40, root=tmp_path)
     usual = load_splits(TrainConfig(out=str(tmp_path / "a"), train="arc_easy/train"))
-    small = load_splits(TrainConfig(out=str(tmp_path / "b"), train=paths["train"], calibration=paths["calibration"]))
+    small = load_splits(
+        TrainConfig(out=str(tmp_path / "b"), train=paths["train"], calibration=paths["calibration"])
+    )
     assert [it.id for it in small[2]] == [it.id for it in usual[2]]  # the same held-out items, same order
     assert small[2] == usual[2]
     assert [it.id for it in small[0]] == [it.id for it in usual[0][:40]]

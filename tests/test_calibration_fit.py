@@ -52,7 +52,9 @@ def test_fit_temperature_recovers_a_known_temperature(T0):
     T = fit_temperature(z[None], y)  # (S = 1, B, K)
     assert T == pytest.approx(T0, rel=0.05)
     assert tempered_nll(z[None], y, T) <= tempered_nll(z[None], y, 1.0) + 1e-12  # never worse than no scaling
-    assert tempered_nll(z[None], y, T) <= min(tempered_nll(z[None], y, T * f) for f in (0.9, 1.1))  # a minimum
+    assert tempered_nll(z[None], y, T) <= min(
+        tempered_nll(z[None], y, T * f) for f in (0.9, 1.1)
+    )  # a minimum
 
 
 def test_fit_temperature_of_identical_samples_is_the_single_sample_fit():

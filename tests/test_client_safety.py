@@ -26,14 +26,33 @@ def test_connection_refused_is_one_clear_error_after_bounded_retries():
 
 
 # `dalorra predict` as the console script wires it (whichever package hosts the entry point)
-CLI = ("import argparse, sys; from clients.cli import add_predict; p = argparse.ArgumentParser(prog='dalorra'); "
-       "add_predict(p.add_subparsers()); a = p.parse_args(); sys.exit(a.func(a))")
+CLI = (
+    "import argparse, sys; from clients.cli import add_predict; p = argparse.ArgumentParser(prog='dalorra'); "
+    "add_predict(p.add_subparsers()); a = p.parse_args(); sys.exit(a.func(a))"
+)
 
 
 def test_cli_connection_error_is_one_line():
     url = f"http://127.0.0.1:{free_port()}"
-    r = subprocess.run([sys.executable, "-c", CLI, "predict", "--url", url, "--question", "q?", "--choice", "a",
-                        "--choice", "b"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CLI,
+            "predict",
+            "--url",
+            url,
+            "--question",
+            "q?",
+            "--choice",
+            "a",
+            "--choice",
+            "b",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "Traceback" not in r.stderr and "cannot connect" in lines[0], r.stderr
@@ -56,20 +75,40 @@ class FakeClient:
             n = int(it["question"].split()[-1])
             conf = 0.9 if n % 2 == 0 else 0.4
             probs = [conf, (1 - conf) / 2, (1 - conf) / 2]
-            out.append(PredictResponse(
-                id=it["id"], adapter="a", answer=it["choices"][0], answer_index=0, probabilities=probs,
-                confidence=conf, entropy=0.3, entropy_norm=0.4, aleatoric=0.3, aleatoric_norm=0.4, epistemic=0.0,
-                epistemic_norm=0.0, decision="answer" if conf > 0.5 else "abstain",
-                abstain_reason=None if conf > 0.5 else "low_confidence", prediction_set=[0], samples=2,
-                latency_ms=1.0, receipt=f"receipt-{it['id']}"))
+            out.append(
+                PredictResponse(
+                    id=it["id"],
+                    adapter="a",
+                    answer=it["choices"][0],
+                    answer_index=0,
+                    probabilities=probs,
+                    confidence=conf,
+                    entropy=0.3,
+                    entropy_norm=0.4,
+                    aleatoric=0.3,
+                    aleatoric_norm=0.4,
+                    epistemic=0.0,
+                    epistemic_norm=0.0,
+                    decision="answer" if conf > 0.5 else "abstain",
+                    abstain_reason=None if conf > 0.5 else "low_confidence",
+                    prediction_set=[0],
+                    samples=2,
+                    latency_ms=1.0,
+                    receipt=f"receipt-{it['id']}",
+                )
+            )
         return out
 
 
 def test_predict_file_writes_as_it_goes_resumes_and_keeps_receipts(tmp_path, capsys):
     data = tmp_path / "items.jsonl"
     # labels: item n is right (label 0) unless n is 2 (a wrong answered item)
-    data.write_text("".join(json.dumps({"question": f"q {n}", "choices": ["x", "y", "z"], "label": 1 if n == 2 else 0})
-                            + "\n" for n in range(6)))
+    data.write_text(
+        "".join(
+            json.dumps({"question": f"q {n}", "choices": ["x", "y", "z"], "label": 1 if n == 2 else 0}) + "\n"
+            for n in range(6)
+        )
+    )
     out = tmp_path / "out.jsonl"
     a = argparse.Namespace(file=str(data), out=str(out), batch=2, adapter=None, samples=None, adaptive=None)
     assert run_batch(FakeClient(stop_at=3), a) == 130  # interrupted during the third batch

@@ -45,6 +45,7 @@ def test_every_client_call(server):
             assert await ac.ready()
             r = await ac.predict(Q, CH, samples=2)
             return (await ac.feedback(r.receipt, 0)).accepted
+
     assert asyncio.run(go())
 
 
@@ -100,8 +101,10 @@ def test_router_both_paths_and_feedback(server):
     async def go():
         async def fb(q, ch, p):
             return 1
+
         async with AsyncClient(server.url) as ac:
             return await AsyncAbstainRouter(ac, fallback=fb, min_confidence=1.0).route(Q, CH)
+
     assert asyncio.run(go()).answer == "the Moon"
 
 
@@ -113,15 +116,22 @@ def test_cli_table_json_and_batch(server, tmp_path):
     assert "decision:" in table.stdout and "the Sun" in table.stdout and "confidence" in table.stdout
     js = subprocess.run(base + args + ["--json"], capture_output=True, text=True, timeout=120)
     assert json.loads(js.stdout)["answer"] in CH
-    ada = subprocess.run(base + args + ["--json", "--adaptive", "--samples", "10"], capture_output=True, text=True,
-                         timeout=120)
+    ada = subprocess.run(
+        base + args + ["--json", "--adaptive", "--samples", "10"], capture_output=True, text=True, timeout=120
+    )
     assert ada.returncode == 0, ada.stderr
     assert json.loads(ada.stdout)["samples"] in (4, 7, 10)  # the flag is accepted; semantics: test_server.py
     data = tmp_path / "items.jsonl"
-    data.write_text("".join(json.dumps({"question": f"{Q} ({i})", "choices": CH, "label": 0}) + "\n" for i in range(5)))
+    data.write_text(
+        "".join(json.dumps({"question": f"{Q} ({i})", "choices": CH, "label": 0}) + "\n" for i in range(5))
+    )
     out = tmp_path / "out.jsonl"
-    b = subprocess.run(base + ["--file", str(data), "--out", str(out), "--batch", "2"], capture_output=True,
-                       text=True, timeout=300)
+    b = subprocess.run(
+        base + ["--file", str(data), "--out", str(out), "--batch", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert b.returncode == 0, b.stderr
     summary = json.loads(b.stdout.strip().splitlines()[-1])
     assert summary["items"] == 5 and summary["answered"] + summary["abstained"] == 5

@@ -6,8 +6,11 @@ import pytest
 from adapters.decision import DecisionPolicy, adaptive_rounds
 from adapters.evaluate import abstain_mask
 
-RECORD = {"confidence": {"valid": True, "threshold": 0.6}, "epistemic": {"valid": False, "threshold": 0.01},
-          "conformal": {"valid": True, "qhat": 0.8}}
+RECORD = {
+    "confidence": {"valid": True, "threshold": 0.6},
+    "epistemic": {"valid": False, "threshold": 0.01},
+    "conformal": {"valid": True, "qhat": 0.8},
+}
 
 
 def test_only_valid_fitted_thresholds_apply_and_requests_override_them():
@@ -18,8 +21,15 @@ def test_only_valid_fitted_thresholds_apply_and_requests_override_them():
     assert DecisionPolicy.from_record(None) == DecisionPolicy()
 
 
-@pytest.mark.parametrize(("conf", "epi", "want"), [(0.5, 0.0, "low_confidence"), (0.5, 0.9, "low_confidence"),
-                                                   (0.7, 0.9, "high_epistemic"), (0.7, 0.01, None)])
+@pytest.mark.parametrize(
+    ("conf", "epi", "want"),
+    [
+        (0.5, 0.0, "low_confidence"),
+        (0.5, 0.9, "low_confidence"),
+        (0.7, 0.9, "high_epistemic"),
+        (0.7, 0.01, None),
+    ],
+)
 def test_reason_low_confidence_first(conf, epi, want):
     assert DecisionPolicy(min_confidence=0.6, max_epistemic=0.05).reason(conf, epi) == want
 
@@ -32,7 +42,9 @@ def test_eval_abstains_exactly_where_the_policy_does():
     assert mask.tolist() == [True, True, False]
 
 
-@pytest.mark.parametrize(("total", "first", "step", "want"), [(10, 4, 3, [4, 3, 3]), (11, 4, 3, [4, 3, 3, 1]),
-                                                               (3, 4, 3, [3]), (0, 4, 3, [])])
+@pytest.mark.parametrize(
+    ("total", "first", "step", "want"),
+    [(10, 4, 3, [4, 3, 3]), (11, 4, 3, [4, 3, 3, 1]), (3, 4, 3, [3]), (0, 4, 3, [])],
+)
 def test_adaptive_rounds(total, first, step, want):
     assert list(adaptive_rounds(total, first, step)) == want

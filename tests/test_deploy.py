@@ -49,13 +49,28 @@ def test_ece_rule_pools_replicas_before_abs(tmp_path):
     series = []
     for inst, correct in (("r1", "0.75"), ("r2", "0.25")):
         lab = f'adapter="a",bin="12",instance="{inst}"'
-        series += [{"series": f"dalorra_calibration_confidence_total{{{lab}}}", "values": "0+0.5x120"},
-                   {"series": f"dalorra_calibration_correct_total{{{lab}}}", "values": f"0+{correct}x120"},
-                   {"series": f"dalorra_calibration_predictions_total{{{lab}}}", "values": "0+1x120"}]
-    test = {"rule_files": [str(RULES)], "evaluation_interval": "1m",
-            "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": [
-                {"expr": "adapter:dalorra_ece:1h", "eval_time": "90m",
-                 "exp_samples": [{"labels": 'adapter:dalorra_ece:1h{adapter="a"}', "value": 0}]}]}]}
+        series += [
+            {"series": f"dalorra_calibration_confidence_total{{{lab}}}", "values": "0+0.5x120"},
+            {"series": f"dalorra_calibration_correct_total{{{lab}}}", "values": f"0+{correct}x120"},
+            {"series": f"dalorra_calibration_predictions_total{{{lab}}}", "values": "0+1x120"},
+        ]
+    test = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": "adapter:dalorra_ece:1h",
+                        "eval_time": "90m",
+                        "exp_samples": [{"labels": 'adapter:dalorra_ece:1h{adapter="a"}', "value": 0}],
+                    }
+                ],
+            }
+        ],
+    }
     f = tmp_path / "ece_test.yml"
     f.write_text(yaml.safe_dump(test))
     r = subprocess.run([_tool("promtool"), "test", "rules", str(f)], capture_output=True, text=True)
@@ -69,16 +84,29 @@ def test_prometheusrule_manifest_matches_rules_file():
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])
 def test_manifests_render_and_validate(overlay, tmp_path):
-    rendered = subprocess.run(["kubectl", "kustomize", str(ROOT / "deploy" / "k8s" / "overlays" / overlay)],
-                              capture_output=True, text=True, check=True).stdout
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(ROOT / "deploy" / "k8s" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     f = tmp_path / "all.yaml"
     f.write_text(rendered)
-    r = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "--quiet", str(f)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "kubernetes-validate"), "--quiet", str(f)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     kinds = {d["kind"] for d in yaml.safe_load_all(rendered) if d}
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor",
-            "PrometheusRule"} <= kinds
+    assert {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+        "PrometheusRule",
+    } <= kinds
 
 
 def test_secrets_come_from_the_environment_with_no_published_default():
@@ -98,12 +126,16 @@ def test_compose_file_is_valid():
     import compose
 
     binary = Path(compose.__file__).parent / "docker-compose"
-    ok = subprocess.run([str(binary), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], capture_output=True)
+    ok = subprocess.run(
+        [str(binary), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], capture_output=True
+    )
     assert ok.returncode == 0, ok.stderr
     bad = ROOT / "tests" / ".bad-compose.yml"
     bad.write_text("services:\n  x:\n    image: 5\n    ports: {oops: 1}\n")
     try:
-        assert subprocess.run([str(binary), "-f", str(bad), "config", "-q"], capture_output=True).returncode != 0
+        assert (
+            subprocess.run([str(binary), "-f", str(bad), "config", "-q"], capture_output=True).returncode != 0
+        )
     finally:
         bad.unlink()
 
@@ -113,13 +145,27 @@ def test_real_prometheus_ece_equals_offline(adapters_dir, data_dir, tmp_path):
     srv = ServerProcess(adapters_dir, "test-ad", tmp_path / "server.log").wait_ready()
     prom_port = free_port()
     cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "dalorra", "static_configs": [{"targets": [f"127.0.0.1:{srv.port}"]}]}]}))
-    prom = subprocess.Popen([_tool("prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{prom_port}"],
-                            stdout=open(tmp_path / "prom.log", "w"), stderr=subprocess.STDOUT)
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(RULES)],
+                "scrape_configs": [
+                    {"job_name": "dalorra", "static_configs": [{"targets": [f"127.0.0.1:{srv.port}"]}]}
+                ],
+            }
+        )
+    )
+    prom = subprocess.Popen(
+        [
+            _tool("prometheus"),
+            f"--config.file={cfg}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        stdout=open(tmp_path / "prom.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     api = f"http://127.0.0.1:{prom_port}/api/v1/query"
 
     def query(q):
@@ -137,10 +183,18 @@ def test_real_prometheus_ece_equals_offline(adapters_dir, data_dir, tmp_path):
         while time.time() < end and not query('dalorra_calibration_predictions_total{adapter="test-ad"}'):
             time.sleep(0.5)  # the zero-initialised counters have been scraped at least once
         items = load_jsonl(data_dir / "arc_easy" / "validation.jsonl", limit=12)
-        preds = httpx.post(srv.url + "/predict", json=[{"question": it.question, "choices": list(it.choices)}
-                                                       for it in items], timeout=300).json()
+        preds = httpx.post(
+            srv.url + "/predict",
+            json=[{"question": it.question, "choices": list(it.choices)} for it in items],
+            timeout=300,
+        ).json()
         for p, it in zip(preds, items, strict=True):
-            assert httpx.post(srv.url + "/feedback", json={"receipt": p["receipt"], "label": it.label}).status_code == 200
+            assert (
+                httpx.post(
+                    srv.url + "/feedback", json={"receipt": p["receipt"], "label": it.label}
+                ).status_code
+                == 200
+            )
         probs = np.zeros((len(items), 5))
         for i, p in enumerate(preds):
             probs[i, : len(p["probabilities"])] = p["probabilities"]

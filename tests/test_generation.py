@@ -24,7 +24,9 @@ def model(tiny, tokenizer):
 
 
 def _gen(model, **kw):
-    req = GenerateRequest(adapter="a", prompt=PROMPT, **{"max_tokens": 8, "temperature": 0.0, "samples": 4, **kw})
+    req = GenerateRequest(
+        adapter="a", prompt=PROMPT, **{"max_tokens": 8, "temperature": 0.0, "samples": 4, **kw}
+    )
     return generate(model, req, threading.Lock(), 512)
 
 
@@ -33,7 +35,9 @@ def test_greedy_decoding_is_the_mean_mask_network(model):
     res = _gen(model, max_tokens=10, samples=0)
     ids = model.tokenizer(PROMPT, return_tensors="pt").input_ids
     model.set_mask_mode("mean")
-    ref = model.base.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=2)[0, ids.shape[1]:].tolist()
+    ref = model.base.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=2)[
+        0, ids.shape[1] :
+    ].tolist()
     model.set_mask_mode("all")
     got = res.choices[0].token_ids
     assert got == ref[: len(got)] and len(got) >= 1
@@ -58,8 +62,8 @@ def test_one_forward_scoring_equals_separate_mask_forwards(model):
         per = []
         for s in range(5):  # reference: one plain forward per mask
             ids = torch.tensor([prompt + ans])
-            with torch.no_grad(), model.row_masks({n: m[s: s + 1] for n, m in masks.items()}):
-                logits = model.base(input_ids=ids).logits[0, len(prompt) - 1: len(prompt) - 1 + len(ans)]
+            with torch.no_grad(), model.row_masks({n: m[s : s + 1] for n, m in masks.items()}):
+                logits = model.base(input_ids=ids).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(ans)]
             per.append(torch.log_softmax(logits.double(), -1).numpy())
         lp = np.stack(per)  # (S, T, V)
         ref = summarize(lp)  # the K-choice math of /predict, with the vocabulary as the K "choices"
@@ -98,9 +102,13 @@ def test_deterministic_adapter_scores_once_with_zero_epistemic(tiny, tokenizer):
 
 
 def test_summary_and_decision_by_hand():
-    sc = TokenScores(entropy=np.array([1.0, 3.0]), aleatoric=np.array([0.9, 2.0]), epistemic=np.array([0.1, 1.0]),
-                     mask_logprobs=np.log(np.array([[0.5, 0.5], [0.25, 0.5]])),
-                     mean_logprobs=np.log(np.array([0.375, 0.5])))
+    sc = TokenScores(
+        entropy=np.array([1.0, 3.0]),
+        aleatoric=np.array([0.9, 2.0]),
+        epistemic=np.array([0.1, 1.0]),
+        mask_logprobs=np.log(np.array([[0.5, 0.5], [0.25, 0.5]])),
+        mean_logprobs=np.log(np.array([0.375, 0.5])),
+    )
     s = summarize_answer(sc)
     assert s["tokens"] == 2 and s["entropy_mean"] == 2.0 and s["entropy_max"] == 3.0
     assert s["epistemic_mean"] == pytest.approx(0.55) and s["epistemic_max"] == 1.0
@@ -119,8 +127,15 @@ def test_stop_strings_streaming_and_logprobs(model):
     assert full.finish_reason in ("length", "stop") and len(full.text) > 6
     stop = full.text[4:6]
     seen = []
-    req = GenerateRequest(adapter="a", prompt=PROMPT, max_tokens=12, temperature=0.0, samples=3, stop=(stop, "\x00"),
-                          top_logprobs=2)
+    req = GenerateRequest(
+        adapter="a",
+        prompt=PROMPT,
+        max_tokens=12,
+        temperature=0.0,
+        samples=3,
+        stop=(stop, "\x00"),
+        top_logprobs=2,
+    )
     res = generate(model, req, threading.Lock(), 512, on_token=lambda i, t, info: seen.append((t, info)))
     c = res.choices[0]
     assert c.finish_reason == "stop" and c.text == full.text[: full.text.find(stop)]
@@ -167,4 +182,8 @@ def test_short_answer_set_and_exact_match(data_dir):
     assert len(items) == 30 and len({it.id for it in items}) == 30
     for it in items:
         gold = it.choices[it.label]
-        assert len(gold.split()) <= 3 and it.question.rstrip().endswith("?") and not NEEDS_CHOICES.search(it.question)
+        assert (
+            len(gold.split()) <= 3
+            and it.question.rstrip().endswith("?")
+            and not NEEDS_CHOICES.search(it.question)
+        )

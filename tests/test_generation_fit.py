@@ -29,7 +29,9 @@ def adapters_root(tmp_path_factory, tiny_dir):
     """A DALorRA adapter on the tiny base (random B, so the masks disagree), alone in an adapters directory."""
     root = tmp_path_factory.mktemp("gen-adapters")
     base, tok = load_base(str(tiny_dir))
-    model = DalorraModel(base, tok, AdapterConfig(), PromptFormat(mode="cloze"), base_name=str(tiny_dir), seed=0)
+    model = DalorraModel(
+        base, tok, AdapterConfig(), PromptFormat(mode="cloze"), base_name=str(tiny_dir), seed=0
+    )
     randomize_lora(model, std=0.5)
     save_adapter(model, root / "ad", extra={"default_samples": S})
     return root
@@ -40,7 +42,10 @@ def reference(adapters_root, tiny_dir):
     """The adapter's greedy short answers and their scores, computed here in-process."""
     base, tok = load_base(str(tiny_dir))
     model = load_adapter(adapters_root / "ad", base, tok)
-    items = [Item(question=q, choices=("placeholder", "other"), label=0, id=str(i)) for i, q in enumerate(QUESTIONS)]
+    items = [
+        Item(question=q, choices=("placeholder", "other"), label=0, id=str(i))
+        for i, q in enumerate(QUESTIONS)
+    ]
     return model, answer_short(model, items, "ad", samples=S, max_tokens=MAX_TOKENS, progress=False)
 
 
@@ -51,10 +56,19 @@ def generation_set(tmp_path_factory, reference):
     _, rows = reference
     golds = [r["answer"].strip() for r in rows[:10]] + ["zebra crossing", "giraffe"]
     assert all(g and len(g.split()) <= 3 for g in golds), golds  # the tiny model answers in ≤ 3 short tokens
-    lines = [{"id": str(i), "question": q, "choices": [g, "none of them"], "label": 0}
-             for i, (q, g) in enumerate(zip(QUESTIONS, golds, strict=True))]
-    lines += [{"id": "x1", "question": "Complete the sentence: plants need", "choices": ["light", "rocks"], "label": 0},
-              {"id": "x2", "question": "Why do plants grow?", "choices": ["they need the light", "no"], "label": 0}]
+    lines = [
+        {"id": str(i), "question": q, "choices": [g, "none of them"], "label": 0}
+        for i, (q, g) in enumerate(zip(QUESTIONS, golds, strict=True))
+    ]
+    lines += [
+        {
+            "id": "x1",
+            "question": "Complete the sentence: plants need",
+            "choices": ["light", "rocks"],
+            "label": 0,
+        },
+        {"id": "x2", "question": "Why do plants grow?", "choices": ["they need the light", "no"], "label": 0},
+    ]
     path = tmp_path_factory.mktemp("gen-set") / "short.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
@@ -66,9 +80,22 @@ def fitted(adapters_root, tiny_dir, generation_set):
     from adapters.cli import main
 
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        code = main(["eval", str(adapters_root / "ad"), "--generation-set", str(generation_set), "--base-model",
-                     str(tiny_dir), "--samples", str(S), "--generation-max-tokens", str(MAX_TOKENS),
-                     "--target-error", "0.5"])
+        code = main(
+            [
+                "eval",
+                str(adapters_root / "ad"),
+                "--generation-set",
+                str(generation_set),
+                "--base-model",
+                str(tiny_dir),
+                "--samples",
+                str(S),
+                "--generation-max-tokens",
+                str(MAX_TOKENS),
+                "--target-error",
+                "0.5",
+            ]
+        )
     return code, printed.getvalue()
 
 
@@ -76,18 +103,34 @@ def test_eval_fits_and_writes_generation_decision(adapters_root, generation_set,
     code, printed = fitted
     assert code == 0
     rec = json.loads((adapters_root / "ad" / "generation_decision.json").read_text())
-    assert rec["fitted_on"] == {"set": str(generation_set), "items": 12, "short_answer_items": 12, "set_items": 14,
-                                "accuracy": pytest.approx(10 / 12), "correct": "normalised exact match"}
-    assert rec["request"] == {"prompt": "the adapter's cloze prompt", "temperature": 0.0, "stop": ["\n"],
-                              "max_tokens": MAX_TOKENS, "samples": S, "mask_seed": 0}
+    assert rec["fitted_on"] == {
+        "set": str(generation_set),
+        "items": 12,
+        "short_answer_items": 12,
+        "set_items": 14,
+        "accuracy": pytest.approx(10 / 12),
+        "correct": "normalised exact match",
+    }
+    assert rec["request"] == {
+        "prompt": "the adapter's cloze prompt",
+        "temperature": 0.0,
+        "stop": ["\n"],
+        "max_tokens": MAX_TOKENS,
+        "samples": S,
+        "mask_seed": 0,
+    }
     for k in ("confidence", "epistemic"):
         assert rec[k]["target_error"] == 0.5 and rec[k]["n_calibration"] == 12
     # ten right of twelve: any ten answered hold ≤ 2 errors, under the bound at δ = 0.1, so both fits are valid
     assert rec["confidence"]["valid"] and rec["epistemic"]["valid"]
     # the same thresholds as the in-process answers give: the CLI generated and scored exactly what they did
     _, rows = reference
-    want = fit_generation_decision(np.array([r["confidence"] for r in rows]),
-                                   np.array([r["epistemic_mean"] for r in rows]), np.arange(12) < 10, 0.5)
+    want = fit_generation_decision(
+        np.array([r["confidence"] for r in rows]),
+        np.array([r["epistemic_mean"] for r in rows]),
+        np.arange(12) < 10,
+        0.5,
+    )
     assert thresholds_of(rec) == pytest.approx(thresholds_of(want), rel=1e-9)
     assert '"generation_decision"' in printed and "generation_decision.json" in printed
 
@@ -103,12 +146,25 @@ def test_served_answers_use_the_thresholds_written_by_eval(adapters_root, tiny_d
     prompt = short_answer_prompt(Item(question=QUESTIONS[k], choices=("a", "b"), label=0), model.fmt)
     settings = Settings(adapters_dir=adapters_root, default_adapter="ad", base_model=str(tiny_dir))
     with TestClient(create_app(settings)) as c:
-        r = c.post("/v1/completions", json={"model": "ad", "prompt": prompt, "max_tokens": MAX_TOKENS,
-                                            "temperature": 0, "stop": ["\n"], "samples": S})
+        r = c.post(
+            "/v1/completions",
+            json={
+                "model": "ad",
+                "prompt": prompt,
+                "max_tokens": MAX_TOKENS,
+                "temperature": 0,
+                "stop": ["\n"],
+                "samples": S,
+            },
+        )
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     u = choice["uncertainty"]
-    assert u["thresholds"] == {"min_confidence": conf_t, "max_epistemic": epi_t, "source": "generation_decision.json"}
+    assert u["thresholds"] == {
+        "min_confidence": conf_t,
+        "max_epistemic": epi_t,
+        "source": "generation_decision.json",
+    }
     assert choice["text"] == rows[k]["answer"]
     assert u["confidence"] == pytest.approx(rows[k]["confidence"], rel=1e-5)
     assert u["epistemic_mean"] == pytest.approx(rows[k]["epistemic_mean"], rel=1e-5)
@@ -121,8 +177,18 @@ def test_eval_refuses_a_set_without_short_answers(adapters_root, tiny_dir, tmp_p
 
     bad = tmp_path / "long.jsonl"
     bad.write_text(json.dumps({"question": "Plants need", "choices": ["light", "rocks"], "label": 0}) + "\n")
-    code = main(["eval", str(adapters_root / "ad"), "--generation-set", str(bad), "--base-model", str(tiny_dir),
-                 "--generation-out", str(tmp_path / "out.json")])
+    code = main(
+        [
+            "eval",
+            str(adapters_root / "ad"),
+            "--generation-set",
+            str(bad),
+            "--base-model",
+            str(tiny_dir),
+            "--generation-out",
+            str(tmp_path / "out.json"),
+        ]
+    )
     assert code == 2 and "no short-answer items" in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
 
@@ -134,7 +200,9 @@ def test_train_writes_generation_decision(tmp_path, tiny_dir, small_data):  # no
     stored = json.loads((out / "dalorra.json").read_text())["generation_decision"]
     assert stored == rec["generation_decision"]
     assert stored["file"] == "generation_decision.json" and stored["items"] == 3
-    assert stored["set"] == "25% of " + str(small_data)  # the calibration split of the temperature and thresholds
+    assert stored["set"] == "25% of " + str(
+        small_data
+    )  # the calibration split of the temperature and thresholds
     assert full["fitted_on"]["short_answer_items"] == 12 and full["request"]["samples"] == 3  # --eval-samples
     assert full["confidence"]["target_error"] == 0.2 and full["confidence"]["n_calibration"] == 3
     assert (stored["min_confidence"], stored["max_epistemic"]) == thresholds_of(full)
@@ -142,10 +210,19 @@ def test_train_writes_generation_decision(tmp_path, tiny_dir, small_data):  # no
 
 def test_train_without_short_answers_trains_and_says_why_no_generation_thresholds(tmp_path, tiny_dir):
     data = tmp_path / "statements.jsonl"
-    data.write_text("".join(json.dumps({"question": f"{i} is a number", "choices": ["no", "yes"], "label": 1}) + "\n"
-                            for i in range(16)))
+    data.write_text(
+        "".join(
+            json.dumps({"question": f"{i} is a number", "choices": ["no", "yes"], "label": 1}) + "\n"
+            for i in range(16)
+        )
+    )
     rec = run(_cfg(tmp_path, tiny_dir, data, steps=2))  # the default asks for them: skipped with the reason
-    assert rec["generation_decision"]["file"] is None and "no short-answer items" in rec["generation_decision"]["skipped"]
-    assert (tmp_path / "ad" / "dalorra.json").is_file() and not (tmp_path / "ad" / "generation_decision.json").exists()
+    assert (
+        rec["generation_decision"]["file"] is None
+        and "no short-answer items" in rec["generation_decision"]["skipped"]
+    )
+    assert (tmp_path / "ad" / "dalorra.json").is_file() and not (
+        tmp_path / "ad" / "generation_decision.json"
+    ).exists()
     rec = run(_cfg(tmp_path, tiny_dir, data, steps=2, generation_items=0))
     assert "generation_decision" not in rec and not (tmp_path / "ad" / "generation_decision.json").exists()

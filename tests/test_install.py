@@ -30,7 +30,9 @@ def _heavy_after(code: str) -> tuple[list[str], str]:
 
 @pytest.mark.parametrize("argv", [["--help"], ["predict", "--help"], ["serve", "--help"]])
 def test_help_imports_nothing_heavy(argv):
-    heavy, out = _heavy_after(f"from dalorra.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass")
+    heavy, out = _heavy_after(
+        f"from dalorra.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
+    )
     assert heavy == []
     assert "usage: dalorra" in out
     if argv == ["--help"]:
@@ -40,14 +42,21 @@ def test_help_imports_nothing_heavy(argv):
 
 
 def test_client_modules_import_nothing_heavy():
-    heavy, _ = _heavy_after("import clients.client, clients.router, clients.cli, server.protocol, server.cli, "
-                            "adapters.cli\nfrom clients.client import AsyncClient, Client")
+    heavy, _ = _heavy_after(
+        "import clients.client, clients.router, clients.cli, server.protocol, server.cli, "
+        "adapters.cli\nfrom clients.client import AsyncClient, Client"
+    )
     assert heavy == []
 
 
 def test_train_help_through_the_entry_point():
-    r = subprocess.run([sys.executable, "-m", "dalorra", "train", "--help"], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "dalorra", "train", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "--train-samples" in r.stdout and "--resume" in r.stdout
 
@@ -67,7 +76,9 @@ def test_client_summary_matches_calibration_metrics():
 
 
 def test_install_script_refuses_unknown_arguments():
-    r = subprocess.run([str(ROOT / "scripts" / "install.sh"), "cuda"], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [str(ROOT / "scripts" / "install.sh"), "cuda"], capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 2 and "usage: scripts/install.sh [cpu|gpu] [dev]" in r.stderr
 
 
@@ -86,16 +97,42 @@ def client_venv(tmp_path_factory) -> Path:
         shutil.copytree(ROOT / pkg, src / pkg, ignore=skip)
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
-                        f"{src}[client]"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "-q",
+            f"{src}[client]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     shutil.rmtree(src)
     return venv
 
 
 def test_client_extra_installs_no_torch(client_venv):
-    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(client_venv / "bin" / "python"), "list",
-                        "--format", "json"], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(client_venv / "bin" / "python"),
+            "list",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     names = {p["name"].lower() for p in json.loads(r.stdout)}
     assert {"dalorra", "httpx", "pydantic", "tqdm"} <= names
     assert not names & {"torch", "numpy", "transformers", "fastapi", "uvicorn"}, names
@@ -117,9 +154,12 @@ def test_client_only_venv_talks_to_a_server(client_venv, server, tmp_path):
     assert table.returncode == 0, table.stderr
     assert "decision:" in table.stdout and "the Sun" in table.stdout
     items = tmp_path / "items.jsonl"
-    items.write_text("".join(json.dumps({"question": f"{Q} ({i})", "choices": CH, "label": 0}) + "\n"
-                             for i in range(3)))
-    batch = subprocess.run([str(bin_ / "dalorra"), "predict", "--url", server.url, "--file", str(items)], **run)
+    items.write_text(
+        "".join(json.dumps({"question": f"{Q} ({i})", "choices": CH, "label": 0}) + "\n" for i in range(3))
+    )
+    batch = subprocess.run(
+        [str(bin_ / "dalorra"), "predict", "--url", server.url, "--file", str(items)], **run
+    )
     assert batch.returncode == 0, batch.stderr
     summary = json.loads(batch.stdout.strip().splitlines()[-1])
     assert summary["items"] == 3 and 0 <= summary["accuracy"] <= 1 and summary["ece"] >= 0
@@ -177,10 +217,15 @@ def _install(tmp_path, args, state=None, index_down=False, pip_finds="2.13.0+cpu
     (venv / "bin" / "python").chmod(0o755)
     if state:
         (venv / "state").write_text(state + "\n")
-    env = {"PATH": "/usr/bin:/bin", "DALORRA_VENV": str(venv), "FAKE_INDEX_DOWN": str(int(index_down)),
-           "FAKE_PIP_FINDS": pip_finds}
-    r = subprocess.run([str(ROOT / "scripts" / "install.sh"), *args], capture_output=True, text=True, env=env,
-                       timeout=60)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DALORRA_VENV": str(venv),
+        "FAKE_INDEX_DOWN": str(int(index_down)),
+        "FAKE_PIP_FINDS": pip_finds,
+    }
+    r = subprocess.run(
+        [str(ROOT / "scripts" / "install.sh"), *args], capture_output=True, text=True, env=env, timeout=60
+    )
     calls = [c for c in (venv / "calls").read_text().splitlines() if c.startswith("-m pip")]
     return r, [c.removeprefix("-m pip ") for c in calls]
 
@@ -197,7 +242,9 @@ def test_install_cpu_falls_back_to_pip_and_says_when_that_is_a_cuda_build(tmp_pa
     r, calls = _install(tmp_path, ["dev"], index_down=True, pip_finds="2.13.0 cuda")
     assert r.returncode == 0, r.stderr
     assert "install -q torch==2.13.0" in calls and "not reachable" in r.stdout
-    assert "installed torch 2.13.0: CUDA 13.0 build" in r.stdout and "warning: this is a CUDA build" in r.stderr
+    assert (
+        "installed torch 2.13.0: CUDA 13.0 build" in r.stdout and "warning: this is a CUDA build" in r.stderr
+    )
     assert "install -q -e .[server,dev]" in calls
 
 
@@ -211,7 +258,10 @@ def test_install_gpu_replaces_a_cpu_torch_and_adds_vllm(tmp_path):
     r, calls = _install(tmp_path, ["gpu"], state="2.13.0+cpu cpu")
     assert r.returncode == 0, r.stderr
     i = calls.index("uninstall -q -y torch")
-    assert calls[i + 1] == "install -q torch==2.13.0,!=2.13.0+cpu --index-url https://download.pytorch.org/whl/cu130"
+    assert (
+        calls[i + 1]
+        == "install -q torch==2.13.0,!=2.13.0+cpu --index-url https://download.pytorch.org/whl/cu130"
+    )
     assert "install -q -e .[server,vllm]" in calls and "CUDA 13.0 build" in r.stdout
 
 

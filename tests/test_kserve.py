@@ -6,8 +6,10 @@ from fastapi.testclient import TestClient
 
 pytestmark = pytest.mark.smollm
 
-ITEMS = [("Which gas do plants take in from the air to make food?", ["carbon dioxide", "oxygen", "nitrogen"]),
-         ("Which of these is a source of light?", ["the Sun", "the Moon", "a mirror"])]
+ITEMS = [
+    ("Which gas do plants take in from the air to make food?", ["carbon dioxide", "oxygen", "nitrogen"]),
+    ("Which of these is a source of light?", ["the Sun", "the Moon", "a mirror"]),
+]
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +23,19 @@ def client(adapters_dir):
 
 def _infer_body(items, **params):
     K = max(len(c) for _, c in items)
-    return {"id": "req-1", "parameters": params,
-            "inputs": [{"name": "question", "shape": [len(items)], "datatype": "BYTES", "data": [q for q, _ in items]},
-                       {"name": "choices", "shape": [len(items), K], "datatype": "BYTES",
-                        "data": [c + [""] * (K - len(c)) for _, c in items]}]}  # nested rows, "" padding
+    return {
+        "id": "req-1",
+        "parameters": params,
+        "inputs": [
+            {"name": "question", "shape": [len(items)], "datatype": "BYTES", "data": [q for q, _ in items]},
+            {
+                "name": "choices",
+                "shape": [len(items), K],
+                "datatype": "BYTES",
+                "data": [c + [""] * (K - len(c)) for _, c in items],
+            },
+        ],
+    }  # nested rows, "" padding
 
 
 def test_metadata_names_the_tensors(client):
@@ -33,7 +44,9 @@ def test_metadata_names_the_tensors(client):
     assert [t["name"] for t in m["inputs"]][:2] == ["question", "choices"]
     assert {"probabilities", "entropy", "epistemic", "decision"} <= {t["name"] for t in m["outputs"]}
     assert all({"name", "datatype", "shape"} <= set(t) for t in m["inputs"] + m["outputs"])
-    assert client.get("/v2/models/nope").status_code == 404 and "error" in client.get("/v2/models/nope").json()
+    assert (
+        client.get("/v2/models/nope").status_code == 404 and "error" in client.get("/v2/models/nope").json()
+    )
     assert client.get("/v2").json()["name"] == "dalorra"
 
 
@@ -48,7 +61,7 @@ def test_infer_equals_predict(client):
     for b, (q, ch) in enumerate(items):
         ref = client.post("/predict", json={"question": q, "choices": ch, "samples": 4, "seed": 3}).json()
         np.testing.assert_allclose(probs[b, : len(ch)], ref["probabilities"], atol=1e-12)
-        assert probs[b, len(ch):].sum() == 0
+        assert probs[b, len(ch) :].sum() == 0
         for k in ("entropy", "epistemic", "confidence", "aleatoric"):
             assert out[k]["data"][b] == pytest.approx(ref[k], abs=1e-12)
         assert out["answer"]["data"][b] == ref["answer"] and out["decision"]["data"][b] == ref["decision"]
@@ -63,13 +76,19 @@ def test_flat_data_and_output_selection(client):
     assert [o["name"] for o in r["outputs"]] == ["epistemic", "answer"]
 
 
-@pytest.mark.parametrize("mutate, status", [
-    (lambda b: b["inputs"][1].update(shape=[2, 4]), 400),  # shape does not match data
-    (lambda b: b["inputs"].pop(0), 400),  # no question
-    (lambda b: b["inputs"][0].update(datatype="FP32"), 400),
-    (lambda b: b.update(outputs=[{"name": "nope"}]), 400),
-    (lambda b: b["inputs"][1].update(data=[["only one", "", ""], ["a", "b", ""]]), 400),  # one choice left
-])
+@pytest.mark.parametrize(
+    "mutate, status",
+    [
+        (lambda b: b["inputs"][1].update(shape=[2, 4]), 400),  # shape does not match data
+        (lambda b: b["inputs"].pop(0), 400),  # no question
+        (lambda b: b["inputs"][0].update(datatype="FP32"), 400),
+        (lambda b: b.update(outputs=[{"name": "nope"}]), 400),
+        (
+            lambda b: b["inputs"][1].update(data=[["only one", "", ""], ["a", "b", ""]]),
+            400,
+        ),  # one choice left
+    ],
+)
 def test_bad_requests_answer_the_protocol_error_shape(client, mutate, status):
     body = _infer_body(ITEMS)
     mutate(body)

@@ -29,7 +29,9 @@ def test_all_masks_on_equals_peft(tiny, tokenizer):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     model.set_mask_mode("off")  # and LoRA off is the base model
     with peft.disable_adapter():
-        torch.testing.assert_close(model.base(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model.base(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-5, rtol=0
+        )
 
 
 def test_row_masks_select_per_row():
@@ -52,8 +54,10 @@ def test_kl_matches_torch_distributions():
     assert float(layer.kl().detach()) == pytest.approx(0.0, abs=1e-12)  # q = prior at initialisation
     with torch.no_grad():
         layer.mask_logits.copy_(torch.tensor([-3.0, -1, 0, 0.5, 2, 6], dtype=torch.float64))
-    ref = kl_divergence(Bernoulli(probs=torch.sigmoid(layer.mask_logits)),
-                        Bernoulli(probs=torch.full((6,), 0.3, dtype=torch.float64))).sum()
+    ref = kl_divergence(
+        Bernoulli(probs=torch.sigmoid(layer.mask_logits)),
+        Bernoulli(probs=torch.full((6,), 0.3, dtype=torch.float64)),
+    ).sum()
     torch.testing.assert_close(layer.kl(), ref)
 
 
@@ -79,8 +83,9 @@ def test_draw_masks_reproducible_and_follow_keep_prob(tiny, tokenizer):
     assert rate == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item(), abs=0.02)
 
 
-@pytest.mark.parametrize("bad", [dict(p0=0.0), dict(p0=1.0), dict(r=0), dict(tau=0), dict(method="bayes"),
-                                 dict(targets=())])
+@pytest.mark.parametrize(
+    "bad", [dict(p0=0.0), dict(p0=1.0), dict(r=0), dict(tau=0), dict(method="bayes"), dict(targets=())]
+)
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         AdapterConfig(**bad)

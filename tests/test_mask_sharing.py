@@ -26,8 +26,11 @@ Q0, Q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
 V0, V1 = "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"
 HEAD = "lm_head"
 ALL = [HEAD, Q0, V0, Q1, V1]
-GROUPS = {"module": [[HEAD], [Q0], [V0], [Q1], [V1]], "rank": [[HEAD], [Q0, Q1], [V0, V1]],
-          "layer": [[HEAD], [Q0, V0], [Q1, V1]]}
+GROUPS = {
+    "module": [[HEAD], [Q0], [V0], [Q1], [V1]],
+    "rank": [[HEAD], [Q0, Q1], [V0, V1]],
+    "layer": [[HEAD], [Q0, V0], [Q1, V1]],
+}
 
 
 def _model(tokenizer, sharing: str) -> DalorraModel:
@@ -41,7 +44,9 @@ def _model(tokenizer, sharing: str) -> DalorraModel:
 
 
 def _kl(phi: torch.Tensor, p0: float = 0.5) -> torch.Tensor:
-    return kl_divergence(Bernoulli(logits=phi.double()), Bernoulli(probs=torch.full_like(phi.double(), p0))).sum()
+    return kl_divergence(
+        Bernoulli(logits=phi.double()), Bernoulli(probs=torch.full_like(phi.double(), p0))
+    ).sum()
 
 
 @pytest.mark.parametrize("sharing", ["module", "rank", "layer"])
@@ -107,7 +112,7 @@ def test_group_draws_follow_the_documented_order(tokenizer):
 
 
 def test_module_sharing_reproduces_independent_per_module_draws(tokenizer):
-    """"module" is the paper and the old behaviour: every module draws alone, in sorted-name order."""
+    """ "module" is the paper and the old behaviour: every module draws alone, in sorted-name order."""
     model = _model(tokenizer, "module")
     keep = {n: lay.keep_prob.detach() for n, lay in model.adapted.items()}
     for seed, first in ((0, 0), (17, 0), (17, 6)):
@@ -127,7 +132,9 @@ def test_shared_adapter_round_trips_and_the_bank_draws_the_same(tokenizer, tmp_p
     assert loaded.cfg.mask_sharing == sharing
     for g in GROUPS[sharing]:  # tied again after loading, with the trained values
         assert all(loaded.adapted[n].mask_logits is loaded.adapted[g[0]].mask_logits for n in g)
-        torch.testing.assert_close(loaded.adapted[g[0]].mask_logits, model.adapted[g[0]].mask_logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded.adapted[g[0]].mask_logits, model.adapted[g[0]].mask_logits, rtol=0, atol=0
+        )
     assert len(list(loaded.mask_parameters())) == len(GROUPS[sharing])
     for n in ALL:
         torch.testing.assert_close(loaded.adapted[n].lora_A, model.adapted[n].lora_A, rtol=0, atol=0)
@@ -139,8 +146,12 @@ def test_shared_adapter_round_trips_and_the_bank_draws_the_same(tokenizer, tmp_p
         for n in ALL:
             torch.testing.assert_close(got[n], want[n], rtol=0, atol=0)
     item = [Item("Is water wet?", ("yes", "no", "maybe"))]
-    torch.testing.assert_close(torch.from_numpy(score(loaded, item, 4, seed=2)),
-                               torch.from_numpy(score(model, item, 4, seed=2)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.from_numpy(score(loaded, item, 4, seed=2)),
+        torch.from_numpy(score(model, item, 4, seed=2)),
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_shared_adapter_with_disagreeing_copies_is_refused(tokenizer, tmp_path):
@@ -163,9 +174,20 @@ def test_training_keeps_a_shared_phi_tied(tmp_path, tiny_dir):
     rows = [{"question": f"Is {i} a number?", "choices": ["no", "yes"], "label": 1} for i in range(8)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = TrainConfig(out=str(tmp_path / "ad"), train=str(data), calibration=str(data), base_model=str(tiny_dir),
-                      mask_sharing="layer", steps=3, batch_size=4, lr=3e-3, lr_mask=0.1, train_samples=2,
-                      progress=False, save_every=100)
+    cfg = TrainConfig(
+        out=str(tmp_path / "ad"),
+        train=str(data),
+        calibration=str(data),
+        base_model=str(tiny_dir),
+        mask_sharing="layer",
+        steps=3,
+        batch_size=4,
+        lr=3e-3,
+        lr_mask=0.1,
+        train_samples=2,
+        progress=False,
+        save_every=100,
+    )
     model, _ = train_one(cfg, cfg.seed, tmp_path / "state.pt", resume=False)
     assert model.cfg.mask_sharing == "layer"
     assert model.adapted[Q0].mask_logits is model.adapted[V0].mask_logits

@@ -44,7 +44,9 @@ def dalorra_dir(tmp_path_factory, tokenizer):
     with torch.no_grad():
         for i, layer in enumerate(model.adapted.values()):
             layer.mask_logits.copy_(torch.linspace(-2.5, 2.5, layer.r).roll(i))
-    FACTORS.update({n: (lay.lora_A.detach().clone(), lay.lora_B.detach().clone()) for n, lay in model.adapted.items()})
+    FACTORS.update(
+        {n: (lay.lora_A.detach().clone(), lay.lora_B.detach().clone()) for n, lay in model.adapted.items()}
+    )
     return save_adapter(model, tmp_path_factory.mktemp("bank") / "ad")
 
 
@@ -56,7 +58,7 @@ def ensemble_dir(tmp_path_factory, tokenizer):
     randomize_lora(model, seed=2, std=0.3)
     blocks = torch.zeros(3, 6)
     for m in range(3):
-        blocks[m, 2 * m:2 * m + 2] = 1.0
+        blocks[m, 2 * m : 2 * m + 2] = 1.0
     for name in model.adapted:
         model.fixed_masks[name] = blocks.clone()
     return save_adapter(model, tmp_path_factory.mktemp("bank") / "ens")
@@ -118,7 +120,9 @@ def test_ensemble_members_cycle_s_mod_m(ensemble_dir):
             assert torch.equal(masks[name][s], blocks[s % 3])
         for i in range(4):
             assert torch.equal(late[name][i], blocks[(5 + i) % 3])
-    assert torch.equal(src.draw(7, seed=9)["lm_head"], src.draw(7, seed=0)["lm_head"])  # the seed is irrelevant
+    assert torch.equal(
+        src.draw(7, seed=9)["lm_head"], src.draw(7, seed=0)["lm_head"]
+    )  # the seed is irrelevant
 
 
 def test_bank_member_is_a_with_masked_rows_zeroed(dalorra_dir, tmp_path):
@@ -131,8 +135,9 @@ def test_bank_member_is_a_with_masked_rows_zeroed(dalorra_dir, tmp_path):
         out = src.write_member(masks, i, tmp_path / f"m{i}")
         member = load_file(str(out / "adapter_model.safetensors"))
         assert len(member) == 2 * len(FACTORS)
-        assert json.loads((out / "adapter_config.json").read_text()) == \
-            json.loads((dalorra_dir / "adapter_config.json").read_text())
+        assert json.loads((out / "adapter_config.json").read_text()) == json.loads(
+            (dalorra_dir / "adapter_config.json").read_text()
+        )
         for name, (A, B) in FACTORS.items():
             a_i = member[f"base_model.model.{name}.lora_A.weight"]
             assert torch.equal(member[f"base_model.model.{name}.lora_B.weight"], B)
@@ -151,7 +156,9 @@ def test_bank_member_as_peft_equals_the_masked_dalorra_model(dalorra_dir, tokeni
     model = load_adapter(dalorra_dir, make_tiny(), tokenizer)
     ids = torch.randint(0, 49152, (2, 7), generator=torch.Generator().manual_seed(0))
     for i in range(2):
-        peft = PeftModel.from_pretrained(make_tiny(), str(src.write_member(masks, i, tmp_path / f"m{i}"))).eval()
+        peft = PeftModel.from_pretrained(
+            make_tiny(), str(src.write_member(masks, i, tmp_path / f"m{i}"))
+        ).eval()
         with torch.no_grad(), model.row_masks(masks, torch.tensor([i, i])):
             ours = model.base(input_ids=ids).logits
         with torch.no_grad():

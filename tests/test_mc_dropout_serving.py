@@ -29,8 +29,9 @@ OTHERS = [Item("Is ice cold?", ("yes", "no")), Item("Pick the prime number", ("f
 def mc_adapters(tmp_path_factory, tiny_dir, tokenizer):
     d = tmp_path_factory.mktemp("mc-adapters")
     cfg = AdapterConfig(method="mcdropout", dropout=0.1, stochastic=False)
-    model = DalorraModel(make_tiny(seed=1), tokenizer, cfg, PromptFormat(mode="cloze"), seed=0,
-                         base_name=str(tiny_dir))
+    model = DalorraModel(
+        make_tiny(seed=1), tokenizer, cfg, PromptFormat(mode="cloze"), seed=0, base_name=str(tiny_dir)
+    )
     randomize_lora(model, seed=3, std=0.5)
     save_adapter(model, d / "mc", extra={"default_samples": 4})
     return d
@@ -59,14 +60,23 @@ def test_hf_backend_gives_a_request_the_same_logits_alone_or_batched(mc_adapters
 
 
 def test_same_question_and_seed_give_the_same_answer_over_http(mc_adapters, tiny_dir, tokenizer, tmp_path):
-    srv = ServerProcess(mc_adapters, "mc", tmp_path / "server.log", DALORRA_BASE_MODEL=str(tiny_dir),
-                        DALORRA_RESULT_CACHE_SIZE="0", DALORRA_MAX_WAIT_MS="50").wait_ready()
+    srv = ServerProcess(
+        mc_adapters,
+        "mc",
+        tmp_path / "server.log",
+        DALORRA_BASE_MODEL=str(tiny_dir),
+        DALORRA_RESULT_CACHE_SIZE="0",
+        DALORRA_MAX_WAIT_MS="50",
+    ).wait_ready()
     try:
         one = httpx.post(srv.url + "/predict", json=_body(QUESTION, samples=4, seed=3), timeout=120).json()
         two = httpx.post(srv.url + "/predict", json=_body(QUESTION, samples=4, seed=3), timeout=120).json()
         calls = srv.metric("dalorra_backend_calls_total")
-        mixed = [_body(OTHERS[0], samples=3, seed=1), _body(QUESTION, samples=4, seed=3),
-                 _body(OTHERS[1], samples=2, seed=2)]
+        mixed = [
+            _body(OTHERS[0], samples=3, seed=1),
+            _body(QUESTION, samples=4, seed=3),
+            _body(OTHERS[1], samples=2, seed=2),
+        ]
         batched = httpx.post(srv.url + "/predict", json=mixed, timeout=120).json()
         assert srv.metric("dalorra_backend_calls_total") == calls + 1  # the three shared one backend call
         other = httpx.post(srv.url + "/predict", json=_body(QUESTION, samples=4, seed=4), timeout=120).json()
@@ -76,7 +86,9 @@ def test_same_question_and_seed_give_the_same_answer_over_http(mc_adapters, tiny
     assert two["probabilities"] == one["probabilities"]  # computed twice, the same to the last bit
     np.testing.assert_allclose(batched[1]["probabilities"], one["probabilities"], rtol=0, atol=1e-6)
     assert batched[1]["epistemic"] == pytest.approx(one["epistemic"], abs=1e-6)
-    assert np.abs(np.subtract(other["probabilities"], one["probabilities"])).max() > 1e-4  # another seed differs
+    assert (
+        np.abs(np.subtract(other["probabilities"], one["probabilities"])).max() > 1e-4
+    )  # another seed differs
     # Offline evaluation of the same adapter and seed gives the served probabilities.
     base, tok = load_base(str(tiny_dir))
     model = load_adapter(mc_adapters / "mc", base, tok, str(tiny_dir))

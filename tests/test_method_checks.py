@@ -58,9 +58,14 @@ def test_model_kl_gradient_per_module(tokenizer):
 
 
 # ---- the trainer's loss on a hand case --------------------------------------------------------------
-ROWS = [("Is ice cold?", ["yes", "no"], 0), ("Is fire wet?", ["no", "yes", "maybe"], 0),
-        ("Can fish swim?", ["yes", "no"], 0), ("Is the sky green?", ["yes", "no", "perhaps"], 1),
-        ("Do birds fly?", ["never", "yes"], 1), ("Is salt sweet?", ["no", "yes"], 0)]
+ROWS = [
+    ("Is ice cold?", ["yes", "no"], 0),
+    ("Is fire wet?", ["no", "yes", "maybe"], 0),
+    ("Can fish swim?", ["yes", "no"], 0),
+    ("Is the sky green?", ["yes", "no", "perhaps"], 1),
+    ("Do birds fly?", ["never", "yes"], 1),
+    ("Is salt sweet?", ["no", "yes"], 0),
+]
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +101,13 @@ class _Recording(torch.optim.AdamW):
     seen: list[list[torch.Tensor]] = []
 
     def step(self, closure=None):
-        type(self).seen.append([p.grad.detach().clone() if p.grad is not None else None
-                                for g in self.param_groups for p in g["params"]])
+        type(self).seen.append(
+            [
+                p.grad.detach().clone() if p.grad is not None else None
+                for g in self.param_groups
+                for p in g["params"]
+            ]
+        )
         return super().step(closure)
 
 
@@ -119,23 +129,41 @@ def _model_with_phi(*args, **kwargs):
 
 
 @pytest.mark.parametrize("train_samples", [1, 2])
-def test_trainer_loss_is_ce_plus_kl_over_n(tmp_path, tiny_dir, hand_data, tokenizer, monkeypatch, train_samples):
+def test_trainer_loss_is_ce_plus_kl_over_n(
+    tmp_path, tiny_dir, hand_data, tokenizer, monkeypatch, train_samples
+):
     monkeypatch.setattr(torch.optim, "AdamW", _Recording)
     monkeypatch.setattr(train_mod, "DalorraModel", _model_with_phi)
     _Recording.seen = []
     p0, N = 0.3, len(ROWS)
-    cfg = TrainConfig(out=str(tmp_path / "ad"), train=str(hand_data), calibration=str(hand_data),
-                      base_model=str(tiny_dir), steps=1, batch_size=N, p0=p0, lr=1e-3, lr_mask=1e-2,
-                      train_samples=train_samples, progress=False, save_every=100)
+    cfg = TrainConfig(
+        out=str(tmp_path / "ad"),
+        train=str(hand_data),
+        calibration=str(hand_data),
+        base_model=str(tiny_dir),
+        steps=1,
+        batch_size=N,
+        p0=p0,
+        lr=1e-3,
+        lr_mask=1e-2,
+        train_samples=train_samples,
+        progress=False,
+        save_every=100,
+    )
     model, summary = train_one(cfg, cfg.seed, tmp_path / "state.pt", resume=False)
     h = summary["history"][0]
     # CE: the whole set is one batch; masks cannot matter with B = 0, and M draws are averaged, not summed.
     assert h["nll"] == pytest.approx(_hand_cross_entropy(tiny_dir, tokenizer), rel=1e-5, abs=1e-6)
     # KL/N: logged at the starting φ, and it is the only gradient φ receives.
-    kl_hand = sum(float(torch.distributions.kl_divergence(
-        torch.distributions.Bernoulli(logits=PHI_LOGITS[m[0]].double()),
-        torch.distributions.Bernoulli(probs=torch.full_like(PHI_LOGITS[m[0]].double(), p0))).sum())
-        for m in model.mask_groups.values())
+    kl_hand = sum(
+        float(
+            torch.distributions.kl_divergence(
+                torch.distributions.Bernoulli(logits=PHI_LOGITS[m[0]].double()),
+                torch.distributions.Bernoulli(probs=torch.full_like(PHI_LOGITS[m[0]].double(), p0)),
+            ).sum()
+        )
+        for m in model.mask_groups.values()
+    )
     assert kl_hand > 0.1
     assert h["kl_per_n"] == pytest.approx(kl_hand / N, rel=1e-5)
     grads = _Recording.seen[0]
@@ -151,9 +179,18 @@ def test_trainer_loss_is_ce_plus_kl_over_n(tmp_path, tiny_dir, hand_data, tokeni
 
 
 def test_train_samples_two_runs_and_trains(tmp_path, tiny_dir, hand_data):
-    cfg = TrainConfig(out=str(tmp_path / "ad"), train=str(hand_data), calibration=str(hand_data),
-                      base_model=str(tiny_dir), steps=3, batch_size=3, lr=3e-3, train_samples=2, progress=False,
-                      save_every=100)
+    cfg = TrainConfig(
+        out=str(tmp_path / "ad"),
+        train=str(hand_data),
+        calibration=str(hand_data),
+        base_model=str(tiny_dir),
+        steps=3,
+        batch_size=3,
+        lr=3e-3,
+        train_samples=2,
+        progress=False,
+        save_every=100,
+    )
     model, summary = train_one(cfg, cfg.seed, tmp_path / "state.pt", resume=False)
     assert len(summary["history"]) == 3
     assert all(math.isfinite(h["nll"]) and 0 < h["nll"] < 5 for h in summary["history"])
@@ -162,9 +199,19 @@ def test_train_samples_two_runs_and_trains(tmp_path, tiny_dir, hand_data):
 
 # ---- MAP's weight decay and MC dropout's test-time dropout ---------------------------------------------
 def _train(tmp_path, tiny_dir, data, method, steps, lr):
-    cfg = TrainConfig(out=str(tmp_path / method / "ad"), train=str(data), calibration=str(data),
-                      base_model=str(tiny_dir), method=method, steps=steps, batch_size=6, lr=lr, warmup=0.0,
-                      progress=False, save_every=100)
+    cfg = TrainConfig(
+        out=str(tmp_path / method / "ad"),
+        train=str(data),
+        calibration=str(data),
+        base_model=str(tiny_dir),
+        method=method,
+        steps=steps,
+        batch_size=6,
+        lr=lr,
+        warmup=0.0,
+        progress=False,
+        save_every=100,
+    )
     model, _ = train_one(cfg, cfg.seed, tmp_path / method / "state.pt", resume=False)
     return cfg, model
 
@@ -175,7 +222,9 @@ def test_map_applies_weight_decay_exactly(tmp_path, tiny_dir, hand_data, tokeniz
     cfg, lora = _train(tmp_path, tiny_dir, hand_data, "lora", 1, lr)
     _, map_ = _train(tmp_path, tiny_dir, hand_data, "map", 1, lr)
     # A₀: the trainer seeds the DalorraModel with the run's seed, so the same construction rebuilds it.
-    start = DalorraModel(make_tiny(seed=1), tokenizer, cfg.adapter_config(2), cfg.prompt_format(), seed=cfg.seed)
+    start = DalorraModel(
+        make_tiny(seed=1), tokenizer, cfg.adapter_config(2), cfg.prompt_format(), seed=cfg.seed
+    )
     wd = 0.01  # method=map's default when weight_decay is 0
     for name in lora.adapted:
         a0 = start.adapted[name].lora_A.detach()
@@ -235,7 +284,9 @@ def test_mc_dropout_is_active_at_test_time_and_seeded(tokenizer):
         mc.set_mask_mode("all")
         lora.set_mask_mode("all")
         ids = torch.randint(0, 49152, (2, 9), generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(mc.base(input_ids=ids).logits, lora.base(input_ids=ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            mc.base(input_ids=ids).logits, lora.base(input_ids=ids).logits, rtol=0, atol=0
+        )
 
 
 def test_mcdropout_trains_with_dropout_and_lora_without():

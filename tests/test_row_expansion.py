@@ -47,7 +47,9 @@ def test_seeded_dropout_drops_at_the_configured_rate_per_token():
     y = layer._dropout(x)
     dropped = float((y == 0).double().mean())
     assert abs(dropped - p) < 0.01  # 49k draws: σ ≈ 0.002
-    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))  # kept inputs scaled as nn.Dropout
+    assert torch.allclose(
+        y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p))
+    )  # kept inputs scaled as nn.Dropout
     assert not torch.equal(y[0, 0] == 0, y[0, 1] == 0)  # a new mask per token, not one per row
     assert not torch.equal(y[0, 0] == 0, y[1, 0] == 0)  # and per stream
     layer.row_noise = None
@@ -61,8 +63,10 @@ def test_a_tokens_noise_depends_on_its_stream_and_position_only():
     full = layer._dropout(x)
     # Stream 22 alone, left-padded by 4 (positions 0 there) and beside another stream of another length.
     pad = torch.cat([torch.zeros(1, 4, 64), x[1:2, :6]], 1)
-    layer.row_noise = (torch.tensor([22, 44]), torch.stack([torch.cat([torch.zeros(4), torch.arange(6)]),
-                                                            torch.arange(10)]).long())
+    layer.row_noise = (
+        torch.tensor([22, 44]),
+        torch.stack([torch.cat([torch.zeros(4), torch.arange(6)]), torch.arange(10)]).long(),
+    )
     alone = layer._dropout(torch.cat([pad, torch.randn(1, 10, 64)]))
     torch.testing.assert_close(alone[0, 4:], full[1, :6], rtol=0, atol=0)
     other = _layer(0.5, d_in=64)
@@ -99,7 +103,11 @@ def test_mc_dropout_noise_is_the_same_on_every_scoring_path(tokenizer):
 def test_requests_in_one_forward_equal_each_alone(tokenizer):
     model = _mc(tokenizer)
     enc = encode(MIXED, tokenizer, model.fmt)
-    reqs = [DrawRequest(enc[:1], 3, seed=7), DrawRequest(enc[1:], 2, seed=8), DrawRequest(enc[:1], 2, seed=9, first=3)]
+    reqs = [
+        DrawRequest(enc[:1], 3, seed=7),
+        DrawRequest(enc[1:], 2, seed=8),
+        DrawRequest(enc[:1], 2, seed=9, first=3),
+    ]
     together = score_draws(model, reqs)
     for r, got in zip(reqs, together, strict=True):
         alone = score_draws(model, [r])[0]
@@ -118,15 +126,21 @@ def test_adaptive_rounds_continue_the_same_draws(tokenizer):
 # ---- clipping to distinct draws ---------------------------------------------------------------------------
 def _rows_seen(model):
     seen: list[int] = []
-    model.decoder.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["input_ids"].shape[0]),
-                                            with_kwargs=True)
+    model.decoder.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
     return seen
 
 
 @pytest.mark.parametrize("samples", [1, 4, 16])
 def test_a_deterministic_adapter_scores_one_row_whatever_s(tokenizer, samples):
-    model = DalorraModel(make_tiny(), tokenizer, AdapterConfig(method="lora", stochastic=False),
-                         PromptFormat(mode="letter"), seed=0)
+    model = DalorraModel(
+        make_tiny(),
+        tokenizer,
+        AdapterConfig(method="lora", stochastic=False),
+        PromptFormat(mode="letter"),
+        seed=0,
+    )
     randomize_lora(model, std=0.5)
     seen = _rows_seen(model)
     enc = encode(MIXED[:1], tokenizer, model.fmt)
@@ -138,8 +152,13 @@ def test_a_deterministic_adapter_scores_one_row_whatever_s(tokenizer, samples):
 
 
 def test_an_ensemble_scores_each_member_once(tokenizer):
-    model = DalorraModel(make_tiny(), tokenizer, AdapterConfig(method="ensemble", stochastic=False, r=4),
-                         PromptFormat(mode="letter"), seed=0)
+    model = DalorraModel(
+        make_tiny(),
+        tokenizer,
+        AdapterConfig(method="ensemble", stochastic=False, r=4),
+        PromptFormat(mode="letter"),
+        seed=0,
+    )
     randomize_lora(model, std=0.5)
     for name in model.adapted:
         model.fixed_masks[name] = torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 1], [1, 0, 1, 0]])

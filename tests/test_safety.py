@@ -88,8 +88,13 @@ def adapters(tmp_path) -> Path:
 
 
 def _settings(adapters: Path, **kw) -> Settings:
-    return Settings(adapters_dir=adapters, default_adapter="fake", default_samples=2,
-                    feedback_key="unit-test-key-123", **kw)
+    return Settings(
+        adapters_dir=adapters,
+        default_adapter="fake",
+        default_samples=2,
+        feedback_key="unit-test-key-123",
+        **kw,
+    )
 
 
 def _client(adapters: Path, backend=None, settings_kw=None, **client_kw) -> TestClient:
@@ -120,19 +125,25 @@ def test_lone_surrogate_is_a_422_naming_the_field(adapters):
         body = b'{"question":"q?","choices":["\\udfff","b"],"samples":2}'
         r = c.post("/predict", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 422 and "choices.0" in r.json()["error"]["message"], r.text
-        r = c.post("/predict", content=b'{"question":"q?","choices":["a","b"],"context":"\\ud800x"}',
-                   headers={"content-type": "application/json"})
+        r = c.post(
+            "/predict",
+            content=b'{"question":"q?","choices":["a","b"],"context":"\\ud800x"}',
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 422 and "context" in r.json()["error"]["message"]
 
 
 def test_unexpected_backend_error_is_a_counted_json_500_for_that_request_only(adapters):
     async def go():
         svc = await _service(adapters, FakeBackend(delay=0.05))
-        res = await asyncio.gather(svc.predict([PredictItem(question="boom?", choices=["a", "b"])]),
-                                   *[svc.predict([PredictItem(**Q, seed=i)]) for i in range(5)],
-                                   return_exceptions=True)
+        res = await asyncio.gather(
+            svc.predict([PredictItem(question="boom?", choices=["a", "b"])]),
+            *[svc.predict([PredictItem(**Q, seed=i)]) for i in range(5)],
+            return_exceptions=True,
+        )
         await svc.stop()
         return res, svc
+
     res, svc = asyncio.run(go())
     assert isinstance(res[0], ApiError) and res[0].status == 500 and res[0].type == "internal_error"
     assert all(r[0].answer == "the Sun" for r in res[1:])
@@ -147,7 +158,9 @@ def test_unload_keeps_the_loop_live_and_lets_admitted_requests_finish(adapters):
     async def go():
         svc = await _service(adapters, FakeBackend(delay=0.6))
         await svc.load("spare")
-        busy = [asyncio.create_task(svc.predict([PredictItem(**Q, adapter="spare", seed=i)])) for i in range(8)]
+        busy = [
+            asyncio.create_task(svc.predict([PredictItem(**Q, adapter="spare", seed=i)])) for i in range(8)
+        ]
         await asyncio.sleep(0.1)  # the first batch holds the backend lock
         unload = asyncio.create_task(svc.unload("spare"))
         lags = []
@@ -161,6 +174,7 @@ def test_unload_keeps_the_loop_live_and_lets_admitted_requests_finish(adapters):
             await svc.predict([PredictItem(**Q, adapter="spare")])
         await svc.stop()
         return lags, res, after.value
+
     lags, res, after = asyncio.run(go())
     assert max(lags) < 0.3, max(lags)  # the event loop never waited for the backend lock
     assert all(not isinstance(r, Exception) for r in res), res
@@ -212,21 +226,27 @@ def test_chunked_body_over_the_limit_is_413(adapters):
         for _ in range(48):  # 3 MiB in 64 KiB chunks, no Content-Length
             sent += 65536
             yield b" " * 65536
+
     with _client(adapters, **LOCAL) as c:
         r = c.post("/predict", content=body(), headers={"content-type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["type"] == "too_large"
-        assert sent == 48 * 65536  # (TestClient sends it all first; bench/reliability.py measures a real socket)
+        assert (
+            sent == 48 * 65536
+        )  # (TestClient sends it all first; bench/reliability.py measures a real socket)
         assert _metric(c, "dalorra_requests_total", outcome="invalid") == 1
 
 
 # ---- D5: receipts are typed after the signature ------------------------------------------------------
-@pytest.mark.parametrize("payload", [
-    {"id": "x", "a": "fake", "p": 0, "c": 0.5, "t": "now"},  # no k, t a string
-    {"id": "x", "a": "fake", "p": 0, "c": -3, "k": 2, "t": 0},
-    {"id": "x", "a": "fake", "p": 0, "c": float("nan"), "k": 2, "t": 0},
-    {"id": "x", "a": "fake", "p": 5, "c": 0.5, "k": 2, "t": 0},
-    [1, 2, 3],
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"id": "x", "a": "fake", "p": 0, "c": 0.5, "t": "now"},  # no k, t a string
+        {"id": "x", "a": "fake", "p": 0, "c": -3, "k": 2, "t": 0},
+        {"id": "x", "a": "fake", "p": 0, "c": float("nan"), "k": 2, "t": 0},
+        {"id": "x", "a": "fake", "p": 5, "c": 0.5, "k": 2, "t": 0},
+        [1, 2, 3],
+    ],
+)
 def test_signed_but_odd_receipts_are_4xx_never_500_or_nan(adapters, payload):
     svc = Service(_settings(adapters), FakeBackend(), Metrics())
     if isinstance(payload, dict):
@@ -241,20 +261,27 @@ def test_feedback_for_an_adapter_not_loaded_creates_no_series(adapters):
         svc = await _service(adapters, FakeBackend())
         before = _series(svc)
         for i in range(5):
-            r = svc.receipts.sign({"id": f"r{i}", "a": f"made-up-{i}", "p": 0, "c": 0.5, "k": 2, "t": time.time()})
+            r = svc.receipts.sign(
+                {"id": f"r{i}", "a": f"made-up-{i}", "p": 0, "c": 0.5, "k": 2, "t": time.time()}
+            )
             with pytest.raises(ApiError) as exc:
                 svc.feedback(FeedbackRequest(receipt=r, label=0))
             assert exc.value.status == 404
         after = _series(svc)
         await svc.stop()
         return before, after
+
     before, after = asyncio.run(go())
     assert after == before
 
 
 def _series(svc: Service) -> set:
-    return {(s.name, tuple(sorted(s.labels.items()))) for m in svc.metrics.registry.collect()
-            for s in m.samples if "calibration" in s.name}
+    return {
+        (s.name, tuple(sorted(s.labels.items())))
+        for m in svc.metrics.registry.collect()
+        for s in m.samples
+        if "calibration" in s.name
+    }
 
 
 # ---- D6/D7: adapter files, errors without server paths, never null probabilities --------------------------
@@ -291,21 +318,30 @@ def test_non_finite_scores_are_an_error_never_null_probabilities(adapters):
 # ---- D8: admission keeps 429 honest ------------------------------------------------------------------
 def test_overload_gets_429_at_once_not_504_later(adapters):
     async def wave(svc, n):
-        res = await asyncio.gather(*[svc.predict([PredictItem(**Q, seed=i, samples=2)]) for i in range(n)],
-                                   return_exceptions=True)
+        res = await asyncio.gather(
+            *[svc.predict([PredictItem(**Q, seed=i, samples=2)]) for i in range(n)], return_exceptions=True
+        )
         return [200 if not isinstance(r, Exception) else r.status for r in res], res
 
     async def go():
         # 0.05 s per row: 20 requests × 2 rows = 2 s of work against a 1 s deadline
-        svc = await _service(adapters, FakeBackend(row_delay=0.05), request_timeout_s=1.0, max_batch_rows=4,
-                             result_cache_size=0)
+        svc = await _service(
+            adapters,
+            FakeBackend(row_delay=0.05),
+            request_timeout_s=1.0,
+            max_batch_rows=4,
+            result_cache_size=0,
+        )
         first, _ = await wave(svc, 20)
         second, res = await wave(svc, 20)
         await svc.stop()
         return first, second, res
+
     first, second, res = asyncio.run(go())
     assert 504 not in first + second and set(first + second) <= {200, 429}
-    assert second.count(200) >= 4  # the measured rate admits what fits in the deadline: 0.8 s / 0.1 s per request
+    assert (
+        second.count(200) >= 4
+    )  # the measured rate admits what fits in the deadline: 0.8 s / 0.1 s per request
     ra = [int(r.headers["Retry-After"]) for r in res if isinstance(r, ApiError)]
     assert ra and all(1 <= x <= 3 for x in ra)
 
@@ -349,17 +385,23 @@ def test_error_headers_and_messages(adapters):
         r = c.post("/predict", json={"question": "q"})
         assert r.status_code == 422 and "list" not in r.json()["error"]["message"], r.text
         assert "choices" in r.json()["error"]["message"]
-        r = c.post("/predict", content=b'{"question":"q","choices":["a","b"],"min_confidence":NaN}',
-                   headers={"content-type": "application/json"})
+        r = c.post(
+            "/predict",
+            content=b'{"question":"q","choices":["a","b"],"min_confidence":NaN}',
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 422 and "finite" in r.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("body", [
-    {"question": "\u200b\u200b\u200b", "choices": ["a", "b"]},
-    {"question": "q?", "choices": ["a", "\u200b\u2060"]},
-    {"question": "q?", "choices": ["a", "b"], "samples": True},
-    {"question": "q?", "choices": ["a", "b"], "seed": "3"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"question": "\u200b\u200b\u200b", "choices": ["a", "b"]},
+        {"question": "q?", "choices": ["a", "\u200b\u2060"]},
+        {"question": "q?", "choices": ["a", "b"], "samples": True},
+        {"question": "q?", "choices": ["a", "b"], "seed": "3"},
+    ],
+)
 def test_invisible_text_and_non_integers_refused(adapters, body):
     with _client(adapters) as c:
         r = c.post("/predict", json=body)

@@ -32,8 +32,11 @@ def test_one_forward_equals_separate_forwards_tiny(tiny, tokenizer, mode):
 def test_cloze_cache_equals_full_sequences_tiny(tiny, tokenizer):
     model = DalorraModel(tiny(), tokenizer, AdapterConfig(), PromptFormat(mode="cloze", normalize="none"))
     randomize_lora(model, std=0.5)
-    np.testing.assert_allclose(score(model, MIXED, samples=3, seed=1),
-                               score(model, MIXED, samples=3, seed=1, cloze_cache=False), atol=1e-4)
+    np.testing.assert_allclose(
+        score(model, MIXED, samples=3, seed=1),
+        score(model, MIXED, samples=3, seed=1, cloze_cache=False),
+        atol=1e-4,
+    )
 
 
 def test_letter_tokens_take_leading_space_form(tokenizer):
@@ -68,7 +71,7 @@ def test_real_smollm_zero_shot_cloze_above_chance(smollm, data_dir):
     model.set_mask_mode("off")
     items = load_jsonl(data_dir / "arc_easy" / "validation.jsonl", limit=48)
     with torch.no_grad():
-        logits = concat_items([score(model, items[i:i + 16], samples=1) for i in range(0, 48, 16)])
+        logits = concat_items([score(model, items[i : i + 16], samples=1) for i in range(0, 48, 16)])
     acc = (logits[0].argmax(-1) == np.array([it.label for it in items])).mean()
     assert acc > 0.33  # chance is 0.25; 46% measured on 200 items
 
@@ -78,16 +81,19 @@ def test_deterministic_and_ensemble_adapters_score_only_distinct_draws(tiny, tok
     model = DalorraModel(tiny(), tokenizer, AdapterConfig(), PromptFormat(mode="cloze"), seed=0)
     randomize_lora(model, std=0.5)
     assert score(model, MIXED, samples=5, seed=0).shape[0] == 5  # DALorRA: every draw counts
-    det = DalorraModel(tiny(), tokenizer, AdapterConfig(stochastic=False, method="lora"), PromptFormat(mode="cloze"))
+    det = DalorraModel(
+        tiny(), tokenizer, AdapterConfig(stochastic=False, method="lora"), PromptFormat(mode="cloze")
+    )
     randomize_lora(det, std=0.5)
     assert score(det, MIXED, samples=5, seed=0).shape[0] == 1
-    ens = DalorraModel(tiny(), tokenizer, AdapterConfig(stochastic=False, method="ensemble"),
-                       PromptFormat(mode="cloze"))
+    ens = DalorraModel(
+        tiny(), tokenizer, AdapterConfig(stochastic=False, method="ensemble"), PromptFormat(mode="cloze")
+    )
     randomize_lora(ens, std=0.5)
     for name, layer in ens.adapted.items():
         bank = torch.zeros(2, layer.r)
         bank[0, : layer.r // 2] = 1
-        bank[1, layer.r // 2:] = 1
+        bank[1, layer.r // 2 :] = 1
         ens.fixed_masks[name] = bank
     full = score(ens, MIXED, samples=10, seed=0)
     assert full.shape[0] == 2
@@ -105,8 +111,12 @@ def test_top_layer_adapter_shares_lower_layers_with_same_result(tiny, tokenizer,
     randomize_lora(model, std=0.5)
     assert model.first_adapted_layer() == 1
     assert DalorraModel(tiny(), tokenizer, AdapterConfig(), PromptFormat()).first_adapted_layer() == 0
-    assert DalorraModel(tiny(), tokenizer, AdapterConfig(targets=("lm_head",)),
-                        PromptFormat()).first_adapted_layer() == 2
+    assert (
+        DalorraModel(
+            tiny(), tokenizer, AdapterConfig(targets=("lm_head",)), PromptFormat()
+        ).first_adapted_layer()
+        == 2
+    )
     enc = encode(MIXED, tokenizer, model.fmt)
     masks = model.draw_masks(3, seed=4)
     items, samples = rows_for(len(MIXED), 3)

@@ -80,7 +80,7 @@ def test_adaptive_sampling_equals_core_score_at_the_samples_it_used(servers, ite
         ref = summarize(full[:n, None])
         np.testing.assert_allclose(g["probabilities"], ref["probabilities"][0], atol=1e-5)
         if n < 10:  # it stopped because the rule said so, and not before
-            assert sampling_settled(full[:n]) and not (n > 4 and sampling_settled(full[:n - 3]))
+            assert sampling_settled(full[:n]) and not (n > 4 and sampling_settled(full[: n - 3]))
 
 
 def test_concurrent_requests_share_backend_calls(servers, items):
@@ -89,8 +89,10 @@ def test_concurrent_requests_share_backend_calls(servers, items):
 
     async def go():
         async with httpx.AsyncClient(timeout=300) as c:
-            return await asyncio.gather(*[c.post(a.url + "/predict", json=_body(items[i % 6], samples=2))
-                                          for i in range(32)])
+            return await asyncio.gather(
+                *[c.post(a.url + "/predict", json=_body(items[i % 6], samples=2)) for i in range(32)]
+            )
+
     rs = asyncio.run(go())
     assert all(r.status_code == 200 for r in rs)
     for i, r in enumerate(rs):
@@ -106,7 +108,9 @@ def test_seeded_results_are_cached_until_the_adapter_reloads(servers, items):
     calls, hits = a.metric("dalorra_backend_calls_total"), a.metric("dalorra_cache_hits_total")
     again = httpx.post(a.url + "/predict", json=body, timeout=120).json()
     assert again["probabilities"] == first["probabilities"]
-    assert a.metric("dalorra_cache_hits_total") == hits + 1 and a.metric("dalorra_backend_calls_total") == calls
+    assert (
+        a.metric("dalorra_cache_hits_total") == hits + 1 and a.metric("dalorra_backend_calls_total") == calls
+    )
     httpx.post(a.url + "/predict", json=_body(items[5], samples=3, fresh=True), timeout=120)
     assert a.metric("dalorra_cache_hits_total") == hits + 1  # fresh draws are never cached
     assert httpx.post(a.url + "/v1/adapters/test-ad/load", json={}, timeout=120).status_code == 200  # reload
@@ -121,7 +125,9 @@ def test_length_bucketing_changes_no_result(adapters_dir, items):
     from server.hf_backend import HFBackend
     from server.settings import Settings
 
-    reqs = [ScoreRequest("t", it.question * (1 + i % 3), it.choices, None, 2, i) for i, it in enumerate(items)]
+    reqs = [
+        ScoreRequest("t", it.question * (1 + i % 3), it.choices, None, 2, i) for i, it in enumerate(items)
+    ]
     out, chunks = {}, {}
     for bucket in (False, True):
         be = HFBackend(Settings(max_forward_rows=4, length_bucketing=bucket))
@@ -168,21 +174,26 @@ def test_torch_compile_is_warmed_at_load_and_changes_no_result(adapters_dir, ite
         np.testing.assert_allclose(x, y, atol=1e-4)
 
 
-@pytest.mark.parametrize("body,status", [
-    ({"question": "", "choices": ["a", "b"]}, 422),
-    ({"question": "q", "choices": ["a"]}, 422),
-    ({"question": "q", "choices": [str(i) for i in range(27)]}, 422),
-    ({"question": "q", "choices": ["a", "b"], "samples": 0}, 422),
-    ({"question": "q", "choices": ["a", "b"], "samples": 10_000}, 422),
-    ({"question": "q", "choices": ["a", "b"], "adapter": "nope"}, 404),
-    ({"question": "q" * 5000, "choices": ["a", "b"]}, 413),
-    ({"question": 5, "choices": "ab"}, 422),
-    ({"question": "q", "choices": ["a", "  "]}, 422),
-])
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        ({"question": "", "choices": ["a", "b"]}, 422),
+        ({"question": "q", "choices": ["a"]}, 422),
+        ({"question": "q", "choices": [str(i) for i in range(27)]}, 422),
+        ({"question": "q", "choices": ["a", "b"], "samples": 0}, 422),
+        ({"question": "q", "choices": ["a", "b"], "samples": 10_000}, 422),
+        ({"question": "q", "choices": ["a", "b"], "adapter": "nope"}, 404),
+        ({"question": "q" * 5000, "choices": ["a", "b"]}, 413),
+        ({"question": 5, "choices": "ab"}, 422),
+        ({"question": "q", "choices": ["a", "  "]}, 422),
+    ],
+)
 def test_bad_inputs_4xx_counted_as_invalid_and_change_nothing_else(servers, body, status):
     a, _ = servers
-    ok, invalid = a.metric("dalorra_requests_total", {"outcome": "ok"}), a.metric("dalorra_requests_total",
-                                                                                  {"outcome": "invalid"})
+    ok, invalid = (
+        a.metric("dalorra_requests_total", {"outcome": "ok"}),
+        a.metric("dalorra_requests_total", {"outcome": "invalid"}),
+    )
     r = httpx.post(a.url + "/predict", json=body, timeout=30)
     assert r.status_code == status, r.text
     assert set(r.json()["error"]) == {"type", "message"}
@@ -237,14 +248,23 @@ def test_adapters_health_and_loading(servers, adapters_dir):
     names = {x["name"]: x for x in j["adapters"]}
     assert j["default"] == "test-ad" and names["test-ad"]["loaded"] and names["test-ad"]["rank"] == 8
     assert set(names["test-ad"]["keep_probability"]) == {"q_proj", "v_proj", "lm_head"}
-    for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/v2/models/test-ad/ready"):
+    for path in (
+        "/health/live",
+        "/health/ready",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/test-ad/ready",
+    ):
         assert httpx.get(a.url + path).status_code == 200, path
     assert httpx.get(a.url + "/v2/models/nope/ready").status_code == 404
     r = httpx.post(a.url + "/v1/adapters/corrupt/load", json={}, timeout=60)
     assert r.status_code == 422 and r.json()["error"]["type"] == "bad_adapter"
     assert str(adapters_dir) not in r.text  # errors name the adapter, not where the server keeps it
     assert httpx.post(a.url + "/v1/adapters/..%2Fetc/load", json={}).status_code in (404, 422)
-    assert httpx.post(a.url + "/predict", json={"question": "q?", "choices": ["a", "b"]}, timeout=60).status_code == 200
+    assert (
+        httpx.post(a.url + "/predict", json={"question": "q?", "choices": ["a", "b"]}, timeout=60).status_code
+        == 200
+    )
 
 
 def test_web_page_shows_api_probabilities(servers, tmp_path):
@@ -256,16 +276,40 @@ def test_web_page_shows_api_probabilities(servers, tmp_path):
     a, _ = servers
     # Drive the page with a tiny script injected through the DevTools-free path: --dump-dom after a
     # virtual-time budget, with the form auto-submitted by a query flag.
-    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        f"--user-data-dir={tmp_path}", "--virtual-time-budget=60000", "--run-all-compositor-stages-before-draw",
-                        "--dump-dom", a.url + "/?autosubmit=1"], capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path}",
+            "--virtual-time-budget=60000",
+            "--run-all-compositor-stages-before-draw",
+            "--dump-dom",
+            a.url + "/?autosubmit=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     dom = r.stdout
     assert 'data-prob="' in dom, r.stderr[-2000:]
     import re
 
     shown = [float(x) for x in re.findall(r'data-prob="([0-9.]+)"', dom)]
-    api = httpx.post(a.url + "/predict", json={"question": "Which of these is a source of light?",
-                                               "choices": ["the Sun", "the Moon", "a mirror", "a rock"],
-                                               "adapter": "test-ad", "samples": 10}, timeout=60).json()
+    api = httpx.post(
+        a.url + "/predict",
+        json={
+            "question": "Which of these is a source of light?",
+            "choices": ["the Sun", "the Moon", "a mirror", "a rock"],
+            "adapter": "test-ad",
+            "samples": 10,
+        },
+        timeout=60,
+    ).json()
     np.testing.assert_allclose(shown, api["probabilities"], atol=1e-6)

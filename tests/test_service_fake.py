@@ -24,13 +24,20 @@ def make_settings(tmp_path, **kw) -> Settings:
     for name in ("fake", "other"):
         (tmp_path / name).mkdir(exist_ok=True)
         (tmp_path / name / "adapter_config.json").write_text("{}")
-    base = {"adapters_dir": tmp_path, "default_adapter": "fake", "preload": ["other"], "max_wait_ms": 50.0,
-            "request_timeout_s": 10.0, "feedback_key": "a-test-only-feedback-key-0123"}
+    base = {
+        "adapters_dir": tmp_path,
+        "default_adapter": "fake",
+        "preload": ["other"],
+        "max_wait_ms": 50.0,
+        "request_timeout_s": 10.0,
+        "feedback_key": "a-test-only-feedback-key-0123",
+    }
     return Settings(**{**base, **kw})
 
 
 def run(tmp_path, body, record: dict | None = None, **settings_kw):
     """Run `body(service, backend, metrics)` on a started Service; always opens the gate and stops it."""
+
     async def main():
         backend, metrics = FakeBackend(record), Metrics()
         service = Service(make_settings(tmp_path, **settings_kw), backend, metrics)
@@ -54,7 +61,10 @@ def mean_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def count(metrics: Metrics, outcome: str, adapter: str = "fake") -> float:
-    return metrics.registry.get_sample_value("dalorra_requests_total", {"adapter": adapter, "outcome": outcome}) or 0.0
+    return (
+        metrics.registry.get_sample_value("dalorra_requests_total", {"adapter": adapter, "outcome": outcome})
+        or 0.0
+    )
 
 
 def test_probabilities_are_the_mean_of_tempered_softmaxes(tmp_path):
@@ -73,8 +83,12 @@ def test_probabilities_are_the_mean_of_tempered_softmaxes(tmp_path):
 
 def test_a_backend_error_fails_its_request_alone(tmp_path):
     async def body(service, backend, metrics):
-        got = await asyncio.gather(service.predict([item("good question")]), service.predict([item("bad question")]),
-                                   service.predict([item("another good one")]), return_exceptions=True)
+        got = await asyncio.gather(
+            service.predict([item("good question")]),
+            service.predict([item("bad question")]),
+            service.predict([item("another good one")]),
+            return_exceptions=True,
+        )
         assert len(backend.calls) == 1  # one shared backend call: the isolation is real
         assert got[0][0].answer in CHOICES and got[2][0].answer in CHOICES
         assert isinstance(got[1], ApiError) and got[1].status == 422 and "bad question" in got[1].message

@@ -15,10 +15,14 @@ from tests.test_service_fake import CHOICES, count, item, run
 
 def test_an_unexpected_error_is_a_500_for_that_request_only(tmp_path):
     """Issue 16 item 1: any exception while scoring one request fails that request only, as a 500 ApiError."""
+
     async def body(service, backend, metrics):
-        got = await asyncio.gather(service.predict([item("good question")]),
-                                   service.predict([item("type-error question")]),
-                                   service.predict([item("another good one")]), return_exceptions=True)
+        got = await asyncio.gather(
+            service.predict([item("good question")]),
+            service.predict([item("type-error question")]),
+            service.predict([item("another good one")]),
+            return_exceptions=True,
+        )
         assert len(backend.calls) == 1
         assert got[0][0].answer in CHOICES and got[2][0].answer in CHOICES
         assert isinstance(got[1], ApiError) and got[1].status == 500, repr(got[1])
@@ -30,8 +34,11 @@ def test_an_unexpected_error_is_a_500_for_that_request_only(tmp_path):
 def test_a_wrong_result_count_is_an_error_for_the_batch_never_a_misrouted_answer(tmp_path):
     async def body(service, backend, metrics):
         backend.short = True
-        got = await asyncio.gather(service.predict([item("first of two")]), service.predict([item("second of two")]),
-                                   return_exceptions=True)
+        got = await asyncio.gather(
+            service.predict([item("first of two")]),
+            service.predict([item("second of two")]),
+            return_exceptions=True,
+        )
         assert len(backend.calls) == 1
         for g in got:
             assert isinstance(g, ApiError) and g.status == 500, repr(g)
@@ -43,6 +50,7 @@ def test_a_wrong_result_count_is_an_error_for_the_batch_never_a_misrouted_answer
 
 def test_unload_keeps_the_event_loop_free_and_lets_admitted_requests_finish(tmp_path):
     """Issue 16 D2: unloading waited on the event loop for the backend lock held by a running batch."""
+
     async def body(service, backend, metrics):
         backend.gate.clear()
         safety = threading.Timer(5.0, backend.gate.set)  # opens the gate even if the loop is stuck

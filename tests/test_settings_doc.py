@@ -22,4 +22,4 @@ def test_readme_summary_table_is_computed_from_the_results():
     from bench.summary import END, README, START, table
 
     text = README.read_text()
-    assert text[text.index(START) + len(START):text.index(END)].strip() == table()
+    assert text[text.index(START) + len(START) : text.index(END)].strip() == table()

@@ -51,7 +51,9 @@ def test_served_probabilities_use_the_stored_temperature(adapters_dir, tmp_path,
     items = load_jsonl(data_dir / "arc_easy" / "validation.jsonl", limit=2)
     srv = ServerProcess(d, "hot", tmp_path / "server.log").wait_ready()
     try:
-        body = [{"question": it.question, "choices": list(it.choices), "samples": 4, "seed": 3} for it in items]
+        body = [
+            {"question": it.question, "choices": list(it.choices), "samples": 4, "seed": 3} for it in items
+        ]
         got = httpx.post(srv.url + "/predict", json=body, timeout=120).json()
         info = httpx.get(srv.url + "/v1/adapters/hot", timeout=30).json()
     finally:

@@ -22,16 +22,36 @@ from tests.server_utils import free_port
 def small_data(tmp_path_factory):
     """A learnable toy task: the answer is always the choice 'yes'."""
     d = tmp_path_factory.mktemp("data")
-    rows = [{"id": str(i), "question": f"Is {i} a number?", "choices": ["no", "yes", "maybe"][: 2 + i % 2],
-             "label": 1} for i in range(48)]
+    rows = [
+        {
+            "id": str(i),
+            "question": f"Is {i} a number?",
+            "choices": ["no", "yes", "maybe"][: 2 + i % 2],
+            "label": 1,
+        }
+        for i in range(48)
+    ]
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d / "train.jsonl"
 
 
 def _cfg(tmp_path, tiny_dir, data, **kw):
-    base = dict(out=str(tmp_path / "ad"), train=str(data), base_model=str(tiny_dir), steps=12, batch_size=8,
-                lr=3e-3, lr_mask=0.1, mask_schedule="constant", eval_samples=3, save_every=4, progress=False,
-                calib_fraction=0.25, generation_items=2, generation_max_tokens=2)  # a token fit: the machine is busy
+    base = dict(
+        out=str(tmp_path / "ad"),
+        train=str(data),
+        base_model=str(tiny_dir),
+        steps=12,
+        batch_size=8,
+        lr=3e-3,
+        lr_mask=0.1,
+        mask_schedule="constant",
+        eval_samples=3,
+        save_every=4,
+        progress=False,
+        calib_fraction=0.25,
+        generation_items=2,
+        generation_max_tokens=2,
+    )  # a token fit: the machine is busy
     return TrainConfig(**{**base, **kw})
 
 
@@ -70,8 +90,14 @@ def test_baselines_train_and_load(tmp_path, tiny_dir, small_data, tokenizer, met
         assert model.cfg.r == 16 and model.fixed_masks
 
 
-@pytest.mark.parametrize("content,match", [("", "no items"), ("{oops\n", "not valid JSON"),
-                                           ('{"question": "q", "choices": ["a", "b"], "label": 2}\n', "label 2")])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("", "no items"),
+        ("{oops\n", "not valid JSON"),
+        ('{"question": "q", "choices": ["a", "b"], "label": 2}\n', "label 2"),
+    ],
+)
 def test_bad_data_writes_nothing(tmp_path, tiny_dir, content, match):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content)
@@ -82,11 +108,41 @@ def test_bad_data_writes_nothing(tmp_path, tiny_dir, content, match):
 
 def test_cli_two_processes_with_torchrun(tmp_path, tiny_dir, small_data, tokenizer):
     out = tmp_path / "dist"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "adapters.cli", "train", "--out", str(out), "--train", str(small_data), "--base-model",
-           str(tiny_dir), "--steps", "4", "--batch-size", "8", "--eval-samples", "2", "--progress", "false",
-           "--calib-fraction", "0.25", "--generation-items", "2", "--generation-max-tokens", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "adapters.cli",
+        "train",
+        "--out",
+        str(out),
+        "--train",
+        str(small_data),
+        "--base-model",
+        str(tiny_dir),
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--eval-samples",
+        "2",
+        "--progress",
+        "false",
+        "--calib-fraction",
+        "0.25",
+        "--generation-items",
+        "2",
+        "--generation-max-tokens",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _, err = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
@@ -95,13 +151,17 @@ def test_cli_two_processes_with_torchrun(tmp_path, tiny_dir, small_data, tokeniz
     assert proc.returncode == 0, err[-3000:]
     rec = json.loads((out / "dalorra.json").read_text())
     assert rec["training"]["world_size"] == 2
-    assert rec["generation_decision"]["items"] == 2 and (out / "generation_decision.json").is_file()  # rank 0 wrote
+    assert (
+        rec["generation_decision"]["items"] == 2 and (out / "generation_decision.json").is_file()
+    )  # rank 0 wrote
     load_adapter(out, make_tiny(seed=1), tokenizer)
 
 
 def test_cli_help_documents_every_option():
     """The help is written once, on TrainConfig's fields; every field is a flag that shows it."""
-    r = subprocess.run([sys.executable, "-m", "adapters.cli", "train", "--help"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "adapters.cli", "train", "--help"], capture_output=True, text=True
+    )
     assert r.returncode == 0
     text = " ".join(r.stdout.split())  # argparse wraps the help text
     options = TrainConfig.options()
@@ -117,9 +177,26 @@ def test_cli_help_documents_every_option():
 def test_eval_cli_writes_metrics_predictions_and_plots(tmp_path, tiny_dir, small_data):
     run(_cfg(tmp_path, tiny_dir, small_data, steps=4))
     out = tmp_path / "eval"
-    r = subprocess.run([sys.executable, "-m", "adapters.cli", "eval", str(tmp_path / "ad"), "--data", str(small_data),
-                        "--base-model", str(tiny_dir), "--samples", "3", "--out-dir", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "adapters.cli",
+            "eval",
+            str(tmp_path / "ad"),
+            "--data",
+            str(small_data),
+            "--base-model",
+            str(tiny_dir),
+            "--samples",
+            "3",
+            "--out-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())[0]
     assert {"acc", "ece", "nll", "brier", "aurc", "mean_entropy", "mean_epistemic", "coverage"} <= set(m)
@@ -127,8 +204,21 @@ def test_eval_cli_writes_metrics_predictions_and_plots(tmp_path, tiny_dir, small
     pngs = list(out.glob("*.png"))
     assert pngs and pngs[0].read_bytes()[:4] == b"\x89PNG"
     assert len(next(out.glob("*.predictions.jsonl")).read_text().splitlines()) == 48
-    bad = subprocess.run([sys.executable, "-m", "adapters.cli", "eval", str(tmp_path / "nope"), "--data",
-                          str(small_data), "--base-model", str(tiny_dir)], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "adapters.cli",
+            "eval",
+            str(tmp_path / "nope"),
+            "--data",
+            str(small_data),
+            "--base-model",
+            str(tiny_dir),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "not an adapter directory" in bad.stderr
 
 
@@ -136,13 +226,36 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_dir, small_dat
     """A real SIGKILL mid-training (no clean-up code runs), then --resume: same final adapter."""
     import time
 
-    args = ["--train", str(small_data), "--base-model", str(tiny_dir), "--steps", "120", "--batch-size", "8",
-            "--lr", "3e-3", "--save-every", "5", "--eval-samples", "2", "--progress", "false",
-            "--calib-fraction", "0.25", "--calibrate", "false"]
+    args = [
+        "--train",
+        str(small_data),
+        "--base-model",
+        str(tiny_dir),
+        "--steps",
+        "120",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--save-every",
+        "5",
+        "--eval-samples",
+        "2",
+        "--progress",
+        "false",
+        "--calib-fraction",
+        "0.25",
+        "--calibrate",
+        "false",
+    ]
     cli = [sys.executable, "-m", "adapters.cli", "train"]
-    subprocess.run(cli + ["--out", str(tmp_path / "a" / "ad")] + args, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        cli + ["--out", str(tmp_path / "a" / "ad")] + args, check=True, capture_output=True, timeout=600
+    )
     out_b = tmp_path / "b" / "ad"
-    proc = subprocess.Popen(cli + ["--out", str(out_b)] + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cli + ["--out", str(out_b)] + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckpt = tmp_path / "b" / "ad.ckpt" / "state.pt"
     end = time.time() + 300
     while time.time() < end and not ckpt.exists() and proc.poll() is None:
@@ -151,7 +264,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_dir, small_dat
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.exists() and not out_b.exists(), "killed too late to test anything"
-    subprocess.run(cli + ["--out", str(out_b), "--resume"] + args, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        cli + ["--out", str(out_b), "--resume"] + args, check=True, capture_output=True, timeout=600
+    )
     for f in ("adapter_model.safetensors", "dalorra_masks.safetensors"):
         a, b = load_file(str(tmp_path / "a" / "ad" / f)), load_file(str(out_b / f))
         for k in a:

@@ -67,8 +67,9 @@ def test_ece_equals_torchmetrics(seed):
     probs = rng.dirichlet(np.ones(4) * 0.5, size=500)
     labels = rng.integers(0, 4, size=500)
     ours = metrics(probs, labels)["ece"]
-    ref = multiclass_calibration_error(torch.tensor(probs), torch.tensor(labels), num_classes=4, n_bins=15,
-                                       norm="l1")
+    ref = multiclass_calibration_error(
+        torch.tensor(probs), torch.tensor(labels), num_classes=4, n_bins=15, norm="l1"
+    )
     assert ours == pytest.approx(float(ref), abs=1e-6)
 
 
@@ -121,8 +122,10 @@ def test_sampling_settled_stops_only_when_nothing_can_change():
     rng = np.random.default_rng(0)
     split = np.log(np.stack([[0.6, 0.4], [0.4, 0.6]] * 2))  # samples disagree on the answer
     assert not sampling_settled(split)
-    noisy = np.log(np.clip(0.8 + rng.normal(0, 0.1, (4, 1)), 0.01, 0.99) * [1, 0] + [0, 1] * (
-        1 - np.clip(0.8 + rng.normal(0, 0.1, (4, 1)), 0.01, 0.99)))
+    noisy = np.log(
+        np.clip(0.8 + rng.normal(0, 0.1, (4, 1)), 0.01, 0.99) * [1, 0]
+        + [0, 1] * (1 - np.clip(0.8 + rng.normal(0, 0.1, (4, 1)), 0.01, 0.99))
+    )
     assert not sampling_settled(noisy, tol=0.02)  # top probability known only to about ±0.1
     near = np.log(np.stack([[0.90, 0.10], [0.91, 0.09], [0.90, 0.10], [0.91, 0.09]]))
     assert sampling_settled(near, tol=0.02)

@@ -1,5 +1,7 @@
 """Example application: answer quiz questions with the model when it is sure, ask a 'human' otherwise.
 
+Run it:
+
     dalorra serve &            # in another terminal
     python clients/examples/route_app.py --url http://127.0.0.1:8000
 """

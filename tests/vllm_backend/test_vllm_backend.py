@@ -25,8 +25,15 @@ from server.settings import REPO, Settings
 from tests.server_utils import ServerProcess
 
 DEFAULT = REPO / "adapters" / "default" / "arc-easy-dalorra"
-ENGINE = {"vllm_dtype": "float32", "vllm_gpu_memory_utilization": 0.2, "vllm_max_model_len": 512,
-          "vllm_bank_size": 8, "vllm_max_loras": 4, "vllm_max_cpu_loras": 32, "vllm_max_lora_rank": 8}
+ENGINE = {
+    "vllm_dtype": "float32",
+    "vllm_gpu_memory_utilization": 0.2,
+    "vllm_max_model_len": 512,
+    "vllm_bank_size": 8,
+    "vllm_max_loras": 4,
+    "vllm_max_cpu_loras": 32,
+    "vllm_max_lora_rank": 8,
+}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +83,10 @@ def test_vllm_equals_hf_for_the_same_bank_members(backend, letter_adapter, quest
     backend.load_adapter(mode, str(path))
     bank = backend.banks[mode]
     samples = 4 if mode == "cloze" else 3
-    reqs = [ScoreRequest(mode, it.question, it.choices, it.context, samples, seed=i) for i, it in enumerate(questions)]
+    reqs = [
+        ScoreRequest(mode, it.question, it.choices, it.context, samples, seed=i)
+        for i, it in enumerate(questions)
+    ]
     got = backend.score(reqs)
     assert all(isinstance(g, Scored) for g in got), got
     src = BankSource(path)
@@ -121,9 +131,13 @@ def test_bad_requests_and_adapters_fail_alone(backend, tmp_path):
 
     if "cloze" not in backend.adapter_names():
         backend.load_adapter("cloze", str(DEFAULT))
-    out = backend.score([ScoreRequest("nope", "q?", ("a", "b"), None, 2, 0),
-                         ScoreRequest("cloze", "q?", ("a", "b"), None, 99, 0),
-                         ScoreRequest("cloze", "Is fire hot?", ("yes", "no"), None, 2, 0)])
+    out = backend.score(
+        [
+            ScoreRequest("nope", "q?", ("a", "b"), None, 2, 0),
+            ScoreRequest("cloze", "q?", ("a", "b"), None, 99, 0),
+            ScoreRequest("cloze", "Is fire hot?", ("yes", "no"), None, 2, 0),
+        ]
+    )
     assert "not loaded" in str(out[0]) and "mask bank" in str(out[1])
     assert isinstance(out[2], Scored)
     bad = tmp_path / "bad"
@@ -139,8 +153,12 @@ def test_predict_end_to_end_through_vllm(backend, tmp_path):
     srv = ServerProcess(DEFAULT.parent, DEFAULT.name, tmp_path / "server.log", DALORRA_BACKEND="vllm", **env)
     try:
         srv.wait_ready(timeout=600)
-        item = {"question": "Which of these is a source of light?", "choices": ["the Sun", "a rock", "soil", "water"],
-                "samples": 4, "seed": 5}
+        item = {
+            "question": "Which of these is a source of light?",
+            "choices": ["the Sun", "a rock", "soil", "water"],
+            "samples": 4,
+            "seed": 5,
+        }
         r = httpx.post(srv.url + "/predict", json=item, timeout=300)
         assert r.status_code == 200, r.text
         body = r.json()
@@ -148,8 +166,12 @@ def test_predict_end_to_end_through_vllm(backend, tmp_path):
         assert 0 < body["choice_mass"] <= 1
         if DEFAULT.name not in backend.adapter_names():
             backend.load_adapter(DEFAULT.name, str(DEFAULT))
-        ref = backend.score([ScoreRequest(DEFAULT.name, item["question"], tuple(item["choices"]), None, 4, 5)])[0]
-        T = json.loads((DEFAULT / "dalorra.json").read_text()).get("temperature", 1.0)  # the server applies it
+        ref = backend.score(
+            [ScoreRequest(DEFAULT.name, item["question"], tuple(item["choices"]), None, 4, 5)]
+        )[0]
+        T = json.loads((DEFAULT / "dalorra.json").read_text()).get(
+            "temperature", 1.0
+        )  # the server applies it
         np.testing.assert_allclose(body["probabilities"], softmax(ref.logits / T).mean(0), atol=1e-4)
         assert srv.metric("dalorra_requests_total", {"outcome": "ok"}) >= 1
         too_many = httpx.post(srv.url + "/predict", json={**item, "samples": 9}, timeout=60)
