@@ -8,7 +8,7 @@ stored temperature before averaging) and reports accuracy, ECE, NLL, AURC, the A
 for wrong answers, mean MI on in-distribution vs OOD items (and the AUROC of MI for telling them apart), and the
 decision thresholds from the adapter's dalorra.json with the coverage and selective error they give on the test
 items. Rows are keyed by --label (e.g. "before" for the adapter a change replaced, "after" for the new one) and
-kept in bench/results/default_adapter.{json,md}.
+kept in bench/results/default_adapter.{json,md}; `--relabel OLD=NEW ...` renames stored rows and measures nothing.
 """
 
 from __future__ import annotations
@@ -40,10 +40,23 @@ def main() -> None:
     ap.add_argument("--ood", default="mmlu_college_physics/test")
     ap.add_argument("--ood-limit", type=int, default=100)
     ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument(
+        "--relabel",
+        nargs="+",
+        metavar="OLD=NEW",
+        help="rename stored reports (e.g. after swapping which adapter ships) and rewrite the table; measures nothing",
+    )
     a = ap.parse_args()
     out_json = RESULTS / "default_adapter.json"
     old = json.loads(out_json.read_text()) if out_json.is_file() else {}
     reports = old.get("reports", {})
+    if a.relabel:
+        names = dict(pair.split("=", 1) for pair in a.relabel)
+        missing = sorted(set(names) - set(reports))
+        if missing:
+            raise SystemExit(f"no stored report named {missing}; stored: {sorted(reports)}")
+        _write({names.get(k, k): r for k, r in reports.items()})
+        return
     base, tok = load_base(None)
     model = load_adapter(a.adapter, base, tok)
     rec = model.record
