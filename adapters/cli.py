@@ -1,5 +1,6 @@
-"""`dalorra train`, `dalorra eval` and `dalorra convert` (the `dalorra` entry point, dalorra/cli.py, adds serve
-and predict). `python -m adapters.cli train ...` also works, for torchrun and accelerate launch."""
+"""`dalorra train`, `dalorra eval`, `dalorra recalibrate` and `dalorra convert` (the `dalorra` entry point,
+dalorra/cli.py, adds serve and predict). `python -m adapters.cli train ...` also works, for torchrun and
+accelerate launch."""
 
 from __future__ import annotations
 
@@ -226,6 +227,76 @@ def _plot_or_warn(
     return True
 
 
+def add_recalibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "recalibrate",
+        help="fit an adapter's temperature and abstention thresholds again on its calibration split",
+        description="Score the adapter's calibration split (rebuilt from the training config in its dalorra.json, "
+        "or --calibration), fit one temperature by NLL, then the abstention thresholds and conformal quantile "
+        "after it, and rewrite dalorra.json atomically (weights untouched). For adapters trained before "
+        "temperature scaling, or to refit on new calibration data. A running server serves it after "
+        "POST /v1/adapters/NAME/load (an admin action).",
+    )
+    p.add_argument("adapter", help="adapter directory")
+    p.add_argument(
+        "--calibration", default=None, help="calibration JSONL (default: the split it was trained with)"
+    )
+    p.add_argument(
+        "--samples", type=int, default=None, help="mask samples S (default: the adapter's training S)"
+    )
+    p.add_argument("--base-model", default=None, help="base model (default: the one it was trained on)")
+    p.add_argument(
+        "--target-error", type=float, default=None, help="selective error target (default: as trained)"
+    )
+    p.add_argument(
+        "--target-delta", type=float, default=None, help="confidence 1 − delta (default: as trained)"
+    )
+    p.add_argument(
+        "--conformal-alpha", type=float, default=None, help="set coverage 1 − alpha (default: as trained)"
+    )
+    p.add_argument(
+        "--temperature-scaling",
+        type=_bool,
+        default=True,
+        help="fit a temperature (false: remove it, T = 1; default: true)",
+    )
+    p.add_argument("--progress", type=_bool, default=True, help="show progress bars (default: true)")
+    p.set_defaults(func=_reporting_errors(_cmd_recalibrate))
+
+
+def _cmd_recalibrate(a: argparse.Namespace) -> int:
+    from .train import recalibrate
+
+    if a.samples is not None and a.samples < 1:
+        raise ValueError(f"--samples {a.samples}: must be >= 1")
+    rec = recalibrate(
+        a.adapter,
+        base_model=a.base_model,
+        calibration=a.calibration,
+        eval_samples=a.samples,
+        target_error=a.target_error,
+        target_delta=a.target_delta,
+        conformal_alpha=a.conformal_alpha,
+        temperature_scaling=a.temperature_scaling,
+        progress=a.progress,
+    )
+    dec = rec.get("decision") or {}
+    print(
+        json.dumps(
+            {
+                "adapter": a.adapter,
+                **rec["recalibrated"],
+                "calibration": (rec.get("calibration") or {}).get("metrics"),
+                "validation": rec.get("validation"),
+                "thresholds": {
+                    k: v.get("threshold") if k != "conformal" else v.get("qhat") for k, v in dec.items()
+                },
+            }
+        )
+    )
+    return 0
+
+
 def add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert the embedded GGUF model to the float cache now")
     p.add_argument("--base-model", default=None)
@@ -258,10 +329,13 @@ def _reporting_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[arg
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ap = argparse.ArgumentParser(prog="dalorra", description="DALorRA: train, evaluate and convert adapters")
+    ap = argparse.ArgumentParser(
+        prog="dalorra", description="DALorRA: train, evaluate, recalibrate and convert adapters"
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     add_train(sub)
     add_eval(sub)
+    add_recalibrate(sub)
     add_convert(sub)
     a = ap.parse_args(argv)
     return a.func(a)

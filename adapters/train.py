@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .adapter_io import save_adapter, write_json_atomic
+from .adapter_io import RECORD, load_adapter, read_record, save_adapter, write_json_atomic
 from .basemodel import load_base, resolve_name
 from .calibration import fit_temperature, tempered_nll
 from .config import AdapterConfig, PromptFormat
@@ -418,31 +418,9 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
         "default_samples": cfg.eval_samples,
         "keep_histogram": keep_histogram(model),
     }
-    decision, T = None, 1.0
     split_name = cfg.calibration_name()
-    if cfg.calibrate or cfg.temperature_scaling:
-        calib_logits = predict_logits(
-            model, calib, cfg.eval_samples, seed=0, progress=cfg.progress, desc="calibrate"
-        )
-        calib_labels = np.array([it.label for it in calib])
-        if cfg.temperature_scaling:  # one T for every mask's logits, fitted by NLL; thresholds come after it
-            T = fit_temperature(calib_logits, calib_labels)
-            record["temperature"] = T
-            record["temperature_fit"] = {
-                "split": split_name,
-                "items": len(calib),
-                "nll_before": tempered_nll(calib_logits, calib_labels, 1.0),
-                "nll_after": tempered_nll(calib_logits, calib_labels, T),
-            }
-        if cfg.calibrate:
-            decision = calibrate_decisions(
-                calib_logits / T, calib_labels, cfg.target_error, cfg.target_delta, cfg.conformal_alpha
-            )
-            record["decision"] = decision
-            record["calibration"] = {
-                "split": split_name,
-                "metrics": evaluate_logits(calib_logits / T, calib_labels, decision),
-            }
+    fitted, decision, T = fit_calibration(model, calib, split_name, cfg)
+    record.update(fitted)
     if val is not None:
         record["validation"] = evaluate_logits(
             predict_logits(model, val, cfg.eval_samples, seed=0, progress=cfg.progress, desc="validate") / T,
@@ -482,6 +460,92 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
     if world > 1:
         torch.distributed.barrier()
     return record
+
+
+def fit_calibration(
+    model: DalorraModel, calib: list[Item], split_name: str, cfg: TrainConfig
+) -> tuple[dict, dict | None, float]:
+    """Score the calibration split at S = cfg.eval_samples, fit one temperature by NLL (cfg.temperature_scaling),
+    then the abstention thresholds and conformal quantile on the temperature-scaled logits (cfg.calibrate).
+    Returns (the record's fields: temperature, temperature_fit, decision, calibration; the decision; T)."""
+    fitted: dict = {}
+    decision, T = None, 1.0
+    if not (cfg.calibrate or cfg.temperature_scaling):
+        return fitted, decision, T
+    calib_logits = predict_logits(
+        model, calib, cfg.eval_samples, seed=0, progress=cfg.progress, desc="calibrate"
+    )
+    calib_labels = np.array([it.label for it in calib])
+    if cfg.temperature_scaling:  # one T for every mask's logits, fitted by NLL; thresholds come after it
+        T = fit_temperature(calib_logits, calib_labels)
+        fitted["temperature"] = T
+        fitted["temperature_fit"] = {
+            "split": split_name,
+            "items": len(calib),
+            "nll_before": tempered_nll(calib_logits, calib_labels, 1.0),
+            "nll_after": tempered_nll(calib_logits, calib_labels, T),
+        }
+    if cfg.calibrate:
+        decision = calibrate_decisions(
+            calib_logits / T, calib_labels, cfg.target_error, cfg.target_delta, cfg.conformal_alpha
+        )
+        fitted["decision"] = decision
+        fitted["calibration"] = {
+            "split": split_name,
+            "metrics": evaluate_logits(calib_logits / T, calib_labels, decision),
+        }
+    return fitted, decision, T
+
+
+def recalibrate(adapter_dir: str | os.PathLike, base_model: str | None = None, **overrides: Any) -> dict:
+    """Fit an existing adapter's temperature and thresholds again, as `dalorra train` would have at its end, and
+    rewrite its dalorra.json atomically (the weights are untouched).
+
+    The calibration split is rebuilt from the training config stored in the record (the same seeded split, so no
+    item it trained on is used); `overrides` replace TrainConfig fields (e.g. calibration=JSONL, eval_samples,
+    target_error, temperature_scaling=False to remove a temperature); the thresholds are always fitted again, after
+    the temperature. The validation metrics are re-scored at the new temperature when the record has them. For
+    adapters trained before temperature scaling existed, or to refit on another calibration set."""
+    d = Path(adapter_dir)
+    record = read_record(d)
+    stored = (record.get("training") or {}).get("config")
+    if not stored:
+        raise ValueError(f"{d}: its {RECORD} has no training config, so its calibration split is unknown")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(unknown)}")
+    conf = {k: v for k, v in stored.items() if k in known}
+    conf["targets"] = tuple(conf.get("targets") or ())
+    conf.update({"out": str(d), "temperature_scaling": True})
+    conf.update({k: v for k, v in overrides.items() if v is not None})
+    conf["calibrate"] = True  # thresholds fitted at another temperature would no longer hold
+    if base_model is not None:
+        conf["base_model"] = base_model
+    cfg = TrainConfig(**conf)
+    base, tok = load_base(cfg.base_model)
+    model = load_adapter(d, base, tok, cfg.base_model or "")
+    _, val, calib = load_splits(cfg)
+    split_name = cfg.calibration_name()
+    fitted, decision, T = fit_calibration(model, calib, split_name, cfg)
+    new = {k: v for k, v in record.items() if k not in ("temperature", "temperature_fit")}
+    new.update(fitted)
+    if val is not None and "validation" in record:
+        new["validation"] = evaluate_logits(
+            predict_logits(model, val, cfg.eval_samples, seed=0, progress=cfg.progress, desc="validate") / T,
+            np.array([it.label for it in val]),
+            new.get("decision"),
+        )
+    new["recalibrated"] = {
+        "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "split": split_name,
+        "items": len(calib),
+        "samples": cfg.eval_samples,
+        "temperature_before": float(record.get("temperature", 1.0)),
+        "temperature": T,
+    }
+    write_json_atomic(d / RECORD, new)
+    return new
 
 
 def keep_histogram(model: DalorraModel, bins: int = 10) -> dict[str, list[int]]:

@@ -20,6 +20,11 @@ COMMANDS = {
         "the generation thresholds on a short-answer set",
         "server",
     ),
+    "recalibrate": (
+        "adapters.cli",
+        "fit an adapter's temperature and abstention thresholds again on its calibration split",
+        "server",
+    ),
     "convert": ("adapters.cli", "convert the embedded GGUF model to the float cache now", "server"),
 }
 

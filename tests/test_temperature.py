@@ -67,3 +67,41 @@ def test_served_probabilities_use_the_stored_temperature(adapters_dir, tmp_path,
         np.testing.assert_allclose(g["probabilities"], want["probabilities"][i, :k], atol=1e-5)
         assert g["epistemic"] == pytest.approx(want["epistemic"][i], abs=1e-6)  # MI of the tempered masks
         assert not np.allclose(g["probabilities"], untempered["probabilities"][i, :k], atol=1e-3)
+
+
+def test_recalibrate_fits_what_train_would_have_and_keeps_the_weights(tmp_path, tiny_dir, small_data):  # noqa: F811
+    """An adapter trained without a temperature gets the one (and the thresholds) `dalorra train` fits, from the
+    same seeded calibration split; the weights and the rest of the record stay; false removes it again."""
+    from adapters.cli import main as adapters_main
+
+    with_T = run(_cfg(tmp_path, tiny_dir, small_data, steps=16, lr=2e-2, out=str(tmp_path / "ref")))
+    plain = run(_cfg(tmp_path, tiny_dir, small_data, steps=16, lr=2e-2, temperature_scaling=False))
+    assert "temperature" not in plain
+    d = tmp_path / "ad"
+    weights = {p.name: p.read_bytes() for p in d.glob("*.safetensors")}
+    assert adapters_main(["recalibrate", str(d), "--progress", "false"]) == 0
+    rec = json.loads((d / "dalorra.json").read_text())
+    assert rec["temperature"] == pytest.approx(with_T["temperature"], rel=1e-9)
+    assert rec["temperature_fit"] == pytest.approx(with_T["temperature_fit"])
+    assert rec["decision"]["confidence"]["threshold"] == with_T["decision"]["confidence"]["threshold"]
+    assert rec["calibration"]["metrics"]["nll"] == pytest.approx(with_T["calibration"]["metrics"]["nll"])
+    assert rec["recalibrated"]["temperature_before"] == 1.0 and rec["recalibrated"]["items"] == 12
+    assert rec["training"] == json.loads(json.dumps(plain["training"], default=float))  # provenance kept
+    assert {p.name: p.read_bytes() for p in d.glob("*.safetensors")} == weights
+
+    assert adapters_main(["recalibrate", str(d), "--temperature-scaling", "false", "--progress", "false"]) == 0
+    rec = json.loads((d / "dalorra.json").read_text())
+    assert "temperature" not in rec and rec["recalibrated"]["temperature"] == 1.0
+    assert rec["calibration"]["metrics"]["nll"] == pytest.approx(with_T["temperature_fit"]["nll_before"])
+
+
+def test_recalibrate_refuses_what_it_cannot_do(tmp_path, adapters_dir, capsys):
+    from adapters.cli import main as adapters_main
+
+    d = tmp_path / "ad"
+    shutil.copytree(adapters_dir / "test-ad", d)  # saved directly: no training config in its record
+    before = (d / "dalorra.json").read_bytes()
+    assert adapters_main(["recalibrate", str(d), "--progress", "false"]) != 0
+    assert "no training config" in capsys.readouterr().err
+    assert (d / "dalorra.json").read_bytes() == before
+    assert adapters_main(["recalibrate", str(tmp_path / "missing")]) != 0
