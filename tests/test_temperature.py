@@ -89,7 +89,9 @@ def test_recalibrate_fits_what_train_would_have_and_keeps_the_weights(tmp_path, 
     assert rec["training"] == json.loads(json.dumps(plain["training"], default=float))  # provenance kept
     assert {p.name: p.read_bytes() for p in d.glob("*.safetensors")} == weights
 
-    assert adapters_main(["recalibrate", str(d), "--temperature-scaling", "false", "--progress", "false"]) == 0
+    assert (
+        adapters_main(["recalibrate", str(d), "--temperature-scaling", "false", "--progress", "false"]) == 0
+    )
     rec = json.loads((d / "dalorra.json").read_text())
     assert "temperature" not in rec and rec["recalibrated"]["temperature"] == 1.0
     assert rec["calibration"]["metrics"]["nll"] == pytest.approx(with_T["temperature_fit"]["nll_before"])
