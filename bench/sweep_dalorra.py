@@ -50,6 +50,7 @@ VARIANTS = {
     # levers that may widen the posterior (issue: Uncertainty that carries information)
     "sharing=rank": {"mask_sharing": "rank"},
     "sharing=layer": {"mask_sharing": "layer"},
+    "train_samples=2": {"train_samples": 2},
     "train_samples=4": {"train_samples": 4},
     "r=16": {"r": 16, "alpha": 32.0},
 }
