@@ -132,7 +132,17 @@ def sweep_rows() -> list[str]:
         (r["variant"], r["seed"]): r for r in d["rows"] if r.get("train_items") == 200 and r.get("lr") == 1e-3
     }
     lo, base = key.get(("lora", 0)), key.get(("base", 0))
-    levers = [v for v in ("sharing=rank", "sharing=layer", "r=16", "lr_mask=0.2", "tau=1.0") if (v, 0) in key]
+    order = (
+        "sharing=rank",
+        "sharing=layer",
+        "r=16",
+        "train_samples=2",
+        "train_samples=4",
+        "p0=0.9",
+        "lr_mask=0.2",
+        "tau=1.0",
+    )
+    levers = [v for v in order if (v, 0) in key]
     if not (lo and base and levers):
         return []
     cells = [
