@@ -36,16 +36,16 @@ def calibration_rows() -> list[str]:
     out = []
     for regime, ds in (("paper", "arc_easy"), ("paper", "arc_challenge")):
         rows = [r for r in d["rows"] if r.get("regime") == regime and r["dataset"] == ds]
-        methods = ("lora", "lora+ts", "dalorra", "dalorra+ts", "mcdropout+ts", "ensemble+ts")
-        by = {m: [r for r in rows if r["method"] == m] for m in methods}
-        if not all(by[m] for m in methods[:4]):
+        core = ("lora", "lora+ts", "dalorra", "dalorra+ts")
+        by = {m: [r for r in rows if r["method"] == m] for m in (*core, "mcdropout+ts", "ensemble+ts")}
+        if not all(by[m] for m in core):
             continue
         seeds = sorted({r["seed"] for r in by["dalorra"]} & {r["seed"] for r in by["lora"]})
         # a baseline is shown only where it has every seed the comparison uses
         by = {
             m: [r for r in rs if r["seed"] in seeds]
             for m, rs in by.items()
-            if m in methods[:4] or set(seeds) <= {r["seed"] for r in rs}
+            if m in core or set(seeds) <= {r["seed"] for r in rs}
         }
         cell = "; ".join(
             f"{m} {_mean(rs, 'acc'):.3f} / {_mean(rs, 'ece'):.3f} / {_mean(rs, 'nll'):.3f} / "
@@ -132,17 +132,8 @@ def sweep_rows() -> list[str]:
         (r["variant"], r["seed"]): r for r in d["rows"] if r.get("train_items") == 200 and r.get("lr") == 1e-3
     }
     lo, base = key.get(("lora", 0)), key.get(("base", 0))
-    order = (
-        "sharing=rank",
-        "sharing=layer",
-        "r=16",
-        "train_samples=2",
-        "train_samples=4",
-        "p0=0.9",
-        "lr_mask=0.2",
-        "tau=1.0",
-    )
-    levers = [v for v in order if (v, 0) in key]
+    # every lever run at seed 0, in the order it was run (the sweep appends rows)
+    levers = [v for v, seed in key if seed == 0 and v not in ("lora", "base")]
     if not (lo and base and levers):
         return []
     cells = [
