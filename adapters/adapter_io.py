@@ -36,6 +36,8 @@ from .scoring import letter_token_ids
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from .multi import SharedBase
+
 FORMAT_VERSION = 2  # 2: adapter_model.safetensors holds the mean-mask network, raw factors in MASKS
 RECORD = "dalorra.json"
 MASKS = "dalorra_masks.safetensors"
@@ -251,8 +253,11 @@ def load_adapter(
     base: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     base_name: str = "",
+    shared: SharedBase | None = None,
+    lora_dtype: torch.dtype | None = None,
 ) -> DalorraModel:
-    """Inject the adapter into `base` (which it modifies) and return the DalorraModel.
+    """Inject the adapter into `base` (which it modifies) and return the DalorraModel; with `shared` (the
+    SharedBase holding `base`), attach it to the base's slots instead, beside other adapters (adapters/multi.py).
 
     Refuses with AdapterError when the adapter was trained for a different base architecture.
     """
@@ -260,7 +265,13 @@ def load_adapter(
     files.check_base(config_hash(base.config), resolve_name(base_name))
     d, cfg = files.path, files.config
     model = DalorraModel(
-        base, tokenizer, cfg, files.fmt, base_name=base_name or files.record["base_model"].get("name", "")
+        base,
+        tokenizer,
+        cfg,
+        files.fmt,
+        base_name=base_name or files.record["base_model"].get("name", ""),
+        shared=shared,
+        lora_dtype=lora_dtype,
     )
     for name, layer in model.adapted.items():
         if name not in files.factors:

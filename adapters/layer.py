@@ -50,12 +50,13 @@ class MaskedLoraLinear(nn.Module):
         tau: float = 2 / 3,
         hard: bool = True,
         dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.base_layer = base_layer
         self.r, self.scaling, self.p0, self.tau, self.hard = r, alpha / r, p0, tau, hard
         d_out, d_in = base_layer.weight.shape
-        dev, dt = base_layer.weight.device, base_layer.weight.dtype
+        dev, dt = base_layer.weight.device, dtype or base_layer.weight.dtype
         self.lora_A = nn.Parameter(torch.empty(r, d_in, device=dev, dtype=dt))  # (r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=dev, dtype=dt))  # (d_out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init for A
@@ -130,7 +131,7 @@ class MaskedLoraLinear(nn.Module):
 
     def lora_delta(self, x: torch.Tensor, weight_rows: torch.Tensor | None = None) -> torch.Tensor:
         """(alpha/r) · B diag(z_row) A x for x of shape (R, ..., d_in); `weight_rows` selects output rows of B."""
-        h = F.linear(self._dropout(x), self.lora_A)  # (R, ..., r)
+        h = F.linear(self._dropout(x).to(self.lora_A.dtype), self.lora_A)  # (R, ..., r); factors may be fp32
         z = self._mask(x.shape[0])
         if z is not None:
             h = h * z.view(z.shape[0], *([1] * (h.dim() - 2)), self.r)
@@ -141,7 +142,7 @@ class MaskedLoraLinear(nn.Module):
         out = self.base_layer(x)
         if self.mask_mode == "off":
             return out
-        return out + self.lora_delta(x)
+        return out + self.lora_delta(x).to(out.dtype)
 
     def forward_rows(self, x: torch.Tensor, weight_rows: torch.Tensor) -> torch.Tensor:
         """Only the output rows `weight_rows` (e.g. the K answer-letter tokens of lm_head): x (R, d_in) → (R, len)."""
@@ -150,7 +151,7 @@ class MaskedLoraLinear(nn.Module):
         out = F.linear(x, W, b)
         if self.mask_mode == "off":
             return out
-        return out + self.lora_delta(x, weight_rows)
+        return out + self.lora_delta(x, weight_rows).to(out.dtype)
 
     def merged_delta(self, mask: torch.Tensor | None = None) -> torch.Tensor:
         """ΔW = (alpha/r) B diag(z) A for one mask (None: all on), shape (d_out, d_in)."""

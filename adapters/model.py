@@ -13,9 +13,12 @@ from torch import nn
 from .config import AdapterConfig, PromptFormat
 from .layer import MASK_MODES, MaskedLoraLinear
 from .masks import distinct_draws, draw_masks_from, mask_groups
+from .multi import AdapterSlot
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from .multi import SharedBase
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
@@ -40,8 +43,16 @@ class DalorraModel(nn.Module):
         fmt: PromptFormat | None = None,
         base_name: str = "",
         seed: int | None = None,
+        shared: SharedBase | None = None,
+        lora_dtype: torch.dtype | None = None,
     ):
+        """shared: attach to a SharedBase (adapters/multi.py) instead of injecting the layers into `base`: the
+        layers then hold only this adapter's factors and apply through the base's slots (many adapters, one
+        base). lora_dtype: the factors' dtype (default: the base weights')."""
         super().__init__()
+        if shared is not None and shared.base is not base:
+            raise ValueError("shared= must be the SharedBase that holds `base`")
+        self.shared = shared
         self.base, self.tokenizer, self.cfg = base, tokenizer, cfg
         self.fmt = fmt or PromptFormat()
         self.base_name = base_name
@@ -49,18 +60,27 @@ class DalorraModel(nn.Module):
         self.fixed_masks: dict[str, torch.Tensor] = {}
         if seed is not None:
             torch.manual_seed(seed)  # A's Kaiming init
-        targets = [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and _wants(n, cfg)]
+        targets = [
+            n for n, m in base.named_modules() if isinstance(m, nn.Linear | AdapterSlot) and _wants(n, cfg)
+        ]
         if not targets:
             raise ValueError(f"no nn.Linear in the base model matches targets {list(cfg.targets)}")
         self.adapted: dict[str, MaskedLoraLinear] = {}
         for name in targets:
             parent_name, _, child = name.rpartition(".")
             parent = base.get_submodule(parent_name) if parent_name else base
+            current = getattr(parent, child)
+            if isinstance(current, AdapterSlot) and shared is None:
+                raise ValueError(f"{name} holds other adapters' slot: attach with shared=, do not inject")
+            linear = shared.slot(name).base_layer if shared is not None else current
             layer = MaskedLoraLinear(
-                getattr(parent, child), cfg.r, cfg.alpha, cfg.p0, cfg.tau, cfg.hard, cfg.dropout
+                linear, cfg.r, cfg.alpha, cfg.p0, cfg.tau, cfg.hard, cfg.dropout, dtype=lora_dtype
             )
-            setattr(parent, child, layer)
+            if shared is None:
+                setattr(parent, child, layer)
             self.adapted[name] = layer
+        if shared is not None:
+            shared.register(self)
         for i, name in enumerate(sorted(self.adapted)):  # every module its own dropout noise within a stream
             self.adapted[name].noise_id = i
         # Shared switches: every member of a group holds the group's one φ parameter (the same tensor object).
@@ -157,7 +177,11 @@ class DalorraModel(nn.Module):
                     m = masks[name]
                     layer.mask_mode, layer.row_masks = "rows", (m if index is None else m[index])
                 layer.row_noise = noise
-            yield
+            if self.shared is None:
+                yield
+            else:  # the base's slots apply this adapter, on every row, within the block
+                with self.shared.routed([(self, None)]):
+                    yield
         finally:
             for name, layer in self.adapted.items():
                 layer.mask_mode, layer.row_masks, layer.row_noise = prev[name]

@@ -13,7 +13,7 @@ seeding); offline `score` and the HF backend both call it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from .model import DalorraModel
+    from .multi import MixedMasks, MixedView
 
     # masked(index, keys, pos): the context in which the next input's rows use their masks and dropout streams
     MaskedCtx = Callable[
@@ -116,13 +117,14 @@ def _left_pad(
 
 
 def _head(model: DalorraModel, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """lm_head on h (N, d), optionally only the output rows `rows` (letter tokens)."""
+    """lm_head on h (N, d), optionally only the output rows `rows` (letter tokens); float32 whatever the model's
+    dtype, so softmax, entropy and MI are computed in float32 (or wider)."""
     head = model.lm_head
     if rows is None:
-        return head(h)
+        return head(h).float()
     if hasattr(head, "forward_rows"):
-        return head.forward_rows(h, rows)
-    return F.linear(h, head.weight[rows], None if head.bias is None else head.bias[rows])
+        return head.forward_rows(h, rows).float()
+    return F.linear(h, head.weight[rows], None if head.bias is None else head.bias[rows]).float()
 
 
 def choice_logits(
@@ -345,25 +347,35 @@ def draws_to_score(model: DalorraModel, samples: int, first: int = 0) -> int:
 
 @torch.no_grad()
 def score_draws(
-    model: DalorraModel, requests: list[DrawRequest], cloze_cache: bool = True
+    model: DalorraModel | MixedView,
+    requests: list[DrawRequest],
+    cloze_cache: bool = True,
+    adapters: Sequence[DalorraModel] | None = None,
 ) -> list[np.ndarray]:
     """Choice logits (S'_i, B_i, K_i) per request (float64, −inf for a missing choice), all rows in one forward.
 
     S'_i = draws_to_score(model, samples, first); K_i the most choices among the request's items. Rows are
     sample-major within a request (row = s·B_i + b). Draw s's masks and, for an MC-dropout adapter, its dropout
     noise depend only on (seed, s), so a request gets the same logits whatever else shares the forward.
+    adapters: with a MixedView (adapters/multi.py) as `model`, request i's adapter (one of the view's models):
+    each row then runs under its own adapter's factors and masks, in the same forward.
     """
+    owners = list(adapters) if adapters is not None else [model] * len(requests)
+    if adapters is not None and len(owners) != len(requests):
+        raise ValueError(f"{len(owners)} adapters for {len(requests)} requests")
     device = next(model.base.parameters()).device
-    counts = [draws_to_score(model, r.samples, r.first) for r in requests]
+    counts = [draws_to_score(m, r.samples, r.first) for m, r in zip(owners, requests, strict=True)]
     enc: list[Encoded] = []
     row_items: list[int] = []
     row_samples: list[int] = []
     row_keys: list[int] = []
-    parts: dict[str, list[torch.Tensor]] = {}
-    for r, n in zip(requests, counts, strict=True):
+    drawn: list[
+        tuple[int, dict[str, torch.Tensor]]
+    ] = []  # (owner index, name → (n, r)) per request with draws
+    index_of = {id(m): a for a, m in enumerate(model.models)} if adapters is not None else {id(model): 0}
+    for m, r, n in zip(owners, requests, counts, strict=True):
         if n:
-            for name, m in model.draw_masks(n, r.seed, r.first).items():
-                parts.setdefault(name, []).append(m)
+            drawn.append((index_of[id(m)], m.draw_masks(n, r.seed, r.first)))
             for s in range(n):
                 row_items += range(len(enc), len(enc) + len(r.enc))
                 row_samples += [len(row_keys) + s] * len(r.enc)
@@ -372,17 +384,44 @@ def score_draws(
     shapes = [(n, len(r.enc), max(e.k for e in r.enc)) for r, n in zip(requests, counts, strict=True)]
     if not row_items:
         return [np.zeros(shape) for shape in shapes]
-    mc = model.cfg.method == "mcdropout"
-    masks = {name: torch.cat(ms) for name, ms in parts.items()}  # name → (Σ S'_i, r)
+    mc = any(m.cfg.method == "mcdropout" for m in owners)
+    if adapters is None:
+        masks = {name: torch.cat([d[name] for _, d in drawn]) for name in drawn[0][1]}  # name → (Σ S'_i, r)
+    else:
+        masks = _mixed_masks(model.models, drawn, device)
     samples = torch.tensor(row_samples, device=device)
     keys = torch.tensor(row_keys, device=device)[samples] if mc else None
     logits = choice_logits(model, enc, row_items, masks, samples, cloze_cache, row_keys=keys)
     logits = logits.double().cpu().numpy()  # (R, Kmax)
     out, start = [], 0
     for n, b, k in shapes:
-        out.append(logits[start : start + n * b].reshape(n, b, -1)[..., :k])
+        out.append(logits[start : start + n * b].reshape(n, b, logits.shape[1])[..., :k])
         start += n * b
     return out
+
+
+def _mixed_masks(
+    models: Sequence[DalorraModel], drawn: list[tuple[int, dict[str, torch.Tensor]]], device: torch.device
+) -> MixedMasks:
+    """One (N, r_a) table per adapter and module over the batch's N draws; rows of other adapters stay 1."""
+    from .multi import MixedMasks
+
+    owner = torch.cat([torch.full((len(next(iter(d.values()))),), a, dtype=torch.long) for a, d in drawn])
+    N = len(owner)
+    per: list[dict[str, torch.Tensor]] = []
+    for a, m in enumerate(models):
+        table = {
+            n: torch.ones(N, lay.r, dtype=lay.lora_A.dtype, device=device) for n, lay in m.adapted.items()
+        }
+        start = 0
+        for owner_a, d in drawn:
+            size = len(next(iter(d.values())))
+            if owner_a == a:
+                for n, t in d.items():
+                    table[n][start : start + size] = t
+            start += size
+        per.append(table)
+    return MixedMasks(owner.to(device), tuple(per))
 
 
 def score(
