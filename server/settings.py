@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     )
     base_model: str | None = Field(None, description="HF id or directory; default the embedded SmolLM2")
     device: str = Field("cpu", description="torch device of the HF backend (cpu, cuda, cuda:1, ...)")
+    dtype: str = Field(
+        "auto",
+        description="HF backend precision of the base model: auto (bfloat16 on CUDA and on CPUs with "
+        "AVX512-BF16/AMX, else float32), float32, bfloat16, float16; adapter factors, softmax, entropy and MI "
+        "stay float32 (fidelity: bench/results/multi_adapter.md)",
+    )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
     adapters_dir: Path = Field(REPO / "adapters" / "default", description="adapters load by name from here")
     default_adapter: str = Field(
@@ -146,6 +152,19 @@ class Settings(BaseSettings):
     @classmethod
     def _hosts(cls, v: str | list[str]) -> list[str]:
         return [h.strip().lower() for h in v.split(",") if h.strip()] if isinstance(v, str) else v
+
+    @field_validator("feedback_key", mode="before")
+    @classmethod
+    def _feedback_key(cls, v: object) -> object:
+        # docker-compose passes DALORRA_FEEDBACK_KEY="" when the user's shell has none: that means unset
+        return None if v == "" else v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={v!r}: one of auto, float32, bfloat16, float16")
+        return v
 
     @field_validator("backend")
     @classmethod
