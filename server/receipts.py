@@ -3,7 +3,8 @@
 receipt = base64url(JSON payload) "." base64url(HMAC-SHA256(key, payload))
 payload: id, adapter, predicted index, confidence, K, issue time; checked as a typed Payload after the
 signature, so even a validly signed odd payload (made with a leaked key, or by a bug) is a 4xx, never a 500 or
-a NaN in the calibration counters.
+a NaN in the calibration counters. A receipt lives `ttl_s` from its issue time; one dated further in the future
+than replicas' clocks can disagree (`max_skew_s`) is refused, else it would never expire.
 """
 
 from __future__ import annotations
@@ -51,9 +52,12 @@ def _unb64(s: str) -> bytes:
     return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
 
 
+MAX_SKEW_S = 300.0  # how far another replica's clock may run ahead of ours
+
+
 class Receipts:
-    def __init__(self, key: str, ttl_s: float, remember: int = 100_000):
-        self.key, self.ttl = key.encode(), ttl_s
+    def __init__(self, key: str, ttl_s: float, remember: int = 100_000, max_skew_s: float = MAX_SKEW_S):
+        self.key, self.ttl, self.skew = key.encode(), ttl_s, max_skew_s
         self.seen: OrderedDict[str, None] = OrderedDict()  # ids already counted on this replica (bounded)
         self.remember = remember
 
@@ -75,7 +79,10 @@ class Receipts:
             e = exc.errors()[0]
             where = ".".join(str(x) for x in e.get("loc", ())) or "payload"
             raise ReceiptInvalid(f"receipt payload is not valid ({where}: {e.get('msg')})") from None
-        if time.time() - payload.t > self.ttl:
+        age = time.time() - payload.t
+        if age < -self.skew:  # issued "later than now": a skewed clock or a forged date, never valid
+            raise ReceiptError(f"receipt is dated {-age:.0f} s in the future (more than {self.skew:g} s)")
+        if age > self.ttl:
             raise ReceiptError("receipt expired")
         return payload
 

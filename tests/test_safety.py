@@ -374,7 +374,7 @@ def test_outcomes_counted_and_ready_gauge_follows_readiness(adapters):
 
 def test_error_headers_and_messages(adapters):
     with _client(adapters, settings_kw={"api_token": "user-token-1"}) as c:
-        r = c.get("/predict")
+        r = c.get("/predict", headers={"authorization": "Bearer user-token-1"})
         assert r.status_code == 405 and r.headers["allow"] == "POST"
         r = c.post("/predict", json=Q)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
@@ -406,3 +406,194 @@ def test_invisible_text_and_non_integers_refused(adapters, body):
     with _client(adapters) as c:
         r = c.post("/predict", json=body)
         assert r.status_code == 422, r.text
+
+
+# ---- Issue #28: slow bodies, proxies, the API token on every route not meant to be open, receipts ---------
+def _drip(chunks: list[bytes], gap_s: float):
+    """An ASGI `receive` that hands out one chunk every `gap_s` seconds."""
+    it = iter(range(len(chunks)))
+
+    async def receive() -> dict:
+        i = next(it)
+        await asyncio.sleep(gap_s)
+        return {"type": "http.request", "body": chunks[i], "more_body": i < len(chunks) - 1}
+
+    return receive
+
+
+def _guarded(scope_extra: dict, receive, **guard_kw) -> tuple[int, list]:
+    """Run one POST through RequestGuard in front of an app that answers 200; (status, rejections)."""
+    from server.guards import RequestGuard
+
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    sent, rejected = [], []
+    guard = RequestGuard(app, on_reject=lambda path, status: rejected.append(status), **guard_kw)
+
+    async def send(msg):
+        sent.append(msg)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": [], **scope_extra}
+    asyncio.run(guard(scope, receive, send))
+    return sent[0]["status"], rejected
+
+
+def test_a_dripping_body_is_cut_though_no_single_read_stalls():
+    # a byte every 0.1 s never trips the 0.3 s per-read limit; the overall budget (0.3 s + 1 s/KiB) ends it
+    status, rejected = _guarded({}, _drip([b"x"] * 40, 0.1), max_body_bytes=10_000, body_timeout_s=0.3)
+    assert status == 408 and rejected == [408]
+
+
+def test_a_slow_but_steady_body_is_read_whole():
+    # 2,400 bytes at about 3 KB/s: above the minimum rate, so it arrives in full and the app answers
+    status, rejected = _guarded({}, _drip([b"x" * 600] * 4, 0.2), max_body_bytes=10_000, body_timeout_s=0.3)
+    assert status == 200 and rejected == []
+
+
+def test_dripping_connections_are_closed_by_a_real_server(adapters):
+    """Over a socket to uvicorn: the 408 arrives and the server closes the connection."""
+    import socket
+
+    import uvicorn
+
+    from server.guards import head_timeout_protocol
+    from tests.server_utils import free_port
+
+    port = free_port()
+    app = create_app(_settings(adapters, body_timeout_s=1.0), FakeBackend())
+    server = uvicorn.Server(
+        uvicorn.Config(app, port=port, log_level="warning", http=head_timeout_protocol(5.0))
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 400\r\n\r\n"
+            )
+            reply, dripped = b"", 0
+            for _ in range(100):  # a byte every 0.2 s (under the 1 s per-read limit) for up to 20 s
+                try:
+                    s.sendall(b" ")
+                except OSError:  # the server already closed
+                    break
+                dripped += 1
+                s.settimeout(0.2)
+                try:
+                    chunk = s.recv(4096)
+                except TimeoutError:
+                    continue
+                reply += chunk
+                if not chunk:
+                    break
+            s.settimeout(10)
+            while chunk := s.recv(4096):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408"), reply
+        assert b"body_timeout" in reply
+        assert dripped < 50  # cut about 1 s in (~5 bytes), not after the 100 bytes and a stall
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x-real-ip": "203.0.113.7"},
+        {"forwarded": "for=203.0.113.7;proto=https"},
+        {"forwarded": 'for="[2001:db8::1]:443"'},
+        {"forwarded": "for=127.0.0.1"},  # what the proxy passed through says nothing about the client
+        {"x-real-ip": "::1"},
+        {"x-forwarded-host": "api.example"},
+        {"true-client-ip": "198.51.100.2"},
+    ],
+)
+def test_a_same_host_proxy_is_not_a_loopback_client(adapters, headers):
+    with _client(adapters, **LOCAL) as c:
+        r = c.post("/v1/adapters/spare/load", json={}, headers=headers)
+        assert r.status_code == 403 and r.json()["error"]["type"] == "admin_forbidden", r.text
+        assert c.post("/v1/adapters/spare/load", json={}).status_code == 200  # direct loopback: allowed
+
+
+def test_relayed_client_records_the_address_the_proxy_names():
+    from server.guards import PROXIED, relayed_client
+
+    local = ("127.0.0.1", 5000)
+    assert relayed_client({}, local) == local
+    assert relayed_client({b"x-real-ip": b"203.0.113.7"}, local) == ("203.0.113.7", 0)
+    assert relayed_client({b"forwarded": b'for="[2001:db8::1]:443", for=10.0.0.1'}, local) == (
+        "2001:db8::1",
+        0,
+    )
+    assert relayed_client({b"forwarded": b"for=_hidden"}, local) == (PROXIED, 0)
+    assert relayed_client({b"x-real-ip": b"127.0.0.1"}, local) == (PROXIED, 0)
+    remote = ("198.51.100.9", 5000)  # not a same-host proxy: its headers are not ours to act on
+    assert relayed_client({b"x-real-ip": b"127.0.0.1"}, remote) == remote
+
+
+TOKEN = {"authorization": "Bearer user-token-1"}
+
+
+@pytest.mark.parametrize(
+    "path", ["/v2/models/fake/ready", "/v1/adapters", "/v1/adapters/fake", "/openapi.json", "/docs", "/redoc"]
+)
+def test_with_an_api_token_only_probes_metrics_and_the_page_stay_open(adapters, path):
+    with _client(adapters, settings_kw={"api_token": "user-token-1"}) as c:
+        r = c.get(path)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.status_code)
+        assert r.json()["error"]["type"] == "unauthorized"
+        assert c.get(path, headers={"authorization": "Bearer wrong-token"}).status_code == 401
+        assert c.get(path, headers=TOKEN).status_code == 200
+        for open_path in (
+            "/health/live",
+            "/health/ready",
+            "/v2/health/live",
+            "/v2/health/ready",
+            "/metrics",
+            "/",
+        ):
+            assert c.get(open_path).status_code == 200, open_path
+
+
+def test_api_token_refusals_are_counted_and_admin_keeps_its_own_token(adapters):
+    kw = {"api_token": "user-token-1", "admin_token": "admin-token-1"}
+    with _client(adapters, settings_kw=kw) as c:
+        assert c.post("/predict", json=Q).status_code == 401
+        assert _metric(c, "dalorra_requests_total", outcome="invalid") == 1
+        admin = {"authorization": "Bearer admin-token-1"}
+        assert c.post("/v1/adapters/spare/load", json={}, headers=admin).status_code == 200
+        assert c.post("/v1/adapters/spare/load", json={}, headers=TOKEN).status_code == 401
+
+
+def test_receipts_dated_in_the_future_are_refused(adapters):
+    from server.receipts import ReceiptError, Receipts
+
+    r = Receipts("unit-test-key-123", ttl_s=3600)
+    now = time.time()
+    pay = {"id": "x", "a": "fake", "p": 0, "c": 0.5, "k": 2}
+    assert r.verify(r.sign({**pay, "t": now + 60})).id == "x"  # another replica's clock a minute ahead
+    for t in (now + 3 * 3600, now + 100 * 365 * 86400, 1e300):
+        with pytest.raises(ReceiptError, match="future"):
+            r.verify(r.sign({**pay, "t": t}))
+    svc = Service(_settings(adapters), FakeBackend(), Metrics())
+    with pytest.raises(ApiError) as exc:
+        svc.feedback(FeedbackRequest(receipt=svc.receipts.sign({**pay, "t": now + 86400}), label=0))
+    assert exc.value.status == 403 and exc.value.type == "bad_receipt"
+
+
+def test_an_empty_feedback_key_means_unset(adapters, monkeypatch):
+    monkeypatch.setenv("DALORRA_FEEDBACK_KEY", "")  # what docker-compose passes when the shell has none
+    s = Settings(adapters_dir=adapters, default_adapter="fake")
+    assert s.feedback_key is None
+    assert len(Service(s, FakeBackend(), Metrics()).receipts.key) >= 32  # a random key per process
+    monkeypatch.setenv("DALORRA_FEEDBACK_KEY", "short")
+    with pytest.raises(ValueError, match="feedback_key"):  # a real but too short key still stops the start
+        Settings(adapters_dir=adapters, default_adapter="fake")
