@@ -89,24 +89,57 @@ def _convert_embedded(target: Path) -> None:
     log.warning("Converted in %.1f s.", time.perf_counter() - t0)
 
 
+def converted_dir() -> Path:
+    """Where the embedded model's float conversion lives (it may not exist yet)."""
+    return cache_dir() / "models" / "SmolLM2-135M-Instruct-f32"
+
+
 def local_path(name: str | None) -> str:
     """The path or hub id that `from_pretrained` should read for `name` (converting the embedded model once)."""
     name = resolve_name(name)
     if name != EMBEDDED_NAME:
         return name
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct-f32"
+    target = converted_dir()
     if not (target / "config.json").is_file():
         _convert_embedded(target)
     return str(target)
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX-BF16), read from /proc/cpuinfo.
+
+    Without them PyTorch emulates bf16 and a forward is slower than float32 (measured about 3x on older CPUs);
+    with them the embedded model's forward ran 2.1-2.2x faster (bench/results/multi_adapter.md)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """`auto` → bfloat16 on CUDA and on CPUs with bf16 instructions, else float32; other names as given."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: one of {', '.join(DTYPES)}")
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if device == "cpu" and cpu_has_bf16() else "float32"
+
+
 def load_base(
     name: str | None = None, device: str = "cpu", dtype: str = "float32"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return (model, tokenizer) in eval mode. `name`: None for the embedded default, an HF id or a directory."""
+    """Return (model, tokenizer) in eval mode. `name`: None for the embedded default, an HF id or a directory.
+    dtype: float32, bfloat16, float16 or auto (resolve_dtype)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = resolve_dtype(dtype, device)
     path = local_path(name)
     t0 = time.perf_counter()
     try:

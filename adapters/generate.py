@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .generation import GeneratedChoice, GenerateRequest, GenerateResult, TokenScores
-from .scoring import _left_pad
+from .masks import stream_seed
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -33,8 +33,34 @@ if TYPE_CHECKING:
 TOKEN_CHUNK = (
     16  # answer positions reduced at once in the uncertainty pass: (S, 16, V) float64 ≈ 63 MB at S = 10
 )
+ROW_TOKENS = (
+    128  # a multiple-choice row is about this many tokens: a piece of work costs tokens / ROW_TOKENS rows
+)
+PIECE_TOKENS = 2560  # the uncertainty pass runs in pieces of at most this many tokens (≈ 20 rows)
+
+# The model is held per piece of work: a context manager (a lock), or gate(rows) → one for a piece of `rows` rows
+# (the server's scheduler; rows = tokens / ROW_TOKENS), so other requests interleave with a long generation.
+Lock = AbstractContextManager[object] | Callable[[int], AbstractContextManager[object]] | None
 
 OnToken = Callable[[int, str, dict | None], None]  # (choice index, new text, token info) while decoding
+
+
+def work_rows(prompt_tokens: int, max_tokens: int, n: int, samples: int) -> int:
+    """A generation's cost in rows, as the scheduler counts work: decoding n answers of up to max_tokens tokens
+    (one token per step each), then the uncertainty pass over S rows of prompt + answer per answer, plus lm_head
+    over the whole vocabulary at every answer position (≈ 30 % of a SmolLM2 token's cost)."""
+    decode = n * (prompt_tokens + max_tokens) / ROW_TOKENS
+    score = 1.3 * samples * n * (prompt_tokens + max_tokens) / ROW_TOKENS
+    return max(1, math.ceil(decode + score))
+
+
+def hold(lock: Lock, rows: int) -> AbstractContextManager[object]:
+    """The context that holds the model for a piece of work of `rows` rows."""
+    if lock is None:
+        return nullcontext()
+    if hasattr(lock, "__enter__"):
+        return lock  # type: ignore[return-value]
+    return lock(max(1, math.ceil(rows)))
 
 
 class PromptError(ValueError):
@@ -146,7 +172,7 @@ class _Decoded:
 def generate(
     model: DalorraModel,
     req: GenerateRequest,
-    lock: AbstractContextManager[object] | None = None,
+    lock: Lock = None,
     max_prompt_tokens: int | None = None,
     on_token: OnToken | None = None,
     cancelled: Callable[[], bool] = lambda: False,
@@ -155,7 +181,6 @@ def generate(
 
     on_token streams each choice's new text as it becomes final; cancelled() is polled once per step."""
     t0 = time.perf_counter()
-    lock = nullcontext() if lock is None else lock
     tok = model.tokenizer
     prompt = prompt_ids(model, req, max_prompt_tokens)
     device = next(model.base.parameters()).device
@@ -172,7 +197,7 @@ def generate(
     for _ in range(req.max_tokens):
         if cancelled():
             break
-        with lock, model.row_masks(mean, rows0):  # z = E[z] on every row
+        with hold(lock, n * ids.shape[1] / ROW_TOKENS), model.row_masks(mean, rows0):  # z = E[z] on every row
             out = model.decoder(input_ids=ids, past_key_values=past, use_cache=True)
             logits = model.lm_head(out.last_hidden_state[:, -1]).float()  # (n, V)
         past = out.past_key_values
@@ -222,7 +247,7 @@ def generate(
     samples, t1 = 0, time.perf_counter()
     if req.samples > 0 and not was_cancelled:
         scores, samples = score_answers(
-            model, prompt, [c.token_ids for c in choices], req.samples, req.mask_seed, lock
+            model, prompt, [c.token_ids for c in choices], req.samples, req.mask_seed, lock, cancelled
         )
         for c, s in zip(choices, scores, strict=True):
             c.scores = s
@@ -262,12 +287,17 @@ def score_answers(
     answers: list[list[int]],
     samples: int,
     seed: int,
-    lock: AbstractContextManager[object] | None = None,
+    lock: Lock = None,
+    cancelled: Callable[[], bool] = lambda: False,
+    piece_tokens: int = PIECE_TOKENS,
 ) -> tuple[list[TokenScores], int]:
-    """Teacher-forced scores of every answer under S' = min(S, distinct draws) masks, all rows in one forward.
+    """Teacher-forced scores of every answer under S' = min(S, distinct draws) masks.
 
     Row (j, s) is prompt + answer_j under mask z_s(seed); the logits at the positions before each answer token
-    give p_{s,t}. Returns one TokenScores per answer and S'."""
+    give p_{s,t}. The rows run in pieces of at most `piece_tokens` tokens, each holding the model on its own (so
+    other work interleaves with a long prompt); only the answer positions' hidden states are kept, then lm_head
+    and the reductions run per answer in TOKEN_CHUNK positions. A row's result does not depend on the piece it ran
+    in (masks and MC-dropout noise are per row). Returns one TokenScores per answer and S'."""
     device = next(model.base.parameters()).device
     S = min(samples, model.distinct_draws() or samples)
     masks = model.draw_masks(S, seed)
@@ -276,33 +306,45 @@ def score_answers(
     out = [empty] * len(answers)
     if not live:
         return out, S
-    seqs = [prompt + answers[j] for j in live for _ in range(S)]
-    row_s = torch.arange(S, device=device).repeat(len(live))  # row (j, s) → mask s
-    ids, attn, pos = _left_pad(seqs, model.tokenizer.pad_token_id, device)
-    L = ids.shape[1]
-    mc = model.cfg.method == "mcdropout"
-    with nullcontext() if lock is None else lock, torch.random.fork_rng(), model.mc_dropout(mc):
-        torch.manual_seed(seed)  # MC dropout's draws, as in scoring.score
-        with model.row_masks(masks, row_s):
-            hidden = model.decoder(
-                input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False
-            ).last_hidden_state  # (R, L, d), R = len(live)·S
-        for r, j in enumerate(live):
-            y = torch.tensor(answers[j], device=device)
-            T = len(y)
-            rows = slice(r * S, (r + 1) * S)
-            parts: dict[str, list[torch.Tensor]] = {}
-            for a in range(0, T, TOKEN_CHUNK):  # bounded memory: (S, chunk, V) at a time
-                b = min(T, a + TOKEN_CHUNK)
-                h = hidden[
-                    rows, L - T - 1 + a : L - T - 1 + b
-                ]  # (S, b−a, d): positions predicting y_a..y_{b−1}
-                with model.row_masks(masks, torch.arange(S, device=device)):
-                    lp = torch.log_softmax(model.lm_head(h).float(), -1)  # (S, b−a, V)
-                for k, v in vocab_uncertainty(lp, y[a:b]).items():
-                    parts.setdefault(k, []).append(v)
-            cat = {k: torch.cat(v, -1).cpu().numpy() for k, v in parts.items()}
-            out[j] = TokenScores(
-                cat["entropy"], cat["aleatoric"], cat["epistemic"], cat["mask_logprobs"], cat["mean_logprobs"]
-            )
+    keys = torch.tensor([stream_seed(seed, s) for s in range(S)], device=device)
+
+    def noise(rows: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """MC dropout: row s's noise from its own stream (seed, s) at each token's position, as in scoring."""
+        return (keys[rows], pos) if model.cfg.method == "mcdropout" else None
+
+    L = len(prompt) + max(len(answers[j]) for j in live)
+    per_piece = max(1, piece_tokens // L)  # rows per piece
+    for j in live:
+        y = torch.tensor(answers[j], device=device)
+        T = len(y)
+        seq = prompt + answers[j]
+        kept: list[torch.Tensor] = []  # (s, T, d) hidden states at the positions predicting y, per piece
+        for a in range(0, S, per_piece):
+            if cancelled():
+                return out, S
+            rows = torch.arange(a, min(S, a + per_piece), device=device)
+            ids = torch.tensor([seq] * len(rows), device=device)
+            pos = torch.arange(len(seq), device=device).expand(len(rows), -1)  # (s, L_j)
+            with (
+                hold(lock, len(rows) * len(seq) / ROW_TOKENS),
+                model.row_masks(masks, rows, noise(rows, pos)),
+            ):
+                hidden = model.decoder(input_ids=ids, use_cache=False).last_hidden_state  # (s, L_j, d)
+            kept.append(hidden[:, len(prompt) - 1 : len(seq) - 1])
+        h_all = torch.cat(kept)  # (S, T, d)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for b0 in range(0, T, TOKEN_CHUNK):  # bounded memory: (S, chunk, V) at a time
+            b1 = min(T, b0 + TOKEN_CHUNK)
+            if cancelled():
+                return out, S
+            at = torch.arange(len(prompt) - 1 + b0, len(prompt) - 1 + b1, device=device).expand(S, -1)
+            every = torch.arange(S, device=device)
+            with hold(lock, S * (b1 - b0) / ROW_TOKENS), model.row_masks(masks, every, noise(every, at)):
+                lp = torch.log_softmax(model.lm_head(h_all[:, b0:b1]).float(), -1)  # (S, b1−b0, V)
+            for k, v in vocab_uncertainty(lp, y[b0:b1]).items():
+                parts.setdefault(k, []).append(v)
+        cat = {k: torch.cat(v, -1).cpu().numpy() for k, v in parts.items()}
+        out[j] = TokenScores(
+            cat["entropy"], cat["aleatoric"], cat["epistemic"], cat["mask_logprobs"], cat["mean_logprobs"]
+        )
     return out, S

@@ -39,7 +39,7 @@ def _diff(x, y) -> float:
 
 
 def _backend_diff(xs, ys) -> float:
-    return max(float(np.abs(p - q).max()) for p, q in zip(xs, ys, strict=True))
+    return max(float(np.abs(p.logits - q.logits).max()) for p, q in zip(xs, ys, strict=True))
 
 
 class Bench:
@@ -132,7 +132,7 @@ class Bench:
 
         mixed, res = self._mixed(), {}
         for bucket in (True, False):
-            be = HFBackend(Settings(length_bucketing=bucket))
+            be = HFBackend(Settings(length_bucketing=bucket, dtype="float32"))
             be.load_adapter("d", self.a.adapter)
             be.score(mixed[:2])
             res[bucket] = timed(lambda be=be: be.score(mixed), self.R)
@@ -187,7 +187,7 @@ class Bench:
 
         mixed, res, warm = self._mixed(), {}, {}
         for compiled in (True, False):
-            be = HFBackend(Settings(compile=compiled, default_samples=self.S))
+            be = HFBackend(Settings(compile=compiled, default_samples=self.S, dtype="float32"))
             t = time.perf_counter()
             be.load_adapter("d", self.a.adapter)
             warm[compiled] = time.perf_counter() - t

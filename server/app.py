@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backend import Backend
+from .disconnect import until_disconnected
 from .errors import ApiError
 from .guards import RequestGuard, host_name
 from .kserve import router as kserve_router
@@ -31,6 +32,7 @@ from .protocol import (
     PredictItem,
     PredictResponse,
 )
+from .registry import Registry
 from .service import Service
 from .settings import Settings
 
@@ -63,7 +65,12 @@ def _service(request: Request) -> Service:
     return request.app.state.service
 
 
+def _registry(request: Request) -> Registry:
+    return request.app.state.service.registry
+
+
 Svc = Annotated[Service, Depends(_service)]
+Adapters = Annotated[Registry, Depends(_registry)]
 
 
 def _error(status: int, type_: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -209,12 +216,12 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         dependencies=[Depends(user)],
     )
     async def predict(
-        body: PredictItem | list[PredictItem], svc: Svc
+        body: PredictItem | list[PredictItem], svc: Svc, request: Request
     ) -> PredictResponse | list[PredictResponse]:
-        """One item → one response; a list → a list, in order."""
+        """One item → one response; a list → a list, in order. A client that disconnects stops its work."""
         if isinstance(body, list):
-            return await svc.predict(body)
-        return (await svc.predict([body]))[0]
+            return await until_disconnected(request, svc.predict(body))
+        return (await until_disconnected(request, svc.predict([body])))[0]
 
     @app.post("/feedback", response_model=FeedbackResponse, responses=ERRORS, dependencies=[Depends(user)])
     async def feedback(body: FeedbackRequest, svc: Svc) -> FeedbackResponse:
@@ -222,16 +229,16 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         return svc.feedback(body)
 
     @app.get("/v1/adapters", response_model=AdapterList)
-    async def list_adapters(svc: Svc) -> AdapterList:
+    async def list_adapters(reg: Adapters) -> AdapterList:
         return AdapterList(
-            default=settings.default_adapter, adapters=[svc.describe(n) for n in svc.available()]
+            default=settings.default_adapter, adapters=[reg.describe(n) for n in reg.available()]
         )
 
     @app.get("/v1/adapters/{name}", response_model=AdapterInfo, responses=ERRORS)
-    async def describe_adapter(name: str, svc: Svc) -> AdapterInfo:
-        if name not in svc.records:
-            svc.adapter_path(name)  # 404 / 422 when it does not exist at all
-        return svc.describe(name)
+    async def describe_adapter(name: str, reg: Adapters) -> AdapterInfo:
+        if name not in reg:
+            reg.path(name)  # 404 / 422 when it does not exist at all
+        return reg.describe(name)
 
     @app.post(
         "/v1/adapters/{name}/load",
@@ -239,9 +246,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         responses=ERRORS,
         dependencies=[Depends(admin)],
     )
-    async def load_adapter(name: str, svc: Svc) -> AdapterInfo:
-        await svc.load(name)
-        return svc.describe(name)
+    async def load_adapter(name: str, reg: Adapters) -> AdapterInfo:
+        return (await reg.load(name)).info()
 
     @app.post(
         "/v1/adapters/{name}/unload",
@@ -249,9 +255,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         responses=ERRORS,
         dependencies=[Depends(admin)],
     )
-    async def unload_adapter(name: str, svc: Svc) -> AdapterInfo:
-        await svc.unload(name)
-        return svc.describe(name)
+    async def unload_adapter(name: str, reg: Adapters) -> AdapterInfo:
+        await reg.unload(name)
+        return reg.describe(name)
 
     @app.get("/health/live", response_model=None)
     @app.get("/v2/health/live", response_model=None)
@@ -266,11 +272,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         return {"ready": True}
 
     @app.get("/v2/models/{adapter}/ready", response_model=None, responses={404: {"model": ErrorResponse}})
-    async def model_ready(adapter: str, svc: Svc) -> JSONResponse | dict[str, str | bool]:
-        if adapter not in svc.records or not svc.ready():
-            return _error(
-                404 if adapter not in svc.records else 503, "not_ready", f"adapter {adapter!r} not ready"
-            )
+    async def model_ready(adapter: str, svc: Svc, reg: Adapters) -> JSONResponse | dict[str, str | bool]:
+        if adapter not in reg or not svc.ready():
+            return _error(404 if adapter not in reg else 503, "not_ready", f"adapter {adapter!r} not ready")
         return {"name": adapter, "ready": True}
 
     @app.get("/metrics")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,19 +49,21 @@ class Backend(abc.ABC):
     def adapter_names(self) -> list[str]: ...
 
     @abc.abstractmethod
-    def score(self, requests: list[ScoreRequest]) -> list[np.ndarray | Scored | Exception]:
-        """Choice logits (S_i, K_i) for every request (or a Scored), in order, or that request's own exception.
+    def score(self, requests: list[ScoreRequest]) -> list[Scored | Exception]:
+        """A Scored ((S_i, K_i) choice logits) for every request, in order, or that request's own exception.
 
-        All rows (Σ S_i) of one adapter go through one forward."""
+        Requests may name different adapters; a backend scores them in as few forwards as it can."""
 
     def generate(
         self,
         request: GenerateRequest,
         on_token: OnToken | None = None,
         cancelled: Callable[[], bool] | None = None,
+        gate: Callable[[int], AbstractContextManager[object]] | None = None,
     ) -> GenerateResult:
         """Decode a GenerateRequest with the mean-mask network and score the answer under S masks
-        (server/generation.py); returns a GenerateResult. A backend that cannot raises GenerationUnsupported."""
+        (server/generation.py); returns a GenerateResult. Every use of the model runs inside gate(rows), the
+        scheduler's turn for a piece of `rows` rows. A backend that cannot raises GenerationUnsupported."""
         from .generation import GenerationUnsupported
 
         raise GenerationUnsupported(f"the {self.name} backend cannot generate text")

@@ -1,32 +1,33 @@
-"""Serving logic for generated answers: validate → take a slot → backend.generate in a worker thread →
+"""Serving logic for generated answers: validate → admit → take a slot → backend.generate in a worker thread →
 summarise the uncertainty → decide → count. Apart from the FastAPI glue (server/openai_api.py).
 
-Generation has a path of its own beside the batcher: GENERATION_SLOTS worker threads decode at once, up to
-GENERATION_QUEUE requests wait for a slot and more get 429. The backend takes its model lock per decoding
-step, so /predict batches and generations take turns on the model. A slot is held until the worker thread
-returns; a stream whose client disconnects sets its cancel flag, the decoding loop stops at its next step
-and the slot is free again.
+A generation is admitted by the one scheduler (server/scheduler.py) as its estimated rows (decoding plus the
+uncertainty pass, adapters.generate.work_rows): too large for the queue → 413, queue full → 429. GENERATION_SLOTS
+worker threads decode at once and up to GENERATION_QUEUE requests wait for a slot (more get 429). Every forward of
+a generation — each decoding step, each bounded piece of the uncertainty pass — is a turn of the scheduler, so
+/predict batches interleave with a long generation. A request whose client leaves (stream or not) sets its cancel
+flag; the worker stops at its next piece and the slot and rows are free again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapters.generation import GenerateRequest, GenerateResult, decide, summarize_answer, thresholds_of
+from adapters.generate import work_rows
+from adapters.generation import GenerateRequest, GenerateResult, decide, summarize_answer
 
 from .backend import BackendError
 from .errors import ApiError
 from .generation import GenerationUnsupported
 
 if TYPE_CHECKING:
+    from .registry import AdapterRecord
     from .service import Service
 
 log = logging.getLogger("dalorra.generation")
@@ -39,14 +40,13 @@ class GenerationService:
         self.waiting = 0
         self._slots = asyncio.Semaphore(self.s.generation_slots)
         self._pool = ThreadPoolExecutor(max_workers=self.s.generation_slots, thread_name_prefix="dalorra-gen")
-        self._decisions: dict[tuple[str, int], dict] = {}
 
     # ---- validation -----------------------------------------------------------------------------
-    def adapter(self, name: str) -> dict:
-        """The loaded adapter's record, or the same 404s as /predict."""
-        rec = self.svc.records.get(name)
-        if rec is None:
-            if name in self.svc.available():
+    def adapter(self, name: str) -> AdapterRecord:
+        """The loaded adapter's record, or the same 404s as /predict (OpenAI's names), or 503 while starting."""
+        reg = self.svc.registry
+        if name not in reg:
+            if name in reg.available():
                 raise ApiError(
                     404,
                     "adapter_not_loaded",
@@ -54,13 +54,8 @@ class GenerationService:
                 )
             raise ApiError(404, "model_not_found", f"unknown model {name!r}; see GET /v1/models")
         if not self.svc.accepting:
-            raise ApiError(
-                503,
-                "unavailable",
-                "server is not accepting requests (starting or draining)",
-                {"Retry-After": "5"},
-            )
-        return rec
+            raise self.svc.unavailable()
+        return reg.get(name)
 
     def plan(
         self,
@@ -95,7 +90,7 @@ class GenerationService:
             len(text) > s.max_question_chars * 4
         ):  # a cheap bound before tokenising; tokens are checked exactly
             raise ApiError(413, "too_long", f"prompt exceeds {s.max_question_chars * 4} characters")
-        samples = samples if samples is not None else (rec.get("default_samples") or s.default_samples)
+        samples = samples if samples is not None else (rec.default_samples or s.default_samples)
         if samples > s.max_samples:
             raise ApiError(422, "invalid_request", f"samples={samples} exceeds the limit {s.max_samples}")
         return GenerateRequest(
@@ -140,12 +135,39 @@ class GenerationService:
         self.metrics.gen_slots.set(self.busy)
         self._slots.release()
 
+    def rows(self, req: GenerateRequest) -> int:
+        """The request's cost in scheduler rows (its prompt's tokens estimated from characters: ≥ 1 per 3)."""
+        text = req.prompt if req.prompt is not None else "".join(c for _, c in req.messages or ())
+        return work_rows(len(text) // 3 + 16, req.max_tokens, req.n, req.samples)
+
     async def events(self, req: GenerateRequest, stream: bool) -> AsyncIterator[tuple]:
         """("token", index, text, info) while decoding (stream=True only), then ("done", GenerateResult).
 
-        Leaving the iterator early (the client went away) cancels the decoding; the slot is released when the
-        worker thread actually returns."""
-        await self._acquire(req.adapter)
+        Leaving the iterator early (the client went away) cancels the decoding; the slot and the admitted rows
+        are released when the worker thread actually returns."""
+        rows = self.rows(req)
+        try:
+            self.svc.admit(rows, None)
+        except ApiError as exc:
+            self.metrics.gen_requests.labels(
+                req.adapter, "rejected" if exc.status == 429 else "invalid"
+            ).inc()
+            raise
+        try:
+            await self._acquire(req.adapter)
+        except BaseException:
+            self.svc.scheduler.release(rows)
+            raise
+        self.svc.registry.busy[req.adapter] += 1
+        released = False
+
+        def release_rows(_: object = None) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.svc.scheduler.release(rows)
+                self.svc.registry.busy[req.adapter] -= 1
+
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -155,12 +177,19 @@ class GenerationService:
 
         try:
             fut = loop.run_in_executor(
-                self._pool, self.svc.backend.generate, req, on_token if stream else None, cancel.is_set
+                self._pool,
+                self.svc.backend.generate,
+                req,
+                on_token if stream else None,
+                cancel.is_set,
+                self.svc.scheduler.gate,
             )
         except BaseException:
             self._release()
+            release_rows()
             raise
         fut.add_done_callback(self._release)
+        fut.add_done_callback(release_rows)
         fut.add_done_callback(lambda f: queue.put_nowait(("done", f)))
         finished = False
         try:
@@ -202,26 +231,6 @@ class GenerationService:
         raise RuntimeError("generation ended without a result")
 
     # ---- uncertainty and decision ---------------------------------------------------------------
-    def decision_record(self, adapter: str) -> tuple[dict | None, str]:
-        """Fitted generation thresholds: DALORRA_GENERATION_DECISION[adapter], else the adapter directory's
-        generation_decision.json, else none (every answer is answered, and the object says so)."""
-        key = (adapter, self.svc.generation.get(adapter, 0))
-        if key not in self._decisions:
-            rec, src = None, "none fitted"
-            if self.s.generation_decision is not None and Path(self.s.generation_decision).is_file():
-                rec = json.loads(Path(self.s.generation_decision).read_text()).get(adapter)
-                src = str(self.s.generation_decision) if rec else src
-            if rec is None:
-                try:
-                    f = self.svc.adapter_path(adapter) / "generation_decision.json"
-                except ApiError:
-                    f = None
-                if f is not None and f.is_file():
-                    rec, src = json.loads(f.read_text()), "generation_decision.json"
-            self._decisions[key] = {"record": rec, "source": src}
-        d = self._decisions[key]
-        return d["record"], d["source"]
-
     def uncertainty(
         self,
         adapter: str,
@@ -235,8 +244,8 @@ class GenerationService:
         if c.scores is None:
             return None
         summ = summarize_answer(c.scores)
-        rec, src = self.decision_record(adapter)
-        conf_t, epi_t = thresholds_of(rec)
+        th = self.svc.registry.get(adapter).generation  # read and checked once, when the adapter loaded
+        conf_t, epi_t, src = th.min_confidence, th.max_epistemic, th.source
         if min_confidence is not None or max_epistemic is not None:
             src = "request"
             conf_t = min_confidence if min_confidence is not None else conf_t

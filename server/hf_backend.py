@@ -1,22 +1,30 @@
-"""Hugging Face transformers backend (CPU or GPU): every adapter's rows of a batch in one forward."""
+"""Hugging Face transformers backend (CPU or GPU): one base model, many adapters, mixed in one forward.
+
+The base model is loaded once per process (adapters/multi.py: SharedBase); loading an adapter attaches its
+factors and switch logits to the base's slots and unloading detaches them. A backend call's requests are grouped
+by scoring path (prompt mode and letters), and each group runs as forwards of at most max_forward_rows rows in
+which every row selects its own adapter and mask. Precision: the base in `dtype` (auto: bf16 where the hardware
+has it), the adapters' factors in float32, softmax/entropy/MI in float32 or wider.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from adapters.adapter_io import load_adapter
-from adapters.basemodel import load_base
+from adapters.basemodel import load_base, resolve_dtype
 from adapters.data import Item
-from adapters.scoring import DrawRequest, encode, score_draws
+from adapters.multi import MixedView, SharedBase, mixed_key
+from adapters.scoring import DrawRequest, Encoded, encode, score_draws
 
-from .backend import Backend, BackendError, ScoreRequest
+from .backend import Backend, BackendError, Scored, ScoreRequest
 
 if TYPE_CHECKING:
     from adapters.generate import OnToken
@@ -26,6 +34,7 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 log = logging.getLogger("dalorra.hf")
+Gate = Callable[[int], AbstractContextManager[object]]
 
 
 class HFBackend(Backend):
@@ -35,24 +44,61 @@ class HFBackend(Backend):
         self.settings = settings
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        self.models: dict = {}  # adapter name → DalorraModel (each on its own copy of the base)
-        self.lock = threading.Lock()  # scoring and (un)loading never overlap on one model
+        self.dtype = resolve_dtype(settings.dtype, settings.device)
+        self.shared: SharedBase | None = None  # the one base model, loaded with the first adapter
+        self.models: dict[str, DalorraModel] = {}  # adapter name → its factors attached to self.shared
+        self.lock = threading.Lock()  # forwards and (de)attaching never overlap
         self.warmup_seconds: dict[str, float] = {}  # adapter → torch.compile + warm-up time (COMPILE=true)
+        self.base_seconds: float | None = None  # time to load the base model
+
+    # ---- adapters ---------------------------------------------------------------------------------
+    def _base(self) -> SharedBase:
+        if self.shared is None:
+            t0 = time.perf_counter()
+            base, tok = load_base(self.settings.base_model, device=self.settings.device, dtype=self.dtype)
+            self.shared = SharedBase(base, tok, self.settings.base_model or "")
+            self.base_seconds = time.perf_counter() - t0
+            log.info("base model loaded once for every adapter (%s, %.1f s)", self.dtype, self.base_seconds)
+        return self.shared
 
     def load_adapter(self, name: str, path: str) -> dict:
-        base, tok = load_base(self.settings.base_model, device=self.settings.device)
-        model = load_adapter(path, base, tok, self.settings.base_model or "")
-        model.eval()
+        shared = self._base()
+        with self.lock:  # attaching may wrap base modules in slots: never during a forward
+            model = load_adapter(
+                path, shared.base, shared.tokenizer, self.settings.base_model or "", shared, torch.float32
+            )
+            model.eval()
         if self.settings.compile:
             self.warmup_seconds[name] = self._compile(model, name)
-        with self.lock:  # only a warmed-up model becomes visible: readiness and hot loads wait for it
+        with self.lock:  # only a warmed-up adapter becomes visible; a reload replaces the old factors
+            old = self.models.get(name)
             self.models[name] = model
+            if old is not None:
+                shared.detach(old)
         return model.record
+
+    def unload_adapter(self, name: str) -> None:
+        with self.lock:
+            model = self.models.pop(name, None)
+            if model is not None and self.shared is not None:
+                self.shared.detach(model)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.models)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held: the base once, and every adapter's own tensors (factors, switch logits, fixed masks)."""
+        out = {"base": self.shared.memory_bytes() if self.shared else 0}
+        for name, m in self.models.items():
+            own = [t for lay in m.adapted.values() for t in (lay.lora_A, lay.lora_B, lay.mask_logits)]
+            own += list(m.fixed_masks.values())
+            out[name] = sum(t.numel() * t.element_size() for t in own)
+        return out
 
     @torch.no_grad()
     def _compile(self, model: DalorraModel, name: str) -> float:
-        """torch.compile the graph-break-free parts of every decoder layer (MLP, RMSNorms; dynamic shapes) and
-        run warm-up batches so the compile cost is paid at load, not by the first user.
+        """torch.compile the graph-break-free parts of every decoder layer (MLP, RMSNorms; dynamic shapes) once for
+        the shared base, and run warm-up batches so the compile cost is paid at load, not by the first user.
 
         Attention stays eager: its KV-cache objects break graphs (a whole-layer compile hit dynamo's recompile
         limit in a trial). Warm-up covers one row (a deterministic answer) and several rows, since dynamic
@@ -60,123 +106,137 @@ class HFBackend(Backend):
         t0 = time.perf_counter()
         for layer in model.decoder.layers:
             for mod in (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
-                mod.compile(dynamic=True)
-        model.decoder.norm.compile(dynamic=True)
-        for rows in (1, max(2, self.settings.default_samples)):
-            self._score_group(
-                model,
-                [ScoreRequest(name, "Which warms the model up?", ("this one", "that one"), None, rows, 0)],
-            )
+                if getattr(mod, "_compiled_call_impl", None) is None:
+                    mod.compile(dynamic=True)
+        if getattr(model.decoder.norm, "_compiled_call_impl", None) is None:
+            model.decoder.norm.compile(dynamic=True)
+        with self.lock:
+            for rows in (1, max(2, self.settings.default_samples)):
+                req = ScoreRequest(name, "Which warms the model up?", ("this one", "that one"), None, rows, 0)
+                self._forward([(model, req, self._encode(model, req))])
         seconds = time.perf_counter() - t0
         log.info("adapter %s: torch.compile + warm-up took %.1f s", name, seconds)
         return seconds
 
+    # ---- generation -------------------------------------------------------------------------------
     def generate(
         self,
         request: GenerateRequest,
         on_token: OnToken | None = None,
         cancelled: Callable[[], bool] | None = None,
+        gate: Gate | None = None,
     ) -> GenerateResult:
-        """Text generation (server/hf_generate.py): the lock is taken per decoding step, not for the whole answer."""
+        """Text generation (server/hf_generate.py). Every forward — each decoding step, each piece of the
+        uncertainty pass — runs inside gate(rows) (the scheduler's turn) and the backend lock."""
         from .hf_generate import generate
 
         model = self.models.get(request.adapter)
         if model is None:
             raise BackendError(f"adapter {request.adapter!r} is not loaded")
+
+        @contextmanager
+        def turn(rows: int) -> Iterator[None]:
+            outer = gate(rows) if gate is not None else _null()
+            with outer, self.lock:
+                if self.models.get(request.adapter) is not model:
+                    raise BackendError(f"adapter {request.adapter!r} was unloaded during the generation")
+                yield
+
         return generate(
-            model, request, self.lock, self.settings.max_prompt_tokens, on_token, cancelled or (lambda: False)
+            model, request, turn, self.settings.max_prompt_tokens, on_token, cancelled or (lambda: False)
         )
 
-    def unload_adapter(self, name: str) -> None:
-        with self.lock:
-            self.models.pop(name, None)
-
-    def adapter_names(self) -> list[str]:
-        return list(self.models)
-
+    # ---- scoring ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def score(self, requests: list[ScoreRequest]) -> list[np.ndarray | Exception]:
-        out: list[np.ndarray | Exception | None] = [None] * len(requests)
-        groups: dict[str, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(r.adapter, []).append(i)
+    def score(self, requests: list[ScoreRequest]) -> list[Scored | Exception]:
+        out: list[Scored | Exception | None] = [None] * len(requests)
         with self.lock:
-            for name, idx in groups.items():
-                model = self.models.get(name)
+            groups: dict[tuple, list[tuple[int, DalorraModel, Encoded]]] = {}
+            for i, r in enumerate(requests):
+                model = self.models.get(r.adapter)
                 if model is None:
-                    for i in idx:
-                        out[i] = BackendError(f"adapter {name!r} is not loaded")
+                    out[i] = BackendError(f"adapter {r.adapter!r} is not loaded")
                     continue
-                for chunk in self._chunks(idx, requests):
-                    for i, res in zip(
-                        chunk, self._score_isolated(model, [requests[i] for i in chunk]), strict=True
-                    ):
+                try:  # a request the tokenizer refuses fails alone, with a 4xx
+                    enc = self._encode(model, r)
+                except BackendError as exc:
+                    out[i] = exc
+                    continue
+                groups.setdefault(mixed_key(model.fmt), []).append((i, model, enc))
+            for members in groups.values():
+                for chunk in self._chunks(members, requests):
+                    work = [(m, requests[i], e) for i, m, e in chunk]
+                    for (i, _, _), res in zip(chunk, self._forward_isolated(work), strict=True):
                         out[i] = res
         return out  # type: ignore[return-value]
 
-    def _score_isolated(self, model: DalorraModel, reqs: list[ScoreRequest]) -> list[np.ndarray | Exception]:
+    @staticmethod
+    def _encode(model: DalorraModel, r: ScoreRequest) -> Encoded:
+        try:
+            return encode(
+                [Item(r.question, r.choices, None, context=r.context)], model.tokenizer, model.fmt, True
+            )[0]
+        except ValueError as exc:
+            raise BackendError(str(exc)) from None
+        except Exception as exc:  # e.g. TypeError from the tokenizer on text it cannot encode
+            raise BackendError(
+                f"this request's text cannot be tokenized ({type(exc).__name__}: {exc})"
+            ) from None
+
+    def _forward_isolated(
+        self, work: list[tuple[DalorraModel, ScoreRequest, Encoded]]
+    ) -> list[Scored | Exception]:
         """One forward for the chunk; if it fails, each request again on its own, so an unexpected error
         (a bad input the checks missed, a bug) fails only the request that causes it."""
         try:
-            return self._score_group(model, reqs)
+            return self._forward(work)
         except Exception as exc:
-            log.exception("scoring a chunk of %d requests failed; scoring them one by one", len(reqs))
-            if len(reqs) == 1:
+            log.exception("scoring a chunk of %d requests failed; scoring them one by one", len(work))
+            if len(work) == 1:
                 return [exc]
-        out: list[np.ndarray | Exception] = []
-        for r in reqs:
+        out: list[Scored | Exception] = []
+        for w in work:
             try:
-                out += self._score_group(model, [r])
+                out += self._forward([w])
             except Exception as exc:
                 out.append(exc)
         return out
 
-    def _chunks(self, idx: list[int], requests: list[ScoreRequest]) -> list[list[int]]:
-        """Split one adapter's requests into forwards of at most max_forward_rows rows (a request is never split).
+    def _forward(self, work: list[tuple[DalorraModel, ScoreRequest, Encoded]]) -> list[Scored]:
+        """Rows of every request, each under its own adapter and masks, in one forward (adapters.scoring)."""
+        draws = [DrawRequest([e], r.samples, r.seed, r.first) for _, r, e in work]
+        models = list({id(m): m for m, _, _ in work}.values())
+        if len(models) == 1:
+            got = score_draws(models[0], draws)
+        else:
+            got = score_draws(MixedView(self.shared, models), draws, adapters=[m for m, _, _ in work])
+        return [Scored(x[:, 0]) for x in got]  # (S'_i, K_i) each
+
+    def _chunks(
+        self, members: list[tuple[int, DalorraModel, Encoded]], requests: list[ScoreRequest]
+    ) -> list[list[tuple[int, DalorraModel, Encoded]]]:
+        """Split a group's requests into forwards of at most max_forward_rows rows (a request is never split).
 
         Measured on a 2-core CPU (bench/results/serve_latency.md): per-row cost grows with the batch (the cloze KV
         cache is copied K times per row), so very large forwards lose; on a GPU raise the setting.
         """
         limit = self.settings.max_forward_rows
         if self.settings.length_bucketing:  # similar lengths share a forward: less padding, same math
-            idx = sorted(idx, key=lambda i: _length(requests[i]))
+            members = sorted(members, key=lambda m: _length(requests[m[0]]))
         chunks, cur, rows = [], [], 0
-        for i in idx:
-            if cur and rows + requests[i].rows > limit:
+        for m in members:
+            r = requests[m[0]].rows
+            if cur and rows + r > limit:
                 chunks.append(cur)
                 cur, rows = [], 0
-            cur.append(i)
-            rows += requests[i].rows
+            cur.append(m)
+            rows += r
         return chunks + ([cur] if cur else [])
 
-    def _score_group(self, model: DalorraModel, reqs: list[ScoreRequest]) -> list[np.ndarray]:
-        """One forward for `reqs` (one adapter); a request the tokenizer refuses fails alone."""
-        enc: list = []
-        bad: dict[int, Exception] = {}
-        for i, r in enumerate(reqs):  # a too-long request fails alone, with a 4xx
-            try:
-                enc += encode(
-                    [Item(r.question, r.choices, None, context=r.context)],
-                    model.tokenizer,
-                    model.fmt,
-                    strict=True,
-                )
-            except ValueError as exc:
-                bad[i] = BackendError(str(exc))
-            except Exception as exc:  # e.g. TypeError from the tokenizer on text it cannot encode
-                bad[i] = BackendError(
-                    f"this request's text cannot be tokenized ({type(exc).__name__}: {exc})"
-                )
-        if bad:
-            good = [i for i in range(len(reqs)) if i not in bad]
-            res = self._score_group(model, [reqs[i] for i in good]) if good else []
-            merged: list = [bad.get(i) for i in range(len(reqs))]
-            for i, x in zip(good, res, strict=True):
-                merged[i] = x
-            return merged
-        # Rows, draws, clipping and MC-dropout seeding: adapters.scoring, as offline evaluation does.
-        draws = [DrawRequest([e], r.samples, r.seed, r.first) for e, r in zip(enc, reqs, strict=True)]
-        return [x[:, 0] for x in score_draws(model, draws)]  # (S'_i, K_i) each
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
 
 
 def _length(r: ScoreRequest) -> int:

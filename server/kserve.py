@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from .disconnect import until_disconnected
 from .errors import ApiError
 from .openai_protocol import InferRequest, InferTensor
 from .protocol import PredictItem
@@ -122,14 +123,14 @@ def router() -> APIRouter:
     @r.get("/v2/models/{name}", response_model=None)
     async def model_metadata(name: str, request: Request) -> JSONResponse | dict:
         svc = request.app.state.service
-        if name not in svc.records:
+        if name not in svc.registry:
             return _err(404, f"model {name!r} is not loaded")
         return {"name": name, "versions": [], "platform": "dalorra", "inputs": INPUTS, "outputs": OUTPUTS}
 
     @r.post("/v2/models/{name}/infer", response_model=None)
     async def infer(name: str, body: InferRequest, request: Request) -> JSONResponse | dict:
         svc = request.app.state.service
-        if name not in svc.records:
+        if name not in svc.registry:
             return _err(404, f"model {name!r} is not loaded")
         want = [o.name for o in body.outputs] if body.outputs else [o["name"] for o in OUTPUTS]
         known = {o["name"]: o for o in OUTPUTS}
@@ -138,7 +139,7 @@ def router() -> APIRouter:
                 400, f"unknown outputs {[w for w in want if w not in known]}; see GET /v2/models/{name}"
             )
         try:
-            res = await svc.predict(items_from(body, name))
+            res = await until_disconnected(request, svc.predict(items_from(body, name)))
         except ApiError as exc:
             return _err(exc.status, exc.message, exc.headers)
         B = len(res)

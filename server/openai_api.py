@@ -16,11 +16,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from .disconnect import until_disconnected
 from .errors import ApiError
 from .gen_service import GenerationService, new_id
 from .generation import GenerateRequest, GenerateResult
 from .openai_protocol import ChatCompletionRequest, CompletionRequest, _Common
 from .protocol import PredictItem
+from .registry import AdapterRecord
 
 
 def generation_service(request: Request) -> GenerationService:
@@ -91,15 +93,14 @@ def router() -> APIRouter:
 
     @r.get("/v1/models", response_model=None)
     async def list_models(request: Request) -> dict:
-        svc = request.app.state.service
-        return {"object": "list", "data": [_model_card(n, rec) for n, rec in svc.records.items()]}
+        reg = request.app.state.service.registry
+        return {"object": "list", "data": [_model_card(rec) for rec in reg.records()]}
 
     @r.get("/v1/models/{model}", response_model=None)
     async def get_model(model: str, request: Request) -> JSONResponse | dict:
-        rec = request.app.state.service.records.get(model)
-        if rec is None:
+        if model not in request.app.state.service.registry:
             return openai_error(ApiError(404, "model_not_found", f"model {model!r} is not loaded"))
-        return _model_card(model, rec)
+        return _model_card(request.app.state.service.registry.get(model))
 
     @r.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -128,7 +129,7 @@ def router() -> APIRouter:
                 mask_seed=body.mask_seed,
                 ignore_eos=body.ignore_eos,
             )
-            return await _respond(g, req, body, chat=False)
+            return await _respond(g, req, body, chat=False, request=request)
         except ApiError as exc:
             return openai_error(exc)
 
@@ -168,31 +169,31 @@ def router() -> APIRouter:
                 mask_seed=body.mask_seed,
                 ignore_eos=body.ignore_eos,
             )
-            return await _respond(g, req, body, chat=True)
+            return await _respond(g, req, body, chat=True, request=request)
         except ApiError as exc:
             return openai_error(exc)
 
     return r
 
 
-def _model_card(name: str, rec: dict) -> dict:
+def _model_card(rec: AdapterRecord) -> dict:
     return {
-        "id": name,
+        "id": rec.name,
         "object": "model",
-        "created": int(rec.get("created", 0) or 0),
+        "created": int(rec.loaded_at),
         "owned_by": "dalorra",
-        "root": (rec.get("base_model") or {}).get("name"),
+        "root": rec.base_model,
         "parent": None,
     }
 
 
 async def _respond(
-    g: GenerationService, req: GenerateRequest, body: _Common, chat: bool
+    g: GenerationService, req: GenerateRequest, body: _Common, chat: bool, request: Request
 ) -> JSONResponse | StreamingResponse:
     rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
     obj = "chat.completion" if chat else "text_completion"
     if not body.stream:
-        res = await g.generate(req)
+        res = await until_disconnected(request, g.generate(req))  # a client that leaves stops the decoding
         choices = []
         for i, c in enumerate(res.choices):
             unc = g.uncertainty(req.adapter, res, i, body.min_confidence, body.max_epistemic)
@@ -300,7 +301,7 @@ async def _multiple_choice(
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", str(exc.errors()[0].get("msg"))) from None
     svc = request.app.state.service
-    pr = (await svc.predict([item]))[0]
+    pr = (await until_disconnected(request, svc.predict([item])))[0]
     rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
     unc = {"kind": "multiple_choice", **pr.model_dump()}
     choice = {"index": 0, "logprobs": None, "finish_reason": "stop", "uncertainty": unc}

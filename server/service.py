@@ -4,33 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import secrets
 import time
 import unicodedata
 import uuid
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from adapters.decision import FIXED_SEED, DecisionPolicy, adaptive_rounds
+from adapters.decision import FIXED_SEED, adaptive_rounds
 from adapters.uncertainty import sampling_settled, softmax, summarize
 
 from .backend import Backend, BackendError, Scored, ScoreRequest
-from .batcher import Batcher, Overloaded, ShuttingDown
 from .errors import ApiError
 from .metrics import Metrics
-from .protocol import AdapterInfo, FeedbackRequest, FeedbackResponse, PredictItem, PredictResponse
+from .protocol import FeedbackRequest, FeedbackResponse, PredictItem, PredictResponse
 from .receipts import ReceiptError, ReceiptInvalid, Receipts
+from .registry import AdapterRecord, Registry
+from .scheduler import Overloaded, Scheduler, ShuttingDown, TooLarge
 
 if TYPE_CHECKING:
     from .settings import Settings
 
 log = logging.getLogger("dalorra.service")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PUBLIC_KEYS = frozenset({"dev-only-change-me", "change-me-please"})  # published in old docs and compose files
 ADMISSION_MARGIN = 0.8  # admit only work whose estimated finish is within this share of the request deadline
 # dalorra_requests_total outcome of a failed /predict, by HTTP status (429 and 504 keep their old names)
@@ -46,7 +44,7 @@ class Plan:
     adapter: str
     samples: int
     seed: int
-    record: dict
+    record: AdapterRecord
 
 
 def blank(text: str) -> bool:
@@ -64,151 +62,96 @@ def not_unicode(text: str) -> bool:
 
 
 class Service:
+    """The /predict path and feedback. Adapters are the registry's; the model's time is the scheduler's."""
+
     def __init__(self, settings: Settings, backend: Backend, metrics: Metrics):
         self.s, self.backend, self.metrics = settings, backend, metrics
         self.receipts = Receipts(feedback_key(settings.feedback_key), settings.receipt_ttl_s)
-        self.records: dict[str, dict] = {}  # loaded adapter name → its JSON record
-        self.batcher: Batcher | None = None
+        self.registry = Registry(settings, backend, metrics)
+        self.scheduler = Scheduler(
+            backend,
+            settings.max_batch_rows,
+            settings.max_wait_ms,
+            settings.max_queue_rows,
+            on_batch=metrics.observe_batch,
+            on_queue=metrics.queue_depth.set,
+        )
         self.accepting = False
-        self._load_lock = asyncio.Lock()
         # Results of seeded requests: (adapter, load generation, request fields) → logits. A reload bumps
         # the generation, so stale entries are never served; LRU-bounded by RESULT_CACHE_SIZE.
-        self.cache: OrderedDict[tuple, np.ndarray | Scored] = OrderedDict()
-        self.generation: dict[str, int] = {}
+        self.cache: OrderedDict[tuple, Scored] = OrderedDict()
         self.active = 0  # /predict calls in progress (stop() waits for them)
-        self.busy: Counter[str] = (
-            Counter()
-        )  # adapter → admitted items not yet answered (unload waits for them)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        self.batcher = Batcher(
-            self.backend,
-            self.s.max_batch_rows,
-            self.s.max_wait_ms,
-            self.s.max_queue_rows,
-            on_batch=self.metrics.observe_batch,
-            on_queue=self.metrics.queue_depth.set,
-        )
-        self.batcher.start()
-        for name in [self.s.default_adapter, *self.s.preload]:
-            if name and name not in self.records:
-                await self.load(name)
+        """Start the scheduler and load the default and preloaded adapters. An adapter that cannot be loaded is
+        skipped with a log line and the others serve (readiness needs at least one)."""
+        self.scheduler.start()
+        for name in dict.fromkeys([self.s.default_adapter, *self.s.preload]):
+            if name and name not in self.registry:
+                try:
+                    await self.registry.load(name)
+                except ApiError as exc:
+                    log.error("adapter %s skipped at start: %s", name, exc.message)
+        await self._measure_rate()
         self.accepting = True
         self.metrics.ready.set_function(
             lambda: 1.0 if self.ready() else 0.0
         )  # exactly what /health/ready says
 
+    async def _measure_rate(self) -> None:
+        """One small scoring call before serving, so admission knows the drain rate from the first request."""
+        recs = self.registry.records()
+        if not recs:
+            return
+        req = ScoreRequest(
+            recs[0].name, "Which one is measured?", ("this one", "that one"), None, 2, FIXED_SEED
+        )
+        try:
+            await asyncio.wait_for(self.scheduler.submit(req), self.s.request_timeout_s)
+        except Exception as exc:  # admission then starts without a rate, as before
+            log.warning("could not measure the scoring rate at start: %s", exc)
+
     def ready(self) -> bool:
-        return self.accepting and bool(self.records) and self.backend.ready()
+        return self.accepting and bool(self.registry.names()) and self.backend.ready()
 
     async def stop(self, drain_s: float = 30.0) -> None:
         self.accepting = False
-        if self.batcher:
-            # Accepted requests finish first: an adaptive request is between rounds (neither queued nor in
-            # flight) for a moment, so the batcher's own counters alone could look idle too early.
-            end = time.perf_counter() + drain_s
-            while self.active > 0 and time.perf_counter() < end:
-                await asyncio.sleep(0.05)
-            await self.batcher.drain(max(0.0, end - time.perf_counter()))
-            await self.batcher.close()
+        # Accepted requests finish first: an adaptive request is between rounds (neither queued nor in
+        # flight) for a moment, so the scheduler's own counters alone could look idle too early.
+        end = time.perf_counter() + drain_s
+        while self.active > 0 and time.perf_counter() < end:
+            await asyncio.sleep(0.05)
+        await self.scheduler.drain(max(0.0, end - time.perf_counter()))
+        await self.scheduler.close()
         self.backend.shutdown()
 
-    # ---- adapters -------------------------------------------------------------------------------
-    def adapter_path(self, name: str) -> Path:
-        """Adapters load only by name, from inside the configured directory (no traversal, no symlink escape)."""
-        if not NAME.match(name):
-            raise ApiError(422, "invalid_adapter_name", f"adapter name {name!r} must match {NAME.pattern}")
-        root = Path(self.s.adapters_dir).resolve()
-        path = (root / name).resolve()
-        if root not in path.parents:
-            raise ApiError(403, "forbidden", f"adapter {name!r} resolves outside the adapters directory")
-        if not (path / "adapter_config.json").is_file():
-            raise ApiError(404, "adapter_not_found", f"no adapter named {name!r} in the adapters directory")
-        for f in path.iterdir():  # its files too: a folder of symlinks must not serve files from elsewhere
-            if root not in f.resolve().parents:
-                raise ApiError(
-                    403, "forbidden", f"adapter {name!r}: {f.name} resolves outside the adapters directory"
-                )
-        return path
-
-    async def load(self, name: str) -> dict:
-        path = self.adapter_path(name)
-        async with self._load_lock:
-            try:  # off the event loop: requests on other adapters keep flowing
-                rec = await asyncio.get_running_loop().run_in_executor(
-                    None, self.backend.load_adapter, name, str(path)
-                )
-            except Exception as exc:
-                log.warning("adapter %s (%s) could not be loaded: %s", name, path, exc)
-                # The client sees the adapter's name, never where the server keeps it.
-                msg = str(exc).replace(str(path), name).replace(str(path.parent), "<adapters_dir>")
-                raise ApiError(422, "bad_adapter", f"adapter {name!r} could not be loaded: {msg}") from None
-            self.records[name] = rec
-            self.generation[name] = self.generation.get(name, 0) + 1
-            self.metrics.adapters_loaded.set(len(self.records))
-            self.metrics.init_adapter(name)
-        log.info("loaded adapter %s from %s", name, path)
-        return rec
-
-    async def unload(self, name: str) -> None:
-        """New requests for `name` are refused at once (404 adapter_not_loaded); requests already admitted
-        finish on it (up to the request deadline); then the backend frees it, off the event loop (it waits for
-        the running batch)."""
-        async with self._load_lock:
-            if name not in self.records:
-                raise ApiError(404, "adapter_not_found", f"adapter {name!r} is not loaded")
-            self.records.pop(name)
-            self.metrics.adapters_loaded.set(len(self.records))
-            end = time.perf_counter() + self.s.request_timeout_s
-            while self.busy[name] > 0 and time.perf_counter() < end:
-                await asyncio.sleep(0.02)
-            await asyncio.get_running_loop().run_in_executor(None, self.backend.unload_adapter, name)
-        log.info("unloaded adapter %s", name)
-
-    def describe(self, name: str) -> AdapterInfo:
-        rec = self.records.get(name)
-        if rec is None:
-            return AdapterInfo(name=name, loaded=False)
-        a = rec.get("adapter", {})
-        return AdapterInfo(
-            name=name,
-            loaded=True,
-            method=rec.get("method"),
-            base_model=rec.get("base_model", {}).get("name"),
-            rank=a.get("r"),
-            p0=a.get("p0"),
-            mode=rec.get("prompt", {}).get("mode"),
-            keep_probability=rec.get("keep_probability", {}),
-            temperature=self.temperature(name),
-            default_samples=rec.get("default_samples", self.s.default_samples),
-            calibration=(rec.get("calibration") or {}).get("metrics"),
-            decision=rec.get("decision"),
-            validation=rec.get("validation"),
+    def unavailable(self) -> ApiError:
+        return ApiError(
+            503,
+            "unavailable",
+            "server is not accepting requests (starting or draining)",
+            {"Retry-After": "5"},
         )
 
-    def available(self) -> list[str]:
-        root = Path(self.s.adapters_dir)
-        on_disk = (
-            sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").is_file())
-            if root.is_dir()
-            else []
-        )
-        return sorted(set(on_disk) | set(self.records))
+    def admit(self, rows: int, deadline_s: float | None) -> None:
+        """Reserve rows in the scheduler for a whole request, or the 413/429/503 a client should see."""
+        try:
+            self.scheduler.admit(rows, deadline_s)
+        except TooLarge as exc:
+            raise ApiError(413, "too_large", str(exc)) from None
+        except Overloaded as exc:
+            raise ApiError(
+                429, "overloaded", str(exc), {"Retry-After": str(int(np.ceil(exc.retry_after)))}
+            ) from None
+        except ShuttingDown:
+            raise ApiError(503, "unavailable", "server is shutting down", {"Retry-After": "5"}) from None
 
     # ---- predict --------------------------------------------------------------------------------
     def _validate(self, item: PredictItem) -> Plan:
         s = self.s
-        name = item.adapter or s.default_adapter
-        rec = self.records.get(name)
-        if rec is None:
-            if NAME.match(name or "") and (Path(s.adapters_dir) / name).is_dir():
-                raise ApiError(
-                    404,
-                    "adapter_not_loaded",
-                    f"adapter {name!r} exists but is not loaded; POST /v1/adapters/{name}/load",
-                )
-            raise ApiError(404, "adapter_not_found", f"unknown adapter {name!r}; see GET /v1/adapters")
+        rec = self.registry.get(item.adapter)
+        name = rec.name
         for field, text in (
             ("question", item.question),
             ("context", item.context or ""),
@@ -232,7 +175,7 @@ class Service:
                 )
             if len(c) > s.max_choice_chars:
                 raise ApiError(413, "too_long", f"choice {i} exceeds {s.max_choice_chars} characters")
-        samples = item.samples or rec.get("default_samples") or s.default_samples
+        samples = item.samples or rec.default_samples or s.default_samples
         if samples > s.max_samples:
             raise ApiError(422, "invalid_request", f"samples={samples} exceeds the limit {s.max_samples}")
         if item.fresh and item.seed is not None:
@@ -252,6 +195,9 @@ class Service:
         except ApiError as exc:
             self._count_failure(items, OUTCOMES.get(exc.status, "error" if exc.status >= 500 else "invalid"))
             raise
+        except asyncio.CancelledError:  # the client left (server/disconnect.py): its queued rows are skipped
+            self._count_failure(items, "cancelled")
+            raise
         except Exception:  # a bug, not the caller's fault: this request fails alone, in the one error shape
             log.exception("predict failed")
             self._count_failure(items, "error")
@@ -264,8 +210,7 @@ class Service:
     def _count_failure(self, items: list[PredictItem], outcome: str) -> None:
         # Label values stay bounded: a name the caller made up is counted as "unknown".
         for it in items or [None]:
-            name = (it.adapter if it else None) or self.s.default_adapter
-            self.metrics.requests.labels(name if name in self.records else "unknown", outcome).inc()
+            self.metrics.requests.labels(self.registry.label(it.adapter if it else None), outcome).inc()
 
     async def _predict(self, items: list[PredictItem]) -> list[PredictResponse]:
         if not self.accepting:
@@ -288,22 +233,9 @@ class Service:
             for it, p in zip(items, plans, strict=True)
         ]
         rows = sum(r.rows for r in reqs)
-        if rows > self.s.max_queue_rows:
-            raise ApiError(
-                413,
-                "too_large",
-                f"request needs {rows} rows (items × samples); this server queues "
-                f"at most {self.s.max_queue_rows}: split it or lower samples",
-            )
-        try:  # all items of a request, or none; only what can finish before the deadline
-            self.batcher.admit(rows, ADMISSION_MARGIN * self.s.request_timeout_s)
-        except Overloaded as exc:
-            raise ApiError(
-                429, "overloaded", str(exc), {"Retry-After": str(int(np.ceil(exc.retry_after)))}
-            ) from None
-        except ShuttingDown:
-            raise ApiError(503, "unavailable", "server is shutting down", {"Retry-After": "5"}) from None
-        self.busy.update(p.adapter for p in plans)
+        # all items of a request, or none; only what can finish before the deadline (413: never; 429: not now)
+        self.admit(rows, ADMISSION_MARGIN * self.s.request_timeout_s)
+        self.registry.busy.update(p.adapter for p in plans)
         try:
             hits: list[list[bool]] = [[] for _ in items]  # per item: cache hit of each submit
             tasks = [
@@ -315,8 +247,8 @@ class Service:
         except BackendError as exc:
             raise ApiError(422, "unscorable", str(exc)) from None
         finally:
-            self.batcher.release(rows)
-            self.busy.subtract(p.adapter for p in plans)
+            self.scheduler.release(rows)
+            self.registry.busy.subtract(p.adapter for p in plans)
         wait = time.perf_counter() - t0
         return [
             self._respond(it, r, p.record, lg, t0, wait, cached=all(h))
@@ -324,21 +256,23 @@ class Service:
         ]
 
     async def _score(
-        self, item: PredictItem, req: ScoreRequest, rec: dict, hits: list[bool]
-    ) -> np.ndarray | Scored:
+        self, item: PredictItem, req: ScoreRequest, rec: AdapterRecord, hits: list[bool]
+    ) -> Scored:
         """All S draws in one go, or (adaptive) rounds of draws until sampling_settled() says more cannot
         change the outcome. Admission reserved all S rows up front: an accepted request is never refused
         half-way."""
         adaptive = item.adaptive if item.adaptive is not None else self.s.adaptive
         cacheable = not item.fresh
         if not adaptive or req.samples <= self.s.adaptive_first:
-            return await self._submit(req, cacheable, hits)
-        policy = self._policy(item, rec)
-        temperature = _temperature(rec)
+            return await self._submit(req, cacheable, hits, rec.load_generation)
+        policy = rec.policy_for(item.min_confidence, item.max_epistemic)
+        temperature = rec.temperature
         parts, mass, n = [], [], 0
         for size in adaptive_rounds(req.samples, self.s.adaptive_first, self.s.adaptive_step):
-            got = await self._submit(replace(req, samples=size, first=n), cacheable, hits)
-            lg, m = (got.logits, got.choice_mass) if isinstance(got, Scored) else (got, None)
+            got = await self._submit(
+                replace(req, samples=size, first=n), cacheable, hits, rec.load_generation
+            )
+            lg, m = got.logits, got.choice_mass
             parts.append(lg)
             if m is not None:
                 mass.append((m, len(lg)))
@@ -354,51 +288,38 @@ class Service:
             ):
                 break
         logits = np.concatenate(parts)
-        if mass:
-            return Scored(logits, sum(m * k for m, k in mass) / max(1, sum(k for _, k in mass)))
-        return logits
+        return Scored(logits, sum(m * k for m, k in mass) / max(1, sum(k for _, k in mass)) if mass else None)
 
-    async def _submit(self, req: ScoreRequest, cacheable: bool, hits: list[bool]) -> np.ndarray | Scored:
-        """The batcher, behind a cache of seeded results: the same question, seed and draws give the same logits."""
+    async def _submit(self, req: ScoreRequest, cacheable: bool, hits: list[bool], load: int) -> Scored:
+        """The scheduler, behind a cache of seeded results: the same question, seed and draws give the same
+        logits. `load`: the adapter's load generation (a reload never serves an older load's results)."""
         size = self.s.result_cache_size
-        key = (req.adapter, self.generation.get(req.adapter, 0), req)
+        key = (req.adapter, load, req)
         if cacheable and size and key in self.cache:
             self.cache.move_to_end(key)
             self.metrics.cache_hits.labels(req.adapter).inc()
             hits.append(True)
             return self.cache[key]
         hits.append(False)
-        got = await self.batcher.submit(req, admitted=True)  # _predict reserved all its rows
+        got = await self.scheduler.submit(req, admitted=True)  # _predict reserved all its rows
         if cacheable and size:
             self.cache[key] = got
             while len(self.cache) > size:
                 self.cache.popitem(last=False)
         return got
 
-    def temperature(self, adapter: str) -> float:
-        """The adapter's fitted temperature (1: none): every mask's choice logits are divided by it before
-        averaging, so probabilities, entropy and MI are those of the calibrated per-mask distributions."""
-        return _temperature(self.records.get(adapter, {}))
-
-    @staticmethod
-    def _policy(item: PredictItem, rec: dict) -> DecisionPolicy:
-        """The policy in force: the request's threshold overrides, else the adapter's valid fitted ones."""
-        return DecisionPolicy.from_record(rec.get("decision"), item.min_confidence, item.max_epistemic)
-
     def _respond(
         self,
         item: PredictItem,
         req: ScoreRequest,
-        rec: dict,
-        logits: np.ndarray | Scored,
+        rec: AdapterRecord,
+        scored: Scored,
         t0: float,
         wait: float,
         cached: bool = False,
     ) -> PredictResponse:
-        mass = None
-        if isinstance(logits, Scored):
-            logits, mass = logits.logits, logits.choice_mass
-        logits = logits / _temperature(rec)  # the cache keeps raw logits
+        mass = scored.choice_mass
+        logits = scored.logits / rec.temperature  # the cache keeps raw logits
         if not np.isfinite(logits).all():  # never answer with null probabilities
             raise ApiError(
                 500,
@@ -408,7 +329,7 @@ class Service:
             )
         s = summarize(logits[:, None, :])  # (S, 1, K)
         one = {k: v[0] for k, v in s.items()}
-        policy = self._policy(item, rec)
+        policy = rec.policy_for(item.min_confidence, item.max_epistemic)
         reason = policy.reason(float(one["confidence"]), float(one["epistemic_norm"]))
         k = int(one["answer_index"])
         conf = float(one["confidence"])
@@ -468,7 +389,7 @@ class Service:
         except (ReceiptError, ReceiptInvalid) as exc:
             self.metrics.feedback.labels("rejected").inc()
             raise ApiError(422 if isinstance(exc, ReceiptInvalid) else 403, "bad_receipt", str(exc)) from None
-        if p.a not in self.records:  # no metric series for names this replica does not serve
+        if p.a not in self.registry:  # no metric series for names this replica does not serve
             self.metrics.feedback.labels("rejected").inc()
             raise ApiError(
                 404,
@@ -477,6 +398,7 @@ class Service:
                 "has not loaded; send the feedback where it is loaded",
             )
         if fb.label >= p.k:
+            self.metrics.feedback.labels("invalid").inc()
             raise ApiError(422, "invalid_label", f"label {fb.label} is not an index into {p.k} choices")
         correct = fb.label == p.p
         if not self.receipts.first_time(p.id):
@@ -485,11 +407,6 @@ class Service:
         self.metrics.feedback.labels("accepted").inc()
         self.metrics.observe_feedback(p.a, p.c, correct)
         return FeedbackResponse(accepted=True, duplicate=False, correct=correct)
-
-
-def _temperature(rec: dict) -> float:
-    t = rec.get("temperature", 1.0)
-    return float(t) if isinstance(t, int | float) and t > 0 else 1.0
 
 
 def feedback_key(configured: str | None) -> str:

@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The server's default dtype is `auto` (bf16 on CPUs with AVX512-BF16); tests that compare the server with offline
+# float32 scoring pin float32, and tests of bf16 ask for it explicitly.
+os.environ.setdefault("DALORRA_DTYPE", "float32")
 
 from adapters.data import default_data_dir  # noqa: E402
 

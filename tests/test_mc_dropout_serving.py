@@ -50,12 +50,12 @@ def test_hf_backend_gives_a_request_the_same_logits_alone_or_batched(mc_adapters
     be.load_adapter("mc", str(mc_adapters / "mc"))
     me = ScoreRequest("mc", QUESTION.question, QUESTION.choices, None, 4, 3)
     others = [ScoreRequest("mc", it.question, it.choices, None, 3, 10 + i) for i, it in enumerate(OTHERS)]
-    alone = be.score([me])[0]
-    batched = be.score([others[0], me, others[1]])[1]
+    alone = be.score([me])[0].logits
+    batched = be.score([others[0], me, others[1]])[1].logits
     assert alone.shape == (4, 4)
     np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(be.score([me])[0], alone, rtol=0, atol=0)  # and again, bit for bit
-    other_seed = be.score([ScoreRequest("mc", QUESTION.question, QUESTION.choices, None, 4, 4)])[0]
+    np.testing.assert_allclose(be.score([me])[0].logits, alone, rtol=0, atol=0)  # and again, bit for bit
+    other_seed = be.score([ScoreRequest("mc", QUESTION.question, QUESTION.choices, None, 4, 4)])[0].logits
     assert np.abs(other_seed - alone).max() > 1e-3  # the seed matters: the equalities test the dropout noise
 
 

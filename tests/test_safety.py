@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.backend import Backend, BackendError
-from server.batcher import Batcher, Overloaded
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.protocol import FeedbackRequest, PredictItem
+from server.scheduler import Overloaded, Scheduler, TooLarge
 from server.service import Service
 from server.settings import Settings
 
@@ -157,12 +157,12 @@ def test_unexpected_backend_error_is_a_counted_json_500_for_that_request_only(ad
 def test_unload_keeps_the_loop_live_and_lets_admitted_requests_finish(adapters):
     async def go():
         svc = await _service(adapters, FakeBackend(delay=0.6))
-        await svc.load("spare")
+        await svc.registry.load("spare")
         busy = [
             asyncio.create_task(svc.predict([PredictItem(**Q, adapter="spare", seed=i)])) for i in range(8)
         ]
         await asyncio.sleep(0.1)  # the first batch holds the backend lock
-        unload = asyncio.create_task(svc.unload("spare"))
+        unload = asyncio.create_task(svc.registry.unload("spare"))
         lags = []
         while not unload.done():
             t = time.perf_counter()
@@ -346,8 +346,8 @@ def test_overload_gets_429_at_once_not_504_later(adapters):
     assert ra and all(1 <= x <= 3 for x in ra)
 
 
-def test_batcher_admission_from_the_measured_rate():
-    b = Batcher(FakeBackend(), max_batch_rows=4, max_wait_ms=0, max_queue_rows=1000)
+def test_scheduler_admission_from_the_measured_rate():
+    b = Scheduler(FakeBackend(), max_batch_rows=4, max_wait_ms=0, max_queue_rows=1000)
     b.admit(4, 2.0)  # unmeasured: one batch
     with pytest.raises(Overloaded):
         b.admit(1, 2.0)
@@ -358,6 +358,19 @@ def test_batcher_admission_from_the_measured_rate():
     with pytest.raises(Overloaded) as exc:
         b.admit(15, 2.0)
     assert exc.value.retry_after == pytest.approx(1.5)  # 15 more rows must drain first
+
+
+def test_a_request_too_large_for_its_deadline_is_refused_even_when_idle():
+    """Issue 25: an idle server admitted any single request (640 rows via KServe → 504 after 60 s)."""
+    b = Scheduler(FakeBackend(), max_batch_rows=4, max_wait_ms=0, max_queue_rows=1000)
+    b.row_seconds = 0.1
+    with pytest.raises(TooLarge) as exc:
+        b.admit(21, 2.0)  # alone it needs 2.1 s > 2 s
+    assert exc.value.limit == 20 and b.admitted_rows == 0
+    b.admit(20, 2.0)
+    b.release(20)
+    with pytest.raises(TooLarge):  # beyond the queue bound, measured or not
+        Scheduler(FakeBackend(), 4, 0, max_queue_rows=10).admit(11, None)
 
 
 # ---- D9/D10/D11: counted outcomes, readiness, honest errors, odd inputs --------------------------------

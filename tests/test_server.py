@@ -132,17 +132,19 @@ def test_length_bucketing_changes_no_result(adapters_dir, items):
     for bucket in (False, True):
         be = HFBackend(Settings(max_forward_rows=4, length_bucketing=bucket))
         be.load_adapter("t", str(adapters_dir / "test-ad"))
-        chunks[bucket] = be._chunks(list(range(len(reqs))), reqs)
+        chunks[bucket] = [
+            [m[0] for m in c] for c in be._chunks([(i, None, None) for i in range(len(reqs))], reqs)
+        ]
         assert [len(c) for c in chunks[bucket]] == [2, 2, 2]
         out[bucket] = be.score(reqs)
     assert chunks[True] != chunks[False]  # bucketing really regrouped the forwards
     for x, y in zip(out[False], out[True], strict=True):
-        np.testing.assert_allclose(x, y, atol=1e-4)
+        np.testing.assert_allclose(x.logits, y.logits, atol=1e-4)
 
 
 def test_a_request_the_tokenizer_cannot_encode_fails_alone(adapters_dir, items):
     """A lone surrogate makes the tokenizer raise TypeError: only that request fails, with a BackendError (4xx)."""
-    from server.backend import BackendError, ScoreRequest
+    from server.backend import BackendError, Scored, ScoreRequest
     from server.hf_backend import HFBackend
     from server.settings import Settings
 
@@ -153,7 +155,7 @@ def test_a_request_the_tokenizer_cannot_encode_fails_alone(adapters_dir, items):
     out = be.score(reqs)
     assert isinstance(out[1], BackendError) and "tokenized" in str(out[1])
     for i in (0, 2, 3):
-        assert isinstance(out[i], np.ndarray) and out[i].shape == (2, len(reqs[i].choices))
+        assert isinstance(out[i], Scored) and out[i].logits.shape == (2, len(reqs[i].choices))
 
 
 def test_torch_compile_is_warmed_at_load_and_changes_no_result(adapters_dir, items):
@@ -171,7 +173,7 @@ def test_torch_compile_is_warmed_at_load_and_changes_no_result(adapters_dir, ite
         assert ("t" in be.warmup_seconds) == compiled  # the warm-up ran inside load, before "t" could serve
         out[compiled] = be.score(reqs)
     for x, y in zip(out[False], out[True], strict=True):
-        np.testing.assert_allclose(x, y, atol=1e-4)
+        np.testing.assert_allclose(x.logits, y.logits, atol=1e-4)
 
 
 @pytest.mark.parametrize(

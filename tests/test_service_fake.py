@@ -42,6 +42,8 @@ def run(tmp_path, body, record: dict | None = None, **settings_kw):
         backend, metrics = FakeBackend(record), Metrics()
         service = Service(make_settings(tmp_path, **settings_kw), backend, metrics)
         await service.start()
+        assert len(backend.calls) == 1  # start measured the scoring rate with one small call
+        backend.calls.clear()
         try:
             return await asyncio.wait_for(body(service, backend, metrics), 30)
         finally:
@@ -108,7 +110,7 @@ def test_deadline_answers_504_then_the_server_recovers(tmp_path):
         out = await service.predict([item("quick question")])
         assert out[0].answer in CHOICES
         await asyncio.sleep(0.1)
-        assert service.batcher.queued_rows == 0  # the timed-out request's rows were given back
+        assert service.scheduler.queued_rows == 0  # the timed-out request's rows were given back
 
     run(tmp_path, body, request_timeout_s=0.5)
 

@@ -59,7 +59,7 @@ def test_unload_keeps_the_event_loop_free_and_lets_admitted_requests_finish(tmp_
             admitted = asyncio.ensure_future(service.predict([item("admitted before the unload")]))
             while not backend.entered.is_set():
                 await asyncio.sleep(0.01)
-            unload = asyncio.ensure_future(service.unload("fake"))
+            unload = asyncio.ensure_future(service.registry.unload("fake"))
             await asyncio.sleep(0.3)
             # The loop ran this line while the batch still held the backend: the unload did not block it.
             assert not backend.gate.is_set(), "the event loop was blocked until the batch finished"
