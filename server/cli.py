@@ -24,6 +24,13 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="scoring backend: hf (transformers, CPU/GPU) or vllm (mask bank; DALORRA_VLLM_* settings)",
     )
     p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default=None,
+        help="HF backend precision of the base model (DALORRA_DTYPE, default auto: bf16 on CUDA and on CPUs "
+        "with AVX512-BF16/AMX, else float32)",
+    )
+    p.add_argument(
         "--adaptive",
         action="store_true",
         default=None,
@@ -53,6 +60,7 @@ def _serve(a: argparse.Namespace) -> int:
         ("DEFAULT_ADAPTER", a.adapter),
         ("BASE_MODEL", a.base_model),
         ("BACKEND", a.backend),
+        ("DTYPE", a.dtype),
         ("ADAPTIVE", a.adaptive),
         ("COMPILE", a.compile),
     ):

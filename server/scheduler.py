@@ -54,6 +54,16 @@ class ShuttingDown(Exception):
     """The server is draining and accepts no new work."""
 
 
+class BatchFailed(RuntimeError):
+    """The backend call of the batch this request was in failed as a whole (not this request's own error)."""
+
+    def __init__(self, requests: int, cause: BaseException):
+        super().__init__(
+            f"the backend failed on the batch of {requests} requests this one was in "
+            f"({type(cause).__name__}: {cause}); the server keeps serving: retry"
+        )
+
+
 def as_scored(x: np.ndarray | Scored | Exception) -> Scored | Exception:
     """Backends answer Scored (or an exception); a bare logits array is wrapped, so callers see one type."""
     return x if isinstance(x, Scored | Exception) else Scored(np.asarray(x))
@@ -284,8 +294,9 @@ class Scheduler:
             results = await loop.run_in_executor(self._pool, self.backend.score, [p.req for p in live])
             if len(results) != len(live):
                 raise RuntimeError(f"backend returned {len(results)} results for {len(live)} requests")
-        except Exception as exc:  # the whole call failed: every request of this batch gets the error
-            results = [exc] * len(live)
+        except Exception as exc:  # the whole call failed: every request of this batch, and only those, fail
+            failed = BatchFailed(len(live), exc)
+            results = [failed] * len(live)
         dt = time.perf_counter() - t0
         self._measure(dt, rows)
         self.batches += 1

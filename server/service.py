@@ -23,7 +23,7 @@ from .metrics import Metrics
 from .protocol import FeedbackRequest, FeedbackResponse, PredictItem, PredictResponse
 from .receipts import ReceiptError, ReceiptInvalid, Receipts
 from .registry import AdapterRecord, Registry
-from .scheduler import Overloaded, Scheduler, ShuttingDown, TooLarge
+from .scheduler import BatchFailed, Overloaded, Scheduler, ShuttingDown, TooLarge
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -246,6 +246,9 @@ class Service:
             raise ApiError(504, "timeout", f"not answered within {self.s.request_timeout_s} s") from None
         except BackendError as exc:
             raise ApiError(422, "unscorable", str(exc)) from None
+        except BatchFailed as exc:  # the backend failed on a whole batch: only its requests fail, and say why
+            log.error("%s", exc)
+            raise ApiError(500, "backend_failed", str(exc)) from None
         finally:
             self.scheduler.release(rows)
             self.registry.busy.subtract(p.adapter for p in plans)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from server.backend import BackendError, Scored, ScoreRequest
-from server.scheduler import Overloaded, Scheduler, ShuttingDown
+from server.scheduler import BatchFailed, Overloaded, Scheduler, ShuttingDown
 from tests.fake_backend import FakeBackend, logits_for
 
 
@@ -83,7 +83,7 @@ def test_a_failed_call_fails_its_batch_and_the_next_batch_is_served():
         got = await asyncio.gather(
             b.submit(req("crash now")), b.submit(req("innocent")), return_exceptions=True
         )
-        assert all(isinstance(g, RuntimeError) and "whole backend call" in str(g) for g in got)
+        assert all(isinstance(g, BatchFailed) and "whole backend call" in str(g) for g in got)
         later = await b.submit(req("later"))
         same(later, req("later"))
         assert b.queued_rows == 0

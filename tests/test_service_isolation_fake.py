@@ -5,12 +5,17 @@ misrouted answer), and unloading runs off the event loop while admitted requests
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+from pathlib import Path
 
 import pytest
 
 from server.errors import ApiError
-from tests.test_service_fake import CHOICES, count, item, run
+from server.metrics import Metrics
+from server.service import Service
+from tests.fake_backend import FakeBackend
+from tests.test_service_fake import CHOICES, count, item, make_settings, run
 
 
 def test_an_unexpected_error_is_a_500_for_that_request_only(tmp_path):
@@ -76,3 +81,49 @@ def test_unload_keeps_the_event_loop_free_and_lets_admitted_requests_finish(tmp_
             safety.cancel()
 
     run(tmp_path, body)
+
+
+def test_a_backend_failure_mid_batch_fails_only_that_batch_with_a_5xx_that_says_so(tmp_path):
+    """Issue 28 item 3: an exception inside the backend (simulated by the fake's "crash" question) fails the
+    requests of that one batch with a 500 naming the backend failure; the server keeps serving."""
+
+    async def body(service, backend, metrics):
+        got = await asyncio.gather(
+            service.predict([item("crash in the backend")]),
+            service.predict([item("innocent bystander")]),
+            return_exceptions=True,
+        )
+        assert len(backend.calls) == 1  # both were in the failed call
+        for g in got:
+            assert isinstance(g, ApiError) and g.status == 500 and g.type == "backend_failed", repr(g)
+            assert "backend failed on the batch" in g.message and "retry" in g.message
+        assert count(metrics, "error") == 2
+        out = await service.predict([item("the next batch")])
+        assert out[0].answer in CHOICES
+
+    run(tmp_path, body)
+
+
+def test_a_corrupt_adapter_at_start_is_skipped_and_the_others_serve(tmp_path):
+    """Issue 28 item 3: a corrupt adapter in the preload list is logged and skipped, not a failed start."""
+
+    class Strict(FakeBackend):
+        def load_adapter(self, name: str, path: str) -> dict:
+            json.loads((Path(path) / "adapter_config.json").read_text())  # a corrupt file raises here
+            return super().load_adapter(name, path)
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+
+    async def main():
+        backend = Strict()
+        service = Service(make_settings(tmp_path, preload=["broken", "other"]), backend, Metrics())
+        await service.start()
+        try:
+            assert service.ready() and service.registry.names() == ["fake", "other"]
+            out = await service.predict([item("still served?")])
+            assert out[0].answer in CHOICES
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
