@@ -143,3 +143,31 @@ def test_top_layer_and_mc_dropout_adapters_mix_too(tmp_path, tokenizer):
     got = score_draws(view, reqs, adapters=models)
     for g, w in zip(got, want, strict=True):
         assert np.allclose(g, w, atol=ATOL)
+
+
+def test_dtype_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    from adapters import basemodel
+
+    assert basemodel.resolve_dtype("auto", "cuda:0") == "bfloat16"
+    monkeypatch.setattr(basemodel, "cpu_has_bf16", lambda: False)
+    assert basemodel.resolve_dtype("auto", "cpu") == "float32"
+    monkeypatch.setattr(basemodel, "cpu_has_bf16", lambda: True)
+    assert basemodel.resolve_dtype("auto", "cpu") == "bfloat16"
+    assert basemodel.resolve_dtype("float16", "cpu") == "float16"
+    with pytest.raises(ValueError, match="one of auto"):
+        basemodel.resolve_dtype("fp8", "cpu")
+
+
+def test_a_bf16_base_keeps_float32_factors_and_float32_choice_logits(three, tokenizer):
+    enc = encode(MIXED[:2], tokenizer, PromptFormat())
+    want = score_draws(_owned(three[0], tokenizer), [DrawRequest(enc, 4, 2)])[0]
+    shared = SharedBase(make_tiny().to(torch.bfloat16), tokenizer)
+    m = load_adapter(three[0], shared.base, tokenizer, shared=shared, lora_dtype=torch.float32)
+    assert all(lay.lora_A.dtype == torch.float32 for lay in m.adapted.values())
+    assert next(shared.base.parameters()).dtype == torch.bfloat16
+    got = score_draws(m, [DrawRequest(enc, 4, 2)])[0]
+    assert got.dtype == np.float64 and np.array_equal(np.isfinite(got), np.isfinite(want))  # -inf: no choice
+    from adapters.uncertainty import softmax
+
+    p = softmax
+    assert np.abs(p(got) - p(want)).max() < 0.05  # bf16 rounding, not a different network
