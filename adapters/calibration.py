@@ -3,8 +3,9 @@
 Metrics over B items from p̄ (B, K) and labels y (B,): ACC, ECE (15 equal-width bins on top-1 confidence,
 as torchmetrics' CalibrationError with norm="l1"), NLL (−log p̄_y), Brier (Σ_k (p̄_k − 1[k=y])²), AURC.
 Decisions, fitted on a calibration split, never the test split:
-  * abstention thresholds whose selective error is ≤ `target` with confidence 1−δ (Clopper–Pearson upper
-    bound, tested in a fixed sequence from strict to loose, so the family-wise error stays ≤ δ);
+  * abstention rules whose selective error is ≤ `target` with confidence 1−δ (Clopper–Pearson upper bound,
+    tested in a fixed sequence from strict to loose, so the family-wise error stays ≤ δ): `fixed_sequence` for
+    any path of rules (the served policy's joint path, adapters/decision.py), `fit_threshold` for one signal;
   * a split-conformal quantile for prediction sets with ≥ 1−α marginal coverage.
 """
 
@@ -63,17 +64,27 @@ def metrics(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> dict
     }
 
 
-def aurc(conf: np.ndarray, correct: np.ndarray) -> float:
-    """Area under the risk–coverage curve: mean over coverage levels i/n of the error among the i most confident."""
+def _tie_averaged_errors(conf: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """Errors in order of decreasing confidence, each replaced by the mean error of its tie group: the expected
+    error at every rank when items of equal confidence come in random order (no tie-breaking by input order)."""
+    conf = np.asarray(conf, np.float64)
     order = np.argsort(-conf, kind="stable")
-    err = 1.0 - correct[order]
+    c, err = conf[order], 1.0 - np.asarray(correct, np.float64)[order]
+    starts = np.r_[0, np.flatnonzero(c[1:] != c[:-1]) + 1]  # first index of each tie group
+    sizes = np.diff(np.r_[starts, len(c)])
+    return np.repeat(np.add.reduceat(err, starts) / sizes, sizes) if len(c) else err
+
+
+def aurc(conf: np.ndarray, correct: np.ndarray) -> float:
+    """Area under the risk–coverage curve: mean over coverage levels i/n of the error among the i most confident,
+    with risk averaged within groups of equal confidence."""
+    err = _tie_averaged_errors(conf, correct)
     risks = np.cumsum(err) / np.arange(1, len(err) + 1)
     return float(risks.mean())
 
 
 def risk_coverage(conf: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(-conf, kind="stable")
-    err = 1.0 - correct[order]
+    err = _tie_averaged_errors(conf, correct)
     n = np.arange(1, len(err) + 1)
     return n / len(err), np.cumsum(err) / n
 
@@ -161,6 +172,33 @@ def clopper_pearson_upper(errors: int, n: int, delta: float) -> float:
     return hi
 
 
+def min_testable(target: float, delta: float, min_answered: int = 10) -> int:
+    """The fewest answered items worth testing: 0 errors in m pass only when m ≥ log δ / log(1 − target), and
+    steps below twice that would spend the sequence on bounds that can hardly pass. A count, not a label."""
+    return max(min_answered, 2 * math.ceil(math.log(delta) / math.log(1 - target)))
+
+
+def fixed_sequence(
+    answered: np.ndarray, errors: np.ndarray, target: float, delta: float, min_answered: int = 10
+) -> tuple[int | None, float | None]:
+    """Fixed-sequence testing along a path of answer rules ordered from strict to loose (Bauer 1991; Angelopoulos
+    et al. 2021, "Learn then Test"): step j answers `answered[j]` calibration items with `errors[j]` errors and is
+    accepted when the Clopper–Pearson (1−δ) upper bound of its selective error is ≤ target; the scan stops at the
+    first failure, so every accepted step holds together with probability ≥ 1−δ (δ spent once for the whole
+    path). Steps answering fewer than `min_testable` items are skipped untested (their counts do not depend on
+    labels). Returns (index of the loosest accepted step, its bound), or (None, None)."""
+    start = min_testable(target, delta, min_answered)
+    best: tuple[int | None, float | None] = (None, None)
+    for j, (m, e) in enumerate(zip(answered, errors, strict=True)):
+        if m < start:
+            continue
+        ucb = clopper_pearson_upper(int(e), int(m), delta)
+        if ucb > target:
+            break
+        best = (j, ucb)
+    return best
+
+
 def fit_threshold(
     signal: np.ndarray,
     correct: np.ndarray,
@@ -169,33 +207,24 @@ def fit_threshold(
     higher_is_surer: bool = True,
     min_answered: int = 10,
 ) -> dict:
-    """Answer when signal ≥ t (confidence) or ≤ t (epistemic, higher_is_surer=False).
+    """Answer when signal ≥ t (confidence) or ≤ t (epistemic, higher_is_surer=False): one rule alone.
 
-    Candidate thresholds are scanned from the strictest to the loosest; each is accepted while the
-    Clopper–Pearson upper bound of its selective error stays ≤ target (fixed-sequence testing keeps the
-    family-wise error ≤ δ). Returns the loosest accepted threshold, or {"valid": False, "reason": …}.
-    """
+    Candidate thresholds are scanned from the strictest to the loosest by `fixed_sequence`. Returns the loosest
+    accepted threshold, or {"valid": False, "reason": …}. The served policy certifies all its rules together
+    (adapters/decision.py `fit_policy`); this fits a single signal."""
     s = np.asarray(signal, np.float64) if higher_is_surer else -np.asarray(signal, np.float64)
     order = np.argsort(-s, kind="stable")
     s_sorted, err = s[order], 1.0 - np.asarray(correct, np.float64)[order]
     cum_err = np.cumsum(err)
     n = len(s_sorted)
-    # Candidates: every `step`-th answered count, starting where a clean record could pass at all
-    # (0 errors in m passes only when m ≥ log δ / log(1 − target)); these depend on counts, not errors.
-    start = max(min_answered, 2 * math.ceil(math.log(delta) / math.log(1 - target)))
+    # Candidates: every `step`-th answered count; a threshold answers every item tied with the last one.
     step = max(1, n // 50)
-    best = None
-    for m in range(start, n + 1, step):
-        j = m - 1
-        while j + 1 < n and s_sorted[j + 1] == s_sorted[j]:
-            j += 1  # ties: a threshold answers every item with equal signal
-        answered, errors = j + 1, int(round(cum_err[j]))
-        ucb = clopper_pearson_upper(errors, answered, delta)
-        if ucb > target:
-            break  # fixed-sequence testing: the first failure ends the scan
-        best = (s_sorted[j], answered, errors, ucb)
+    ends = [_tie_end(s_sorted, m - 1) for m in range(min_testable(target, delta, min_answered), n + 1, step)]
+    answered = np.array([j + 1 for j in ends], dtype=np.int64)
+    errors = np.array([int(round(cum_err[j])) for j in ends], dtype=np.int64)
+    k, ucb = fixed_sequence(answered, errors, target, delta, min_answered)
     base = {"target_error": target, "delta": delta, "n_calibration": n}
-    if best is None:
+    if k is None:
         return {
             **base,
             "valid": False,
@@ -203,15 +232,22 @@ def fit_threshold(
             "reason": f"no threshold keeps the selective error ≤ {target} at confidence {1 - delta} "
             f"on {n} calibration items",
         }
-    t = best[0] if higher_is_surer else -best[0]
+    t = s_sorted[ends[k]] if higher_is_surer else -s_sorted[ends[k]]
     return {
         **base,
         "valid": True,
         "threshold": float(t),
-        "coverage": best[1] / n,
-        "selective_error": best[2] / best[1],
-        "error_upper_bound": best[3],
+        "coverage": int(answered[k]) / n,
+        "selective_error": int(errors[k]) / int(answered[k]),
+        "error_upper_bound": ucb,
     }
+
+
+def _tie_end(s_sorted: np.ndarray, j: int) -> int:
+    """The last index tied with index j in a sorted array."""
+    while j + 1 < len(s_sorted) and s_sorted[j + 1] == s_sorted[j]:
+        j += 1
+    return j
 
 
 def conformal_quantile(probs: np.ndarray, labels: np.ndarray, alpha: float = 0.1) -> dict:

@@ -242,7 +242,11 @@ def add_recalibrate(sub: argparse._SubParsersAction) -> None:
         "--calibration", default=None, help="calibration JSONL (default: the split it was trained with)"
     )
     p.add_argument(
-        "--samples", type=int, default=None, help="mask samples S (default: the adapter's training S)"
+        "--samples",
+        type=int,
+        default=None,
+        help="mask samples S to fit at; also written as the adapter's default_samples, so the server serves the "
+        "S the thresholds hold at (default: the adapter's training S)",
     )
     p.add_argument("--base-model", default=None, help="base model (default: the one it was trained on)")
     p.add_argument(
@@ -255,10 +259,17 @@ def add_recalibrate(sub: argparse._SubParsersAction) -> None:
         "--conformal-alpha", type=float, default=None, help="set coverage 1 − alpha (default: as trained)"
     )
     p.add_argument(
+        "--unfamiliar-alpha",
+        type=float,
+        default=None,
+        help="level of the unfamiliarity rule: inputs with a p-value below it need the stricter thresholds "
+        "(default: as trained, 0.05)",
+    )
+    p.add_argument(
         "--temperature-scaling",
         type=_bool,
         default=True,
-        help="fit a temperature (false: remove it, T = 1; default: true)",
+        help="fit a temperature on a third of the split (false: remove it, T = 1; default: true)",
     )
     p.add_argument("--progress", type=_bool, default=True, help="show progress bars (default: true)")
     p.set_defaults(func=_reporting_errors(_cmd_recalibrate))
@@ -277,10 +288,12 @@ def _cmd_recalibrate(a: argparse.Namespace) -> int:
         target_error=a.target_error,
         target_delta=a.target_delta,
         conformal_alpha=a.conformal_alpha,
+        unfamiliar_alpha=a.unfamiliar_alpha,
         temperature_scaling=a.temperature_scaling,
         progress=a.progress,
     )
     dec = rec.get("decision") or {}
+    pol = dec.get("policy") or {}
     print(
         json.dumps(
             {
@@ -288,9 +301,12 @@ def _cmd_recalibrate(a: argparse.Namespace) -> int:
                 **rec["recalibrated"],
                 "calibration": (rec.get("calibration") or {}).get("metrics"),
                 "validation": rec.get("validation"),
-                "thresholds": {
-                    k: v.get("threshold") if k != "conformal" else v.get("qhat") for k, v in dec.items()
+                "default_samples": rec.get("default_samples"),
+                "policy": {
+                    k: pol.get(k)
+                    for k in ("valid", "reason", "min_confidence", "max_epistemic", "unfamiliar")
                 },
+                "conformal_qhat": (dec.get("conformal") or {}).get("qhat"),
             }
         )
     )

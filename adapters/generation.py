@@ -14,7 +14,10 @@ p̄_t = (1/S) Σ_s p_{s,t}:
 
 The distributions are the raw next-token ones (temperature 1): an adapter's fitted temperature is a property of
 its K-way choice logits, not of the vocabulary. No torch here: the server and the offline fit (`dalorra train`,
-`dalorra eval --generation-set`, adapters/short_answers.py) summarise, decide and fit with these functions.
+`dalorra eval --generation-set`, adapters/short_answers.py) summarise, decide and fit with these functions. The
+answer/abstain policy is adapters/decision.py's, the same as for choices: `generation_policy(record)` parses a
+generation decision record, `decide_generated(policy, summary, request_settings(req, prompt_form))` applies it
+(reason "not_calibrated_for_settings" when the request's decoding, length, prompt form or S differ from the fit's).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .calibration import fit_threshold
+from .decision import DEFAULT_UNFAMILIAR_ALPHA, AbstentionPolicy, fit_policy
 
 
 @dataclass(frozen=True)
@@ -111,23 +114,48 @@ def summarize_answer(sc: TokenScores) -> dict:
     }
 
 
+def request_settings(req: GenerateRequest, prompt_form: str) -> dict:
+    """What a generated answer's thresholds depend on, in the form the fitted record stores (its "request"), to
+    pass as `settings` to `AbstentionPolicy.decide`. `prompt_form` names how the prompt was made, e.g.
+    short_answers' "the adapter's cloze prompt" (the form `dalorra train` fits on), or "chat template"."""
+    return {
+        "prompt": prompt_form,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "stop": list(req.stop),
+        "max_tokens": req.max_tokens,
+        "samples": req.samples,
+    }
+
+
+def generation_policy(
+    record: dict | None, min_confidence: float | None = None, max_epistemic: float | None = None
+) -> AbstentionPolicy:
+    """The generated-answer policy of a generation decision record (its joint thresholds, unfamiliarity reference
+    of (epistemic_mean, entropy_mean) and fitted request settings), with a request's overrides."""
+    return AbstentionPolicy.from_record(record, min_confidence, max_epistemic)
+
+
+def decide_generated(policy: AbstentionPolicy, summary: dict, settings: dict | None = None) -> str | None:
+    """The abstain reason code (None: answer) of one summarised answer under the whole policy: settings check,
+    confidence, mean MI, unfamiliarity of (epistemic_mean, entropy_mean)."""
+    u = policy.unfamiliarity(summary["epistemic_mean"], summary["entropy_mean"])
+    return policy.decide(summary["confidence"], summary["epistemic_mean"], u, settings=settings)
+
+
 def decide(summary: dict, min_confidence: float | None, max_epistemic: float | None) -> str | None:
-    """The abstain reason (None: answer): confidence below its threshold, else mean epistemic above its own."""
-    if min_confidence is not None and summary["confidence"] < min_confidence:
-        return "low_confidence"
-    if max_epistemic is not None and summary["epistemic_mean"] > max_epistemic:
-        return "high_epistemic"
-    return None
+    """The older two-threshold call (confidence, then mean MI): `decide_generated` without unfamiliarity or
+    settings, kept for callers that hold thresholds rather than a policy."""
+    return AbstentionPolicy(min_confidence, max_epistemic).decide(
+        summary["confidence"], summary["epistemic_mean"]
+    )
 
 
 def thresholds_of(record: dict | None) -> tuple[float | None, float | None]:
-    """(min_confidence, max_epistemic) from a fitted generation decision record; invalid fits give None."""
-    record = record or {}
-    conf, epi = record.get("confidence") or {}, record.get("epistemic") or {}
-    return (
-        conf.get("threshold") if conf.get("valid") else None,
-        epi.get("threshold") if epi.get("valid") else None,
-    )
+    """(min_confidence, max_epistemic) from a fitted generation decision record (the jointly certified ones in
+    newer records); invalid fits give None."""
+    p = AbstentionPolicy.from_record(record)
+    return p.min_confidence, p.max_epistemic
 
 
 def fit_generation_decision(
@@ -136,11 +164,20 @@ def fit_generation_decision(
     correct: np.ndarray,
     target_error: float,
     delta: float = 0.1,
+    entropy_mean: np.ndarray | None = None,
+    unfamiliar_alpha: float = DEFAULT_UNFAMILIAR_ALPHA,
 ) -> dict:
-    """Thresholds for generated answers, fitted on a calibration set exactly as the choice thresholds are
-    (calibration.fit_threshold: Clopper–Pearson bound on the selective error, fixed-sequence)."""
-    return {
-        "signal": {"confidence": "exp(mean log p̄(y_t))", "epistemic": "mean_t MI_t (nats)"},
-        "confidence": fit_threshold(confidence, correct, target_error, delta, higher_is_surer=True),
-        "epistemic": fit_threshold(epistemic_mean, correct, target_error, delta, higher_is_surer=False),
-    }
+    """Thresholds for generated answers, certified together exactly as the choice policy is (decision.fit_policy:
+    one fixed-sequence path, Clopper–Pearson, δ spent once). With `entropy_mean` the record also stores the
+    unfamiliarity reference. The caller adds the "request" settings it generated with (short_answers)."""
+    fit = fit_policy(
+        confidence,
+        epistemic_mean,
+        entropy_mean,
+        correct,
+        target_error,
+        delta,
+        unfamiliar_alpha,
+        signals=("confidence", "epistemic_mean", "entropy_mean"),
+    )
+    return {"signal": {"confidence": "exp(mean log p̄(y_t))", "epistemic": "mean_t MI_t (nats)"}, **fit}

@@ -162,6 +162,7 @@ def fit_generation_thresholds(
         correct,
         target_error,
         delta,
+        entropy_mean=np.array([r["entropy_mean"] for r in rows]),  # the unfamiliarity reference
     )
     record.update(
         {

@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 from .adapter_io import RECORD, load_adapter, read_record, save_adapter, write_json_atomic
 from .basemodel import load_base, resolve_name
-from .calibration import fit_temperature, tempered_nll
 from .config import AdapterConfig, PromptFormat
 from .data import DataError, Item, load_jsonl, split
-from .evaluate import calibrate_decisions, evaluate_logits, predict_logits
+from .decision import fit_decision, split_calibration
+from .evaluate import evaluate_logits, predict_logits
 from .model import DalorraModel
 from .scoring import choice_logits, encode
 from .short_answers import (
@@ -123,6 +123,11 @@ class TrainConfig:
     )
     target_delta: float = _opt(0.1, "abstention: the target holds with confidence 1 − delta")
     conformal_alpha: float = _opt(0.1, "prediction sets aim at coverage 1 − alpha")
+    unfamiliar_alpha: float = _opt(
+        0.05,
+        "abstention: an input whose unfamiliarity p-value is below this must pass stricter thresholds "
+        "(in-distribution inputs fall below it at rate ≤ this)",
+    )
     calibrate: bool = _opt(
         True, "fit abstention thresholds and the conformal quantile on the calibration split (true/false)"
     )
@@ -465,35 +470,45 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict:
 def fit_calibration(
     model: DalorraModel, calib: list[Item], split_name: str, cfg: TrainConfig
 ) -> tuple[dict, dict | None, float]:
-    """Score the calibration split at S = cfg.eval_samples, fit one temperature by NLL (cfg.temperature_scaling),
-    then the abstention thresholds and conformal quantile on the temperature-scaled logits (cfg.calibrate).
-    Returns (the record's fields: temperature, temperature_fit, decision, calibration; the decision; T)."""
+    """Score the calibration split at S = cfg.eval_samples and fit on it (decision.fit_decision): one temperature
+    by NLL on its temperature part (cfg.temperature_scaling), then, on the disjoint decision part at that
+    temperature, the jointly certified abstention policy, its unfamiliarity reference and the conformal quantile
+    (cfg.calibrate). Returns (the record's fields: temperature, temperature_fit, decision, calibration; the
+    decision; T)."""
     fitted: dict = {}
-    decision, T = None, 1.0
     if not (cfg.calibrate or cfg.temperature_scaling):
-        return fitted, decision, T
+        return fitted, None, 1.0
     calib_logits = predict_logits(
         model, calib, cfg.eval_samples, seed=0, progress=cfg.progress, desc="calibrate"
     )
     calib_labels = np.array([it.label for it in calib])
-    if cfg.temperature_scaling:  # one T for every mask's logits, fitted by NLL; thresholds come after it
-        T = fit_temperature(calib_logits, calib_labels)
+    T, temp, decision = fit_decision(
+        calib_logits,
+        calib_labels,
+        cfg.target_error,
+        cfg.target_delta,
+        cfg.conformal_alpha,
+        cfg.unfamiliar_alpha,
+        cfg.temperature_scaling,
+        cfg.seed,
+    )
+    if cfg.temperature_scaling:  # one T for every mask's logits; thresholds come after it, on other items
         fitted["temperature"] = T
-        fitted["temperature_fit"] = {
-            "split": split_name,
-            "items": len(calib),
-            "nll_before": tempered_nll(calib_logits, calib_labels, 1.0),
-            "nll_after": tempered_nll(calib_logits, calib_labels, T),
-        }
-    if cfg.calibrate:
-        decision = calibrate_decisions(
-            calib_logits / T, calib_labels, cfg.target_error, cfg.target_delta, cfg.conformal_alpha
-        )
-        fitted["decision"] = decision
-        fitted["calibration"] = {
-            "split": split_name,
-            "metrics": evaluate_logits(calib_logits / T, calib_labels, decision),
-        }
+        fitted["temperature_fit"] = {"split": split_name, "part": "temperature part", **temp}
+    if not cfg.calibrate:
+        return fitted, None, T
+    fitted["decision"] = decision
+    d_idx = (
+        split_calibration(len(calib), cfg.seed)[1] if cfg.temperature_scaling and len(calib) >= 2 else None
+    )
+    d_logits = calib_logits if d_idx is None else calib_logits[:, d_idx]
+    fitted["calibration"] = {
+        "split": split_name,
+        "part": "decision part" if d_idx is not None else "all",
+        "metrics": evaluate_logits(
+            d_logits / T, calib_labels if d_idx is None else calib_labels[d_idx], decision
+        ),
+    }
     return fitted, decision, T
 
 
@@ -502,7 +517,8 @@ def recalibrate(adapter_dir: str | os.PathLike, base_model: str | None = None, *
     rewrite its dalorra.json atomically (the weights are untouched).
 
     The calibration split is rebuilt from the training config stored in the record (the same seeded split, so no
-    item it trained on is used); `overrides` replace TrainConfig fields (e.g. calibration=JSONL, eval_samples,
+    item it trained on is used); `overrides` replace TrainConfig fields (e.g. calibration=JSONL, eval_samples —
+    which also becomes the adapter's served default_samples, the S its thresholds were fitted at —
     target_error, temperature_scaling=False to remove a temperature); the thresholds are always fitted again, after
     the temperature. The validation metrics are re-scored at the new temperature when the record has them. For
     adapters trained before temperature scaling existed, or to refit on another calibration set."""
@@ -536,6 +552,9 @@ def recalibrate(adapter_dir: str | os.PathLike, base_model: str | None = None, *
             np.array([it.label for it in val]),
             new.get("decision"),
         )
+    new["default_samples"] = (
+        cfg.eval_samples
+    )  # the thresholds hold at the S they were fitted at: serve that S
     new["recalibrated"] = {
         "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "split": split_name,

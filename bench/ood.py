@@ -68,20 +68,7 @@ def main() -> None:
             todo = [o for o in a.ood if (method, a.dataset, o, seed) not in done]
             if not todo:
                 continue
-            model = None
-
-            def logits_for(name: str, items, out: Path = out) -> np.ndarray:
-                nonlocal model
-                path = Path(str(out) + f".{name}_logits.npy")
-                if path.is_file():
-                    return np.load(path)
-                if model is None:
-                    base, tok = load_base(None)
-                    model = load_adapter(out, base, tok)
-                lg = predict_logits(model, items, a.samples, seed=0, progress=False)
-                save_logits(out, name, lg)
-                return lg
-
+            logits_for = CachedScorer(out, a.samples)
             id_logits = logits_for("test", id_items)
             calib = load_jsonl(str(root / f"held-out-s{seed}.jsonl"), limit=a.calib_items)
             T = fit_temperature(logits_for("calib", calib), np.array([it.label for it in calib]))
@@ -106,6 +93,35 @@ def main() -> None:
                     commands.append(command())
                 _write(rows, commands, a)
     _write(rows, commands, a)
+
+
+class CachedScorer:
+    """(S, B, K) logits of named item sets for the adapter at `out`, each cached beside it as
+    `<out>.<name>_logits.npy` (S = `samples`, mask seed 0), so a re-run scores only what is missing.
+
+    The adapter is loaded onto a fresh base on first need only; `release()` frees it."""
+
+    def __init__(self, out: Path, samples: int) -> None:
+        self.out, self.samples, self.model = Path(out), samples, None
+
+    def path(self, name: str) -> Path:
+        return Path(str(self.out) + f".{name}_logits.npy")
+
+    def __call__(self, name: str, items: list) -> np.ndarray:
+        path = self.path(name)
+        if path.is_file():
+            cached = np.load(path)
+            if cached.shape[1] == len(items):
+                return cached
+        if self.model is None:
+            base, tok = load_base(None)
+            self.model = load_adapter(self.out, base, tok)
+        lg = predict_logits(self.model, items, self.samples, seed=0, progress=False)
+        save_logits(self.out, name, lg)
+        return lg
+
+    def release(self) -> None:
+        self.model = None
 
 
 def ood_row(

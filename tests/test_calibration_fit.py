@@ -1,4 +1,5 @@
-"""calibration.auroc against a brute-force pairwise count, and fit_temperature on data with a known temperature."""
+"""calibration.auroc against a brute-force pairwise count, AURC with tied confidences, and fit_temperature on data
+with a known temperature."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from adapters.calibration import auroc, fit_temperature, tempered_nll
+from adapters.calibration import aurc, auroc, fit_temperature, risk_coverage, tempered_nll
 
 
 def _brute_auroc(score, positive) -> float:
@@ -34,6 +35,24 @@ def test_auroc_hand_cases():
     assert auroc([0.5, 0.5, 0.5], [True, False, False]) == 0.5  # all tied: no information
     assert auroc([0.3, 0.1, 0.3, 0.2], [True, False, False, True]) == pytest.approx((1 + 0.5 + 1 + 0) / 4)
     assert math.isnan(auroc([0.1, 0.2], [True, True])) and math.isnan(auroc([0.1, 0.2], [False, False]))
+
+
+def test_aurc_averages_risk_within_tied_confidences():
+    """Items of equal confidence have no order: the risk at each coverage level is its expectation over their
+    orderings, so AURC cannot depend on the input order of ties."""
+    conf = np.array([0.9, 0.5, 0.5, 0.5, 0.2])
+    correct = np.array([1, 1, 0, 0, 1.0])
+    # tie group {0.5}: mean error 2/3 at each of its three ranks; cumulative errors 0, 2/3, 4/3, 2, 2
+    want = np.mean([0 / 1, (2 / 3) / 2, (4 / 3) / 3, 2 / 4, 2 / 5])
+    assert aurc(conf, correct) == pytest.approx(want, abs=1e-12)
+    perm = np.array([0, 3, 2, 1, 4])  # the same items with the tied ones in another order
+    assert aurc(conf[perm], correct[perm]) == pytest.approx(want, abs=1e-12)
+    cov, risk = risk_coverage(conf, correct)
+    assert cov.tolist() == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and risk[-1] == pytest.approx(2 / 5)
+    # no ties: the plain running error
+    assert aurc(np.array([0.9, 0.8, 0.6, 0.5]), np.array([1, 1, 0, 1.0])) == pytest.approx(
+        (0 + 0 + 1 / 3 + 1 / 4) / 4
+    )
 
 
 def _labels_at_temperature(T0: float, n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,30 @@
-"""The one answer/abstain policy (adapters/decision.py) and the adaptive rounds."""
+"""The one answer/abstain policy (adapters/decision.py): reading records old and new, its rules, the settings check
+for generated answers, the joint certification (fit_policy, fit_decision), and the adaptive rounds."""
+
+import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from adapters.decision import DecisionPolicy, adaptive_rounds
+from adapters.calibration import fit_temperature
+from adapters.decision import (
+    HIGH_EPISTEMIC,
+    LOW_CONFIDENCE,
+    NOT_CALIBRATED,
+    REASONS,
+    UNFAMILIAR,
+    AbstentionPolicy,
+    DecisionPolicy,
+    UnfamiliarRule,
+    adaptive_rounds,
+    fit_decision,
+    fit_policy,
+    split_calibration,
+)
 from adapters.evaluate import abstain_mask
+from adapters.shift import Reference
 
 RECORD = {
     "confidence": {"valid": True, "threshold": 0.6},
@@ -48,3 +68,162 @@ def test_eval_abstains_exactly_where_the_policy_does():
 )
 def test_adaptive_rounds(total, first, step, want):
     assert list(adaptive_rounds(total, first, step)) == want
+
+
+# ---- the jointly certified policy ------------------------------------------------------------------------------
+DEFAULT_RECORD = Path(__file__).resolve().parent.parent / "adapters/default/arc-easy-dalorra/dalorra.json"
+
+
+def test_an_older_record_with_separately_fitted_thresholds_still_loads():
+    rec = json.loads(DEFAULT_RECORD.read_text())
+    p = AbstentionPolicy.from_record(rec["decision"])
+    assert p.min_confidence == pytest.approx(rec["decision"]["confidence"]["threshold"])
+    assert p.max_epistemic is None and p.unfamiliar is None and p.reference is None
+    assert not p.certified  # each threshold was certified alone, never the two together
+    assert p.unfamiliarity(0.01, 0.5) is None
+    assert p.decide(0.3, 0.0, None) == LOW_CONFIDENCE and p.reason(0.99, 0.0) is None
+    assert DecisionPolicy is AbstentionPolicy
+
+
+UNF = UnfamiliarRule(alpha=0.05, min_confidence=0.8, max_epistemic=0.02)
+
+
+@pytest.mark.parametrize(
+    ("conf", "epi", "u", "want"),
+    [
+        (0.4, 0.0, 0.5, LOW_CONFIDENCE),
+        (0.7, 0.2, 0.5, HIGH_EPISTEMIC),
+        (0.7, 0.01, 0.5, None),  # familiar: the ordinary rules alone
+        (0.7, 0.01, 0.01, UNFAMILIAR),  # unfamiliar and below the strict confidence
+        (0.9, 0.05, 0.01, UNFAMILIAR),  # unfamiliar and above the strict MI
+        (0.9, 0.01, 0.01, None),  # unfamiliar but passes the strict rules: answered
+        (0.9, 0.01, None, None),  # no p-value (older adapter): the rule cannot apply
+    ],
+)
+def test_unfamiliar_abstains_only_together_with_a_strict_rule(conf, epi, u, want):
+    p = AbstentionPolicy(min_confidence=0.5, max_epistemic=0.1, unfamiliar=UNF)
+    assert p.decide(conf, epi, u) == want
+    assert want is None or want in REASONS
+
+
+SETTINGS = {"prompt": "cloze", "temperature": 0.0, "stop": ["\n", "."], "max_tokens": 8, "samples": 10}
+
+
+def test_generated_answer_thresholds_apply_only_to_the_settings_they_were_fitted_on():
+    p = AbstentionPolicy.from_record(
+        {
+            "confidence": {"valid": True, "threshold": 0.5},
+            "epistemic": {"valid": False, "threshold": None},
+            "request": {**SETTINGS, "mask_seed": 0},
+        }
+    )
+    same = {
+        **SETTINGS,
+        "stop": (".", "\n"),
+        "top_p": 0.3,
+        "mask_seed": 7,
+    }  # order, greedy top_p, seed: no matter
+    assert p.settings_match(same) and p.decide(0.9, 0.0, settings=same) is None
+    longer = {**SETTINGS, "max_tokens": 64}
+    assert p.settings_mismatch(longer) == ["max_tokens"]
+    assert p.decide(0.9, 0.0, settings=longer) == NOT_CALIBRATED
+    sampled = {**SETTINGS, "temperature": 0.7, "prompt": "chat template"}
+    assert p.settings_mismatch(sampled) == ["prompt", "temperature"]
+    assert p.settings_mismatch({k: v for k, v in SETTINGS.items() if k != "samples"}) == ["samples"]
+    assert AbstentionPolicy().settings_match({"anything": 1})  # choices: no fitted settings to compare
+
+
+def _draw(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """Items where confidence alone is not enough: high MI halves the chance of being right."""
+    conf = rng.uniform(0.3, 1.0, n)
+    epi = rng.exponential(0.02, n)
+    p_right = np.where(epi > 0.04, conf * 0.5, conf)
+    ent = np.clip(1 - conf + rng.normal(0, 0.05, n), 0, 1)
+    return {"conf": conf, "epi": epi, "ent": ent, "p_right": p_right, "right": rng.uniform(size=n) < p_right}
+
+
+def test_fit_policy_certifies_the_answered_set_of_all_rules_together():
+    rng = np.random.default_rng(4)
+    d, shape = _draw(rng, 400), _draw(rng, 150)
+    rec = fit_policy(
+        d["conf"],
+        d["epi"],
+        d["ent"],
+        d["right"],
+        0.2,
+        0.1,
+        shape=(shape["conf"], shape["epi"], shape["right"]),
+    )
+    pol = rec["policy"]
+    assert pol["valid"] and pol["error_upper_bound"] <= 0.2 and pol["n_calibration"] == 400
+    p = AbstentionPolicy.from_record(rec)
+    assert p.certified and p.unfamiliar is not None and p.reference is not None and p.reference.n == 400
+    # the record's coverage and error are those of every rule together, each item's unfamiliarity leave-one-out
+    u = Reference(
+        d["epi"], d["ent"]
+    ).leave_one_out()  # the record stores the pairs sorted: use the input order
+    answered = np.array([p.decide(c, e, ui) is None for c, e, ui in zip(d["conf"], d["epi"], u, strict=True)])
+    assert answered.mean() == pytest.approx(pol["coverage"])
+    assert (p.answered(d["conf"], d["epi"], u) == answered).all()  # the vectorised form agrees
+    assert 1 - d["right"][answered].mean() == pytest.approx(pol["selective_error"])
+    # the older readers see the joint thresholds
+    assert rec["confidence"]["threshold"] == p.min_confidence and rec["confidence"]["joint"]
+    assert AbstentionPolicy.from_record(rec, min_confidence=0.9).certified is False
+    assert AbstentionPolicy.from_record(rec, unfamiliar_alpha=0.01).unfamiliar.alpha == 0.01
+
+
+def test_fit_policy_says_when_no_joint_rule_meets_the_target():
+    rng = np.random.default_rng(1)
+    d = _draw(rng, 200)
+    rec = fit_policy(d["conf"], d["epi"], d["ent"], np.zeros(200, bool), 0.05, 0.1)
+    assert not rec["policy"]["valid"] and "no joint rule" in rec["policy"]["reason"]
+    assert not rec["confidence"]["valid"] and not rec["epistemic"]["valid"]
+    p = AbstentionPolicy.from_record(rec)
+    assert (p.min_confidence, p.max_epistemic, p.unfamiliar, p.certified) == (None, None, None, False)
+    with pytest.raises(ValueError, match="one value per item"):
+        fit_policy(d["conf"], d["epi"][:5], d["ent"], d["right"], 0.2)
+
+
+def test_a_certified_joint_policy_misses_its_target_in_at_most_about_delta_of_draws():
+    """Fit on fresh calibration draws; the true selective error of the fitted policy (all rules, on a large fresh
+    sample, from each item's known chance of being right) exceeds the target in ≤ δ of draws (+ slack)."""
+    rng = np.random.default_rng(2)
+    target, delta, draws = 0.2, 0.1, 120
+    misses = valid = 0
+    for _ in range(draws):
+        d, shape, fresh = _draw(rng, 300), _draw(rng, 100), _draw(rng, 2000)
+        rec = fit_policy(
+            d["conf"],
+            d["epi"],
+            d["ent"],
+            d["right"],
+            target,
+            delta,
+            shape=(shape["conf"], shape["epi"], shape["right"]),
+        )
+        p = AbstentionPolicy.from_record(rec)
+        if not p.certified:
+            continue
+        valid += 1
+        u = p.reference.p_values(fresh["epi"], fresh["ent"])
+        ok = p.answered(fresh["conf"], fresh["epi"], u)
+        misses += (1 - fresh["p_right"][ok]).mean() > target
+    assert valid >= draws / 2
+    assert misses / draws <= delta + 3 * math.sqrt(delta * (1 - delta) / draws)
+
+
+def test_fit_decision_fits_the_temperature_on_items_disjoint_from_the_thresholds():
+    rng = np.random.default_rng(3)
+    S, B, K = 3, 90, 4
+    logits = rng.normal(0, 2, (S, B, K))
+    labels = np.where(rng.uniform(size=B) < 0.7, logits.mean(0).argmax(-1), rng.integers(0, K, B))
+    T, temp, dec = fit_decision(logits, labels, target_error=0.3, delta=0.1, seed=5)
+    t_idx, d_idx = split_calibration(B, 5)
+    assert set(t_idx).isdisjoint(d_idx) and len(t_idx) + len(d_idx) == B and len(t_idx) == 30
+    assert T == pytest.approx(fit_temperature(logits[:, t_idx], labels[t_idx]))
+    assert temp["items"] == 30 and dec["policy"]["split"]["decision_items"] == 60
+    assert dec["policy"]["n_calibration"] == 60 and dec["conformal"]["n_calibration"] == 60
+    assert dec["reference"]["n"] == 60 and dec["reference"]["signals"] == ["epistemic_norm", "entropy_norm"]
+    assert dec["policy"]["path"]["epistemic_share_chosen_on"] == "the temperature part"
+    T1, temp1, dec1 = fit_decision(logits, labels, target_error=0.3, temperature_scaling=False)
+    assert T1 == 1.0 and temp1 == {} and dec1["policy"]["n_calibration"] == B

@@ -119,10 +119,14 @@ def test_eval_fits_and_writes_generation_decision(adapters_root, generation_set,
         "samples": S,
         "mask_seed": 0,
     }
-    for k in ("confidence", "epistemic"):
+    for k in ("confidence", "epistemic", "policy"):
         assert rec[k]["target_error"] == 0.5 and rec[k]["n_calibration"] == 12
-    # ten right of twelve: any ten answered hold ≤ 2 errors, under the bound at δ = 0.1, so both fits are valid
-    assert rec["confidence"]["valid"] and rec["epistemic"]["valid"]
+    # ten right of twelve: every step of the joint path holds ≤ 2 errors, under the bound at δ = 0.1, so the
+    # policy is certified as a whole; its confidence threshold is what older readers see
+    assert rec["policy"]["valid"] and rec["confidence"]["valid"] and rec["confidence"]["joint"]
+    assert rec["policy"]["error_upper_bound"] <= 0.5
+    # its unfamiliarity reference is of the generated answers' own scores
+    assert rec["reference"]["signals"] == ["epistemic_mean", "entropy_mean"] and rec["reference"]["n"] == 12
     # the same thresholds as the in-process answers give: the CLI generated and scored exactly what they did
     _, rows = reference
     want = fit_generation_decision(
@@ -130,8 +134,10 @@ def test_eval_fits_and_writes_generation_decision(adapters_root, generation_set,
         np.array([r["epistemic_mean"] for r in rows]),
         np.arange(12) < 10,
         0.5,
+        entropy_mean=np.array([r["entropy_mean"] for r in rows]),
     )
-    assert thresholds_of(rec) == pytest.approx(thresholds_of(want), rel=1e-9)
+    for got_t, want_t in zip(thresholds_of(rec), thresholds_of(want), strict=True):
+        assert (got_t is None and want_t is None) or got_t == pytest.approx(want_t, rel=1e-9)
     assert '"generation_decision"' in printed and "generation_decision.json" in printed
 
 

@@ -11,6 +11,7 @@ from adapters.adapter_io import load_adapter
 from adapters.basemodel import load_base
 from adapters.calibration import tempered_nll
 from adapters.data import load_jsonl
+from adapters.decision import split_calibration
 from adapters.evaluate import predict_logits
 from adapters.scoring import score
 from adapters.train import load_splits, run
@@ -32,8 +33,13 @@ def test_train_fits_a_temperature_and_the_thresholds_after_it(tmp_path, tiny_dir
     _, _, calib = load_splits(_cfg(tmp_path, tiny_dir, small_data))  # the trainer's own seeded split
     lg = predict_logits(model, calib, 3, seed=0, progress=False)
     labels = np.array([it.label for it in calib])
-    assert tempered_nll(lg, labels, T) == pytest.approx(fit["nll_after"], abs=1e-6)
-    assert rec["calibration"]["metrics"]["nll"] == pytest.approx(fit["nll_after"], abs=1e-6)
+    # T is fitted on the temperature part; the thresholds and their metrics on the other, disjoint part
+    t_idx, d_idx = split_calibration(len(calib), 0)
+    assert fit["items"] == len(t_idx) and rec["decision"]["policy"]["split"]["decision_items"] == len(d_idx)
+    assert tempered_nll(lg[:, t_idx], labels[t_idx], T) == pytest.approx(fit["nll_after"], abs=1e-6)
+    assert rec["calibration"]["metrics"]["nll"] == pytest.approx(
+        tempered_nll(lg[:, d_idx], labels[d_idx], T), abs=1e-6
+    )
 
 
 def test_opt_out_stores_no_temperature(tmp_path, tiny_dir, small_data):  # noqa: F811
@@ -94,7 +100,9 @@ def test_recalibrate_fits_what_train_would_have_and_keeps_the_weights(tmp_path, 
     )
     rec = json.loads((d / "dalorra.json").read_text())
     assert "temperature" not in rec and rec["recalibrated"]["temperature"] == 1.0
-    assert rec["calibration"]["metrics"]["nll"] == pytest.approx(with_T["temperature_fit"]["nll_before"])
+    assert (
+        rec["calibration"]["part"] == "all" and rec["calibration"]["metrics"]["n"] == 12
+    )  # no split without T
 
 
 def test_recalibrate_refuses_what_it_cannot_do(tmp_path, adapters_dir, capsys):

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -86,10 +88,35 @@ def test_metrics_hand_case():
     assert m["aurc"] == pytest.approx((0 + 0 + 1 / 3 + 1 / 4) / 4)
 
 
-def test_clopper_pearson_matches_beta_quantile():
-    # Known value: 0 errors in n gives 1 − δ^(1/n).
-    assert clopper_pearson_upper(0, 50, 0.1) == pytest.approx(1 - 0.1 ** (1 / 50), rel=1e-6)
-    assert clopper_pearson_upper(5, 100, 0.05) == pytest.approx(0.1019, abs=5e-4)
+def test_clopper_pearson_is_the_exact_beta_quantile():
+    # 0 errors in n: the bound solves (1 − p)^n = δ, i.e. 1 − δ^(1/n).
+    assert clopper_pearson_upper(0, 50, 0.1) == pytest.approx(1 - 0.1 ** (1 / 50), rel=1e-9)
+    # 5 errors in 100 at δ = 0.05: the 0.95 quantile of Beta(6, 95) is 0.102253 (R: qbeta(0.95, 6, 95)).
+    ucb = clopper_pearson_upper(5, 100, 0.05)
+    assert ucb == pytest.approx(0.1022534, abs=5e-7)
+    # and it is where P(Bin(100, p) ≤ 5) = δ, computed here independently with exact integers
+    cdf = sum(math.comb(100, i) * ucb**i * (1 - ucb) ** (100 - i) for i in range(6))
+    assert cdf == pytest.approx(0.05, abs=1e-9)
+
+
+@pytest.mark.parametrize("target", [0.1, 0.2])
+def test_a_certified_threshold_misses_its_target_in_at_most_about_delta_of_draws(target):
+    """Fit on fresh calibration draws, measure the true selective error of each fitted threshold: the share of draws
+    that certify a threshold whose true error exceeds the target must stay ≤ δ (plus Monte Carlo slack); a refusal
+    is no miss, and enough draws must certify for the check to mean something."""
+    delta, draws, n = 0.1, 300, 400
+    rng = np.random.default_rng(int(target * 100))
+    misses = valid = 0
+    for _ in range(draws):
+        conf = rng.uniform(0.25, 1.0, n)
+        correct = rng.uniform(size=n) < conf  # calibrated: P(correct | c) = c
+        fit = fit_threshold(conf, correct, target=target, delta=delta)
+        if not fit["valid"]:
+            continue
+        valid += 1
+        misses += (1 - fit["threshold"]) / 2 > target  # the exact selective error of conf ≥ t for U(0.25, 1)
+    assert valid >= draws / 3
+    assert misses / draws <= delta + 3 * math.sqrt(delta * (1 - delta) / draws)
 
 
 def test_threshold_meets_bound_on_synthetic_data():
