@@ -467,6 +467,25 @@ class FuzzBackend(Backend):
             out.append(np.sin(0.7 * len(r.question) + 1.3 * (r.seed % 1000) + 0.9 * s + 2.1 * k) * 3.0)
         return out
 
+    def tokenizer(self, adapter: str):  # noqa: ANN201 (a Hugging Face tokenizer, as the HF backend's)
+        from transformers import PreTrainedTokenizerFast
+
+        if adapter not in self.records:
+            return None
+        if not hasattr(self, "_hf_tok"):
+            self._hf_tok = PreTrainedTokenizerFast(tokenizer_object=self.tok, eos_token="[UNK]")
+        return self._hf_tok
+
+    def prompt_logprobs(self, adapter, token_ids, top_k, gate=None):  # noqa: ANN001, ANN201 (the Backend contract)
+        from server.backend import PromptLogprobs
+
+        if adapter not in self.records:
+            raise BackendError(f"adapter {adapter!r} is not loaded")
+        with gate(1) if gate is not None else contextlib.nullcontext():
+            n = len(token_ids)
+        top = [[("[UNK]", -0.5)] * min(top_k, 1)] * (n - 1)
+        return PromptLogprobs(["[UNK]"] * n, [None] + [-0.5] * (n - 1), [None, *top], "fake")
+
     def generate(self, request, on_token=None, cancelled=None, gate=None):  # noqa: ANN001, ANN201 (the Backend contract)
         import torch
 

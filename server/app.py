@@ -20,6 +20,7 @@ from .backend import Backend
 from .disconnect import until_disconnected
 from .errors import ApiError
 from .guards import RequestGuard, host_name
+from .headers import uncertainty_headers
 from .kserve import router as kserve_router
 from .metrics import Metrics
 from .openai_api import router as openai_router
@@ -216,12 +217,15 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         dependencies=[Depends(user)],
     )
     async def predict(
-        body: PredictItem | list[PredictItem], svc: Svc, request: Request
+        body: PredictItem | list[PredictItem], svc: Svc, request: Request, response: Response
     ) -> PredictResponse | list[PredictResponse]:
-        """One item → one response; a list → a list, in order. A client that disconnects stops its work."""
+        """One item → one response; a list → a list, in order. A client that disconnects stops its work.
+        A single item's uncertainty is also in x-dalorra-* headers (server/headers.py)."""
         if isinstance(body, list):
             return await until_disconnected(request, svc.predict(body))
-        return (await until_disconnected(request, svc.predict([body])))[0]
+        pr = (await until_disconnected(request, svc.predict([body])))[0]
+        response.headers.update(uncertainty_headers([pr.model_dump()]))
+        return pr
 
     @app.post("/feedback", response_model=FeedbackResponse, responses=ERRORS, dependencies=[Depends(user)])
     async def feedback(body: FeedbackRequest, svc: Svc) -> FeedbackResponse:

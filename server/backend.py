@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,18 @@ class ScoreRequest:
     @property
     def rows(self) -> int:
         return self.samples
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Log-probabilities of a prompt's own tokens under one network (OpenAI's `echo` with `logprobs`).
+
+    Position t holds log p(x_t | x_<t); the first token has none (nothing predicts it), so its entries are None."""
+
+    tokens: list[str]  # each token's text, as generation reports tokens (decode of the one id)
+    token_logprobs: list[float | None]  # (L,)
+    top_logprobs: list[list[tuple[str, float]] | None]  # (L,) the k most likely tokens at each position
+    network: str  # which network computed them (README "OpenAI-compatible API")
 
 
 class BackendError(RuntimeError):
@@ -67,6 +79,28 @@ class Backend(abc.ABC):
         from .generation import GenerationUnsupported
 
         raise GenerationUnsupported(f"the {self.name} backend cannot generate text")
+
+    def prompt_logprobs(
+        self,
+        adapter: str,
+        token_ids: Sequence[int],
+        top_k: int,
+        gate: Callable[[int], AbstractContextManager[object]] | None = None,
+    ) -> PromptLogprobs:
+        """Log-probabilities of every token of `token_ids` given the ones before it, with the `top_k` most likely
+        alternatives, under the adapter's mean-mask network (z = E[z], the network that decodes generated text).
+        The forward runs inside gate(rows), the scheduler's turn. Raises BackendError for ids outside the
+        vocabulary or a prompt over the token limit; a backend that cannot raises GenerationUnsupported."""
+        from .generation import GenerationUnsupported
+
+        raise GenerationUnsupported(
+            f"the {self.name} backend cannot score prompt tokens (echo with logprobs)"
+        )
+
+    def tokenizer(self, adapter: str) -> Any | None:
+        """The adapter's tokenizer (a Hugging Face tokenizer: encode, decode, eos_token, chat_template), or None
+        when this backend does not expose one. Token-ID prompts, /tokenize and token counts use it."""
+        return None
 
     def ready(self) -> bool:
         return True

@@ -7,30 +7,64 @@ worker threads decode at once and up to GENERATION_QUEUE requests wait for a slo
 a generation — each decoding step, each bounded piece of the uncertainty pass — is a turn of the scheduler, so
 /predict batches interleave with a long generation. A request whose client leaves (stream or not) sets its cancel
 flag; the worker stops at its next piece and the slot and rows are free again.
+
+Echo with log-probabilities (lm-evaluation-harness's loglikelihood) scores the prompt's own tokens with
+`backend.prompt_logprobs` in one scheduler turn, under the mean-mask network that also decodes. Outcomes are
+counted once per HTTP request by the routes (`count`); tokens when a worker returns, cancelled ones included.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from adapters.generate import work_rows
+from adapters.generate import ROW_TOKENS, work_rows
 from adapters.generation import GenerateRequest, GenerateResult, decide, summarize_answer
 
-from .backend import BackendError
+from .backend import BackendError, PromptLogprobs
 from .errors import ApiError
 from .generation import GenerationUnsupported
+from .scheduler import ShuttingDown
+from .service import not_unicode
 
 if TYPE_CHECKING:
     from .registry import AdapterRecord
     from .service import Service
 
 log = logging.getLogger("dalorra.generation")
+T = TypeVar("T")
+MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; lm-eval's `until` plus its EOS can need more)
+# dalorra_generation_requests_total outcome of a refused or failed request, by HTTP status
+OUTCOMES = {429: "rejected", 499: "cancelled", 501: "unsupported", 503: "unavailable", 504: "timeout"}
+
+
+def outcome_of(status: int) -> str:
+    return OUTCOMES.get(status, "error" if status >= 500 else "invalid")
+
+
+class ParamError(ApiError):
+    """A refusal that names the request field at fault (OpenAI's error `param`)."""
+
+    def __init__(self, status: int, type_: str, message: str, param: str | None, code: str | None = None):
+        super().__init__(status, type_, message)
+        self.param, self.code = param, code or type_
+
+
+def _text_check(field: str, text: str) -> None:
+    if not_unicode(text):
+        raise ParamError(
+            422,
+            "invalid_text",
+            f"{field} contains a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text: "
+            "send valid UTF-8",
+            field,
+        )
 
 
 class GenerationService:
@@ -57,6 +91,59 @@ class GenerationService:
             raise self.svc.unavailable()
         return reg.get(name)
 
+    def tokenizer(self, adapter: str) -> Any:
+        """The adapter's tokenizer, or 501 when the backend exposes none."""
+        tok = self.svc.backend.tokenizer(adapter)
+        if tok is None:
+            raise ApiError(
+                501, "not_implemented", f"the {self.svc.backend.name} backend does not expose its tokenizer"
+            )
+        return tok
+
+    def token_ids(self, adapter: str, text: str, special: bool = False) -> list[int]:
+        """Text → token ids with the adapter's tokenizer (special=True: its special tokens added, as
+        generation's prompts); a lone surrogate is a 422."""
+        _text_check("prompt", text)
+        return list(self.tokenizer(adapter)(text, add_special_tokens=special).input_ids)
+
+    def check_ids(self, adapter: str, ids: list[int], param: str) -> None:
+        size = len(self.tokenizer(adapter))
+        if ids and max(ids) >= size:
+            raise ParamError(
+                422, "invalid_request", f"token id {max(ids)} is outside the vocabulary (size {size})", param
+            )
+
+    def prompt_ids(self, adapter: str, prompt: str | list[int]) -> list[int]:
+        """A completion prompt's token ids: text as generation tokenizes it (the tokenizer's special tokens
+        added), token ids checked against the vocabulary; empty or over DALORRA_MAX_PROMPT_TOKENS is a 422."""
+        if isinstance(prompt, str):
+            ids = self.token_ids(adapter, prompt, special=True)
+        else:
+            ids = list(prompt)
+            self.check_ids(adapter, ids, "prompt")
+        if not ids:
+            raise ParamError(422, "invalid_request", "the prompt is empty", "prompt")
+        if len(ids) > self.s.max_prompt_tokens:
+            raise ParamError(
+                422,
+                "invalid_request",
+                f"prompt is {len(ids)} tokens; at most {self.s.max_prompt_tokens} (DALORRA_MAX_PROMPT_TOKENS)",
+                "prompt",
+            )
+        return ids
+
+    def count_tokens(self, adapter: str, texts: list[str]) -> int:
+        """Tokens of these texts by the adapter's tokenizer; without one (a backend that exposes none), an
+        estimate of one token per 4 characters (README: `usage` of multiple-choice replies)."""
+        tok = self.svc.backend.tokenizer(adapter)
+        if tok is None:
+            return sum(math.ceil(len(t) / 4) for t in texts)
+        return sum(len(tok(t, add_special_tokens=False).input_ids) for t in texts if t)
+
+    def prompt_text(self, adapter: str, ids: list[int]) -> str:
+        """Token ids as text (generation re-tokenizes it; for SmolLM2's tokenizer the round trip is exact)."""
+        return self.tokenizer(adapter).decode(ids, skip_special_tokens=False)
+
     def plan(
         self,
         adapter: str,
@@ -78,21 +165,32 @@ class GenerationService:
         rec = self.adapter(adapter)
         max_tokens = s.max_tokens if max_tokens is None else max_tokens
         if max_tokens > s.max_tokens:
-            raise ApiError(
-                422, "invalid_request", f"max_tokens={max_tokens} exceeds the limit {s.max_tokens}"
+            raise ParamError(
+                422,
+                "invalid_request",
+                f"max_tokens={max_tokens} exceeds the limit {s.max_tokens}",
+                "max_tokens",
             )
         if n > s.max_n:
-            raise ApiError(422, "invalid_request", f"n={n} exceeds the limit {s.max_n}")
-        if len(stop) > 4 or any(not x for x in stop):
-            raise ApiError(422, "invalid_request", "stop: at most 4 non-empty strings")
+            raise ParamError(422, "invalid_request", f"n={n} exceeds the limit {s.max_n}", "n")
+        if len(stop) > MAX_STOPS or any(not x for x in stop):
+            raise ParamError(422, "invalid_request", f"stop: at most {MAX_STOPS} non-empty strings", "stop")
+        if prompt is not None:
+            _text_check("prompt", prompt)
+        for i, (_, c) in enumerate(messages or ()):
+            _text_check(f"messages.{i}.content", c)
         text = prompt if prompt is not None else "".join(c for _, c in messages)
         if (
             len(text) > s.max_question_chars * 4
         ):  # a cheap bound before tokenising; tokens are checked exactly
-            raise ApiError(413, "too_long", f"prompt exceeds {s.max_question_chars * 4} characters")
+            raise ParamError(
+                413, "too_long", f"prompt exceeds {s.max_question_chars * 4} characters", "prompt"
+            )
         samples = samples if samples is not None else (rec.default_samples or s.default_samples)
         if samples > s.max_samples:
-            raise ApiError(422, "invalid_request", f"samples={samples} exceeds the limit {s.max_samples}")
+            raise ParamError(
+                422, "invalid_request", f"samples={samples} exceeds the limit {s.max_samples}", "samples"
+            )
         return GenerateRequest(
             adapter=adapter,
             prompt=prompt,
@@ -113,7 +211,6 @@ class GenerationService:
     async def _acquire(self, adapter: str) -> None:
         if self._slots.locked():
             if self.waiting >= self.s.generation_queue:
-                self.metrics.gen_requests.labels(adapter, "rejected").inc()
                 raise ApiError(
                     429,
                     "overloaded",
@@ -146,13 +243,7 @@ class GenerationService:
         Leaving the iterator early (the client went away) cancels the decoding; the slot and the admitted rows
         are released when the worker thread actually returns."""
         rows = self.rows(req)
-        try:
-            self.svc.admit(rows, None)
-        except ApiError as exc:
-            self.metrics.gen_requests.labels(
-                req.adapter, "rejected" if exc.status == 429 else "invalid"
-            ).inc()
-            raise
+        self.svc.admit(rows, None)
         try:
             await self._acquire(req.adapter)
         except BaseException:
@@ -190,6 +281,7 @@ class GenerationService:
             raise
         fut.add_done_callback(self._release)
         fut.add_done_callback(release_rows)
+        fut.add_done_callback(lambda f: self._count_tokens(req.adapter, f))
         fut.add_done_callback(lambda f: queue.put_nowait(("done", f)))
         finished = False
         try:
@@ -203,26 +295,83 @@ class GenerationService:
         finally:
             if not finished:
                 cancel.set()  # the decoding loop stops at its next step
-                self.metrics.gen_requests.labels(req.adapter, "cancelled").inc()
+
+    def _count_tokens(self, adapter: str, fut: asyncio.Future) -> None:
+        """Prompt and generated tokens of every generation that returned, a cancelled one's included (its
+        result holds the tokens decoded before it stopped)."""
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        res: GenerateResult = fut.result()
+        self.metrics.gen_prompt_tokens.labels(adapter).inc(res.prompt_tokens)
+        self.metrics.gen_tokens.labels(adapter).inc(sum(len(c.token_ids) for c in res.choices))
 
     def _result(self, req: GenerateRequest, fut: asyncio.Future) -> GenerateResult:
         try:
-            res = fut.result()
+            return fut.result()
         except GenerationUnsupported as exc:
-            self.metrics.gen_requests.labels(req.adapter, "unsupported").inc()
             raise ApiError(501, "not_implemented", str(exc)) from None
-        except BackendError as exc:
-            self.metrics.gen_requests.labels(req.adapter, "invalid").inc()
-            raise ApiError(422, "invalid_request", str(exc)) from None
+        except ShuttingDown:
+            raise self.svc.unavailable() from None
+        except BackendError as exc:  # the prompt (too long, empty, no chat template) or an unloaded adapter
+            param = ("messages" if req.messages is not None else "prompt") if "prompt" in str(exc) else None
+            raise ParamError(422, "invalid_request", str(exc), param) from None
         except Exception:
             log.exception("generation failed for adapter %s", req.adapter)
-            self.metrics.gen_requests.labels(req.adapter, "error").inc()
             raise ApiError(500, "internal_error", "generation failed; see the server log") from None
-        m = self.metrics
-        m.gen_requests.labels(req.adapter, "ok").inc()
-        m.gen_prompt_tokens.labels(req.adapter).inc(res.prompt_tokens)
-        m.gen_tokens.labels(req.adapter).inc(sum(len(c.token_ids) for c in res.choices))
-        return res
+
+    # ---- prompt log-probabilities (echo) ---------------------------------------------------------
+    async def score_prompt(self, adapter: str, ids: list[int], top_k: int) -> PromptLogprobs:
+        """backend.prompt_logprobs in a worker thread, its forward one turn of the scheduler; admitted and
+        slotted like a generation. A caller that leaves does not stop the one forward; its rows and slot are
+        released when the worker returns."""
+        rows = math.ceil(1.3 * len(ids) / ROW_TOKENS)
+        out = await self._in_slot(
+            adapter, rows, self.svc.backend.prompt_logprobs, adapter, ids, top_k, self.svc.scheduler.gate
+        )
+        self.metrics.echo_tokens.labels(adapter).inc(len(ids))
+        return out
+
+    async def _in_slot(self, adapter: str, rows: int, fn: Callable[..., T], *args: object) -> T:
+        self.svc.admit(rows, None)
+        try:
+            await self._acquire(adapter)
+        except BaseException:
+            self.svc.scheduler.release(rows)
+            raise
+        self.svc.registry.busy[adapter] += 1
+
+        def done(_: object = None) -> None:
+            self.svc.scheduler.release(rows)
+            self.svc.registry.busy[adapter] -= 1
+
+        try:
+            fut = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except BaseException:
+            self._release()
+            done()
+            raise
+        fut.add_done_callback(self._release)
+        fut.add_done_callback(done)
+        try:
+            return await asyncio.shield(fut)
+        except GenerationUnsupported as exc:
+            raise ApiError(501, "not_implemented", str(exc)) from None
+        except ShuttingDown:
+            raise self.svc.unavailable() from None
+        except BackendError as exc:
+            raise ParamError(422, "invalid_request", str(exc), "prompt") from None
+        except (ApiError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("scoring the prompt failed for adapter %s", adapter)
+            raise ApiError(500, "internal_error", "scoring the prompt failed; see the server log") from None
+
+    # ---- counting -------------------------------------------------------------------------------
+    def count(self, model: str | None, outcome: str) -> None:
+        """One generation request's outcome in dalorra_generation_requests_total (a name that is not loaded, or
+        none could be read, counts as "unknown": labels stay bounded)."""
+        label = self.svc.registry.label(model) if model else "unknown"
+        self.metrics.gen_requests.labels(label, outcome).inc()
 
     async def generate(self, req: GenerateRequest) -> GenerateResult:
         async for ev in self.events(req, stream=False):

@@ -10,11 +10,12 @@ has it), the adapters' factors in float32, softmax/entropy/MI in float32 or wide
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,7 +25,7 @@ from adapters.data import Item
 from adapters.multi import MixedView, SharedBase, mixed_key
 from adapters.scoring import DrawRequest, Encoded, encode, score_draws
 
-from .backend import Backend, BackendError, Scored, ScoreRequest
+from .backend import Backend, BackendError, PromptLogprobs, Scored, ScoreRequest
 
 if TYPE_CHECKING:
     from adapters.generate import OnToken
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dalorra.hf")
 Gate = Callable[[int], AbstractContextManager[object]]
+PROMPT_CHUNK = 256  # prompt positions through lm_head at once: (256, V) float32 ≈ 50 MB for SmolLM2
+MEAN_NETWORK = "mean-mask network (z = E[z])"
 
 
 class HFBackend(Backend):
@@ -119,6 +122,23 @@ class HFBackend(Backend):
         return seconds
 
     # ---- generation -------------------------------------------------------------------------------
+    def _turn(self, adapter: str, gate: Gate | None) -> tuple[DalorraModel, Callable[[int], Iterator[None]]]:
+        """The adapter's model and turn(rows): the scheduler's turn (gate) and the backend lock for one piece of
+        work, refused if the adapter was unloaded or reloaded meanwhile."""
+        model = self.models.get(adapter)
+        if model is None:
+            raise BackendError(f"adapter {adapter!r} is not loaded")
+
+        @contextmanager
+        def turn(rows: int) -> Iterator[None]:
+            outer = gate(rows) if gate is not None else _null()
+            with outer, self.lock:
+                if self.models.get(adapter) is not model:
+                    raise BackendError(f"adapter {adapter!r} was unloaded during the request")
+                yield
+
+        return model, turn
+
     def generate(
         self,
         request: GenerateRequest,
@@ -130,21 +150,59 @@ class HFBackend(Backend):
         uncertainty pass — runs inside gate(rows) (the scheduler's turn) and the backend lock."""
         from .hf_generate import generate
 
-        model = self.models.get(request.adapter)
-        if model is None:
-            raise BackendError(f"adapter {request.adapter!r} is not loaded")
-
-        @contextmanager
-        def turn(rows: int) -> Iterator[None]:
-            outer = gate(rows) if gate is not None else _null()
-            with outer, self.lock:
-                if self.models.get(request.adapter) is not model:
-                    raise BackendError(f"adapter {request.adapter!r} was unloaded during the generation")
-                yield
-
+        model, turn = self._turn(request.adapter, gate)
         return generate(
             model, request, turn, self.settings.max_prompt_tokens, on_token, cancelled or (lambda: False)
         )
+
+    @torch.no_grad()
+    def prompt_logprobs(
+        self, adapter: str, token_ids: Sequence[int], top_k: int, gate: Gate | None = None
+    ) -> PromptLogprobs:
+        """log p(x_t | x_<t) of every prompt token under the mean-mask network (z = E[z], the network that
+        decodes): one teacher-forced forward of one row inside one scheduler turn, then lm_head and the
+        log-softmax over the vocabulary in PROMPT_CHUNK positions."""
+        from adapters.generate import ROW_TOKENS, mean_masks
+
+        model, turn = self._turn(adapter, gate)
+        ids = [int(t) for t in token_ids]
+        vocab = model.base.get_input_embeddings().num_embeddings
+        if not ids:
+            raise BackendError("the prompt is empty")
+        if len(ids) > self.settings.max_prompt_tokens:
+            raise BackendError(
+                f"prompt is {len(ids)} tokens; at most {self.settings.max_prompt_tokens} (DALORRA_MAX_PROMPT_TOKENS)"
+            )
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise BackendError(f"token id {max(ids)} is outside the vocabulary (0 to {vocab - 1})")
+        device = next(model.base.parameters()).device
+        x = torch.tensor([ids], device=device)  # (1, L)
+        chosen, tops = [], []
+        # rows: the forward plus lm_head over the whole vocabulary at every position (as adapters.generate counts)
+        with turn(math.ceil(1.3 * len(ids) / ROW_TOKENS)), model.row_masks(mean_masks(model), x.new_zeros(1)):
+            hidden = model.decoder(input_ids=x, use_cache=False).last_hidden_state[0]  # (L, d)
+            for a in range(0, len(ids) - 1, PROMPT_CHUNK):
+                b = min(len(ids) - 1, a + PROMPT_CHUNK)
+                # (b−a, V): p(x_{t+1} | x_≤t); lm_head sees one row (its mask row) of b−a positions
+                lp = torch.log_softmax(model.lm_head(hidden[None, a:b])[0].float(), -1)
+                chosen += lp.gather(-1, x[0, a + 1 : b + 1, None])[:, 0].tolist()
+                if top_k:
+                    v, j = lp.topk(top_k, -1)  # (b−a, k)
+                    tops += list(zip(j.tolist(), v.tolist(), strict=True))
+        tok = model.tokenizer
+        texts = tok.batch_decode([[t] for t in ids])
+        top: list[list[tuple[str, float]] | None] = [None]
+        for t in range(len(ids) - 1):
+            if not top_k:
+                top.append([])
+                continue
+            js, vs = tops[t]
+            top.append(list(zip(tok.batch_decode([[j] for j in js]), vs, strict=True)))
+        return PromptLogprobs(texts, [None, *chosen], top, MEAN_NETWORK)
+
+    def tokenizer(self, adapter: str) -> Any | None:
+        model = self.models.get(adapter)
+        return model.tokenizer if model is not None else None
 
     # ---- scoring ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -102,7 +102,8 @@ class Metrics:
         # Generated answers (/v1/completions, /v1/chat/completions); confidence = exp(mean log p̄(y_t)).
         self.gen_requests = Counter(
             "dalorra_generation_requests_total",
-            "Generation requests by outcome.",
+            "Generation requests (/v1/completions, /v1/chat/completions without choices) by outcome: ok, "
+            "invalid, rejected, unsupported, unavailable, timeout, cancelled, error.",
             ["adapter", "outcome"],
             registry=r,
         )
@@ -111,6 +112,12 @@ class Metrics:
         )
         self.gen_prompt_tokens = Counter(
             "dalorra_generation_prompt_tokens_total", "Prompt tokens of generations.", ["adapter"], registry=r
+        )
+        self.echo_tokens = Counter(
+            "dalorra_prompt_logprob_tokens_total",
+            "Prompt tokens scored for their log-probabilities (completions with echo and logprobs).",
+            ["adapter"],
+            registry=r,
         )
         self.gen_confidence = Histogram(
             "dalorra_generation_confidence",

@@ -7,11 +7,17 @@ and that this server cannot honour: those are refused with 422 (see `unsupported
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .protocol import MAX_CHOICES
+
+SEED_MAX = 2**63 - 1  # seeds are int64, as OpenAI documents them (torch's generator overflows at 2^64)
+TOKEN_ID_MAX = (
+    2**31 - 1
+)  # a token id is checked against the vocabulary later; this only bounds the JSON number
+TokenId = Annotated[int, Field(ge=0, le=TOKEN_ID_MAX, strict=True)]
 
 
 class StreamOptions(BaseModel):
@@ -22,12 +28,16 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(..., min_length=1, description="The adapter that answers (GET /v1/models).")
-    temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature; 0 is greedy decoding.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    stop: str | list[str] | None = Field(
-        None, description="Up to 4 strings that end the answer (not returned)."
+    temperature: float = Field(
+        1.0, ge=0, le=2, allow_inf_nan=False, description="Sampling temperature; 0 is greedy decoding."
     )
-    seed: int | None = Field(None, ge=0, description="Sampling seed: same seed, same answer.")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass.")
+    stop: str | list[str] | None = Field(
+        None, description="Up to 16 strings that end the answer (not returned)."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, description="Sampling seed (0 to 2^63 - 1): same seed, same answer."
+    )
     n: int = Field(1, ge=1, description="Answers per request.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -47,15 +57,19 @@ class _Common(BaseModel):
         "adapter's); 0 skips it (plain mean-mask generation).",
     )
     mask_seed: int | None = Field(
-        None, ge=0, description="Seed of the S mask draws (default: the adapter's fixed draws, as /predict)."
+        None,
+        ge=0,
+        le=SEED_MAX,
+        description="Seed of the S mask draws, 0 to 2^63 - 1 (default: the adapter's fixed draws, as /predict).",
     )
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (as vLLM's extension).")
     min_confidence: float | None = Field(
-        None, ge=0, le=1, description="Override: abstain below this confidence."
+        None, ge=0, le=1, allow_inf_nan=False, description="Override: abstain below this confidence."
     )
     max_epistemic: float | None = Field(
         None,
         ge=0,
+        allow_inf_nan=False,
         description="Override: abstain above this epistemic score "
         "(generation: mean per-token MI in nats; choices: MI / log K).",
     )
@@ -82,7 +96,7 @@ class _Common(BaseModel):
             if extra.get(k)
         ]
         bad += [k for k in ("presence_penalty", "frequency_penalty") if extra.get(k) not in (None, 0, 0.0)]
-        if extra.get("echo"):
+        if extra.get("echo"):  # a declared field of completions; chat has no echo
             bad.append("echo")
         if extra.get("best_of") not in (None, 1):
             bad.append("best_of")
@@ -90,14 +104,36 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] = Field(..., description="The prompt (one string, or a list holding one).")
-    max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most (OpenAI's default: 16).")
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+        ...,
+        description="The prompt: a string, a list of token ids, or a list of either (several prompts: their "
+        "choices follow in prompt order, n per prompt).",
+    )
+    max_tokens: int | None = Field(
+        16,
+        ge=0,
+        description="Tokens to generate at most (OpenAI's default: 16; 0 with echo scores the prompt).",
+    )
     logprobs: int | None = Field(
         None,
         ge=0,
         le=20,
         description="Return log-probabilities of each token and of this many most likely alternatives.",
     )
+    echo: bool = Field(
+        False,
+        description="Return the prompt before the completion; with logprobs, the prompt tokens' log-probabilities "
+        "too (the first token's is null), from the mean-mask network that also decodes.",
+    )
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts, each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]  # one prompt of token ids
+        return list(p)
 
 
 class ChatMessage(BaseModel):
@@ -122,6 +158,22 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+# ---- tokenizer routes (vLLM's /tokenize, /detokenize: lm-evaluation-harness's remote tokenizer) ------------
+class TokenizeRequest(BaseModel):
+    model: str | None = Field(
+        None, description="The adapter whose tokenizer (default: the server's default)."
+    )
+    prompt: str = Field(..., description="Text to tokenize.")
+    add_special_tokens: bool = Field(True, description="Add the tokenizer's special tokens (e.g. BOS).")
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = Field(
+        None, description="The adapter whose tokenizer (default: the server's default)."
+    )
+    tokens: list[TokenId] = Field(..., description="Token ids to turn back into text.")
 
 
 # ---- KServe v2 / Open Inference Protocol ------------------------------------------------------------------

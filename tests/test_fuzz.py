@@ -9,7 +9,6 @@ is fixed its reproduction passes, the xfail turns into a failure, and its entry 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,6 @@ from hypothesis import HealthCheck, given, settings
 
 from bench import fuzz
 
-GENERATION = ("POST /v1/completions", "POST /v1/chat/completions")
 INFER = "POST /v2/models/{name}/infer"
 
 
@@ -31,18 +29,6 @@ def _surrogate(x: Any) -> bool:
     if isinstance(x, dict):
         return any(_surrogate(v) for v in x.values())
     return False
-
-
-def _generating(body: Any) -> bool:
-    return isinstance(body, dict) and not body.get("choices")  # `choices`: multiple choice, /predict's path
-
-
-def _big(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 2**64
-
-
-def _inf(x: Any) -> bool:
-    return isinstance(x, float) and math.isinf(x)
 
 
 @dataclass(frozen=True)
@@ -59,57 +45,7 @@ class Known:
 
 Q = {"name": "question", "datatype": "BYTES", "shape": [1], "data": ["Is fire hot?"]}
 C = {"name": "choices", "datatype": "BYTES", "shape": [1, 2], "data": ["yes", "no"]}
-HI = [{"role": "user", "content": "hi"}]
 KNOWN = [
-    Known(
-        "generation: a lone surrogate in a completion prompt reaches the tokenizer, whose TypeError is a 500",
-        GENERATION[:1],
-        lambda b: _generating(b) and _surrogate(b.get("prompt")),
-        "/v1/completions",
-        {"model": "fake", "prompt": "a\ud800b", "max_tokens": 2},
-    ),
-    Known(
-        "generation: the same in a stream (a 500 instead of a 422 before the stream starts)",
-        GENERATION[:1],
-        lambda b: _generating(b) and _surrogate(b.get("prompt")),
-        "/v1/completions",
-        {"model": "fake", "prompt": "\udfff", "max_tokens": 2, "stream": True},
-    ),
-    Known(
-        "generation: a lone surrogate in a chat message's content (text or a text part) is a 500",
-        GENERATION[1:],
-        lambda b: (
-            _generating(b)
-            and _surrogate([m.get("content") for m in b.get("messages") or [] if isinstance(m, dict)])
-        ),
-        "/v1/chat/completions",
-        {
-            "model": "fake",
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}],
-            "max_tokens": 2,
-        },
-    ),
-    Known(
-        "generation: seed >= 2^64 overflows torch.Generator.manual_seed: a 500",
-        GENERATION,
-        lambda b: _generating(b) and _big(b.get("seed")),
-        "/v1/chat/completions",
-        {"model": "fake", "messages": HI, "max_tokens": 2, "seed": 2**64},
-    ),
-    Known(
-        "generation: max_epistemic Infinity is accepted, then the response cannot be encoded: a 500",
-        GENERATION,
-        lambda b: _generating(b) and _inf(b.get("max_epistemic")),
-        "/v1/completions",
-        {"model": "fake", "prompt": "hi", "max_tokens": 2, "max_epistemic": math.inf},
-    ),
-    Known(
-        "generation: max_epistemic Infinity in a stream: an event carries a bare Infinity, which is not JSON",
-        GENERATION,
-        lambda b: _generating(b) and _inf(b.get("max_epistemic")),
-        "/v1/chat/completions",
-        {"model": "fake", "messages": HI, "max_tokens": 2, "max_epistemic": math.inf, "stream": True},
-    ),
     Known(
         "kserve: an `id` with a lone surrogate is echoed into the response, which cannot be encoded: a 500",
         (INFER,),
