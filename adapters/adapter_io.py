@@ -1,6 +1,7 @@
 """Adapter directories: PEFT-readable LoRA files plus DALorRA's mask logits and a JSON record.
 
-    adapter_config.json          PEFT LoraConfig (exact module names as target_modules)
+    adapter_config.json          PEFT LoraConfig (exact module names as target_modules; a loadable base path,
+                                 untied when lm_head is adapted on a tied base: peft_export.py)
     adapter_model.safetensors    base_model.model.<module>.lora_{A,B}.weight as PEFT reads it: for a stochastic
                                  adapter the mean-mask network B·diag(σ(φ))·A (what a deterministic answer serves),
                                  otherwise the factors as trained
@@ -31,6 +32,7 @@ from .basemodel import config_hash, resolve_name
 from .config import AdapterConfig, PromptFormat
 from .masks import mask_groups
 from .model import DalorraModel
+from .peft_export import peft_base_path
 from .scoring import letter_token_ids
 
 if TYPE_CHECKING:
@@ -77,7 +79,8 @@ def save_adapter(
             "fan_in_fan_out": False,
             "inference_mode": True,
             "modules_to_save": None,
-            "base_model_name_or_path": model.base_name,
+            # a path from_pretrained can load, untied when the adapter changes a tied lm_head (peft_export.py)
+            "base_model_name_or_path": peft_base_path(model),
         }
         (tmp / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2))
         weights, masks = {}, {}

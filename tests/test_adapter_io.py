@@ -83,6 +83,107 @@ def test_merge_and_unload_with_tied_embeddings_needs_untying_first(tmp_path, tok
     torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-5, rtol=0)
 
 
+def _mean_network_logits(model, ids):
+    model.set_mask_mode("mean")
+    return model.base(input_ids=ids).logits
+
+
+def test_auto_peft_merge_equals_the_mean_network(tmp_path, tokenizer, tiny_dir, monkeypatch):
+    """A tied base whose lm_head is adapted: adapter_config.json names an untied view of the base, so
+    AutoPeftModelForCausalLM loads with no other argument and merge_and_unload changes lm_head alone."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("DALORRA_CACHE", str(tmp_path / "cache"))
+    model = DalorraModel(
+        make_tiny(seed=1),
+        tokenizer,
+        AdapterConfig(p0=0.7),
+        PromptFormat(mode="cloze"),
+        base_name=str(tiny_dir),
+    )
+    randomize_lora(model, std=0.3)
+    out = save_adapter(model, tmp_path / "ad")
+    base_path = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base_path.startswith(str(tmp_path / "cache" / "models" / "untied"))
+    view, info = AutoModelForCausalLM.from_pretrained(base_path, output_loading_info=True)
+    assert not info["missing_keys"] and not view.config.tie_word_embeddings
+    assert view.lm_head.weight.data_ptr() != view.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, 49152, (2, 9))
+    torch.testing.assert_close(
+        view(input_ids=ids).logits, make_tiny(seed=1)(input_ids=ids).logits
+    )  # same model
+
+    want = _mean_network_logits(model, ids)
+    peft = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    torch.testing.assert_close(peft(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+    merged = peft.merge_and_unload()
+    torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged.model.embed_tokens.weight, make_tiny(seed=1).model.embed_tokens.weight)
+    assert load_adapter(out, make_tiny(seed=1), tokenizer).base_name == str(
+        tiny_dir
+    )  # dalorra.json: the name
+
+
+@pytest.mark.parametrize(
+    "targets,base_name,want",
+    [
+        (("q_proj", "v_proj"), "DIR", "DIR"),  # lm_head not adapted: the base itself, nothing to untie
+        (("q_proj", "v_proj", "lm_head"), "some-org/some-model", "some-org/some-model"),  # a hub id, as given
+        (("q_proj", "v_proj", "lm_head"), "OTHER", "OTHER"),  # a directory with another architecture
+    ],
+)
+def test_base_path_without_an_untied_view(
+    tmp_path, tokenizer, tiny_dir, monkeypatch, targets, base_name, want
+):
+    from transformers import LlamaConfig
+
+    monkeypatch.setenv("DALORRA_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "other"
+    LlamaConfig(vocab_size=49152, hidden_size=64, num_attention_heads=4).save_pretrained(other)
+    names = {"DIR": str(tiny_dir.resolve()), "OTHER": str(other)}
+    model = DalorraModel(
+        make_tiny(seed=1),
+        tokenizer,
+        AdapterConfig(targets=targets),
+        base_name=names.get(base_name, base_name),
+    )
+    out = save_adapter(model, tmp_path / "ad")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == names.get(
+        want, want
+    )
+    assert not (tmp_path / "cache" / "models" / "untied").exists()
+
+
+@pytest.mark.smollm
+def test_auto_peft_loads_an_adapter_of_the_embedded_base(tmp_path, smollm, smollm_path, monkeypatch):
+    """`embedded:SmolLM2-135M-Instruct` is no path from_pretrained can read: the adapter names the converted cache
+    (untied), and `python -m adapters.peft_export DIR` points an adapter from another machine at this one's."""
+    from peft import AutoPeftModelForCausalLM
+
+    from adapters.basemodel import EMBEDDED_NAME, converted_dir
+    from adapters.peft_export import relink
+
+    monkeypatch.setenv("DALORRA_CACHE", str(tmp_path / "cache"))  # the untied view goes here, not in ~/.cache
+    converted_dir().parent.mkdir(parents=True)
+    converted_dir().symlink_to(smollm_path)
+    base, tok = smollm
+    model = DalorraModel(
+        base, tok, AdapterConfig(), PromptFormat(mode="cloze"), base_name=EMBEDDED_NAME, seed=0
+    )
+    randomize_lora(model, std=0.02)
+    out = save_adapter(model, tmp_path / "ad")
+    cfg_file = out / "adapter_config.json"
+    view = json.loads(cfg_file.read_text())["base_model_name_or_path"]
+    assert view.startswith(str(tmp_path / "cache" / "models" / "untied" / "SmolLM2-135M-Instruct-f32-"))
+    cfg_file.write_text(cfg_file.read_text().replace(view, EMBEDDED_NAME))  # as written on another machine
+    assert relink(out) == view and json.loads(cfg_file.read_text())["base_model_name_or_path"] == view
+    ids = tok(["Which of these is a source of light? The Sun"], return_tensors="pt").input_ids
+    want = _mean_network_logits(model, ids)
+    merged = AutoPeftModelForCausalLM.from_pretrained(str(out)).merge_and_unload()
+    torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-4, rtol=0)
+
+
 def test_plain_peft_adapter_loads_with_all_masks_on(tmp_path, tokenizer):
     from peft import LoraConfig, get_peft_model
 
