@@ -1,4 +1,12 @@
-"""Multiple-choice items: the JSONL schema of ../shared/datasets, validated row by row."""
+"""Multiple-choice items: one JSON object a line, validated row by row.
+
+    {"id": "Mercury_7175875", "question": "...", "choices": ["...", "..."], "label": 2, "source": "arc_challenge"}
+
+`label` is the 0-based index of the right choice (optional for prediction); `context` is an optional passage.
+A path is a file, or `set/split` (e.g. arc_easy/validation) under the data directory ($DALORRA_DATA_DIR, else
+<cache>/datasets); a `set/split` that is not there is loaded from the Hugging Face hub when the `datasets` library is
+installed (hub_data.py).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,8 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from .basemodel import cache_dir
 
 MIN_CHOICES, MAX_CHOICES = 2, 26
 
@@ -39,16 +49,9 @@ class Item:
 
 
 def default_data_dir() -> Path:
-    """$DALORRA_DATA_DIR, else ../shared/datasets next to the repository (else /work/shared/datasets)."""
+    """$DALORRA_DATA_DIR, else `datasets` in dalorra's cache directory (~/.cache/dalorra/datasets)."""
     env = os.environ.get("DALORRA_DATA_DIR")
-    if env:
-        return Path(env)
-    beside = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
-    return (
-        beside
-        if beside.is_dir() or not Path("/work/shared/datasets").is_dir()
-        else Path("/work/shared/datasets")
-    )
+    return Path(env) if env else cache_dir() / "datasets"
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
@@ -59,11 +62,22 @@ def resolve_path(path: str | os.PathLike) -> Path:
     for cand in (default_data_dir() / p, default_data_dir() / f"{p}.jsonl"):
         if cand.is_file():
             return cand
-    raise DataError(f"{path}: no such file (also looked in {default_data_dir()}; set DALORRA_DATA_DIR)")
+    raise DataError(
+        f"{path}: no such file (also looked in {default_data_dir()}; set DALORRA_DATA_DIR, or install `datasets` "
+        "to load the benchmark sets by name from the Hugging Face hub)"
+    )
 
 
 def load_jsonl(path: str | os.PathLike, limit: int | None = None, require_labels: bool = True) -> list[Item]:
-    p = resolve_path(path)
+    """Items from a JSONL file, or from `set/split` in the data directory, else from the hub (hub_data.py)."""
+    try:
+        p = resolve_path(path)
+    except DataError:
+        from .hub_data import load_hub, lookup
+
+        if lookup(path) is None:
+            raise
+        return load_hub(path, limit)
     items: list[Item] = []
     with p.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

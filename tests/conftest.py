@@ -12,6 +12,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The server's default dtype is `auto` (bf16 on CPUs with AVX512-BF16); tests that compare the server with offline
 # float32 scoring pin float32, and tests of bf16 ask for it explicitly.
 os.environ.setdefault("DALORRA_DTYPE", "float32")
+# The integration tests read the benchmark JSONL files (README, "Datasets"); the development machines keep them in
+# a `shared/datasets` folder beside the checkout, used when DALORRA_DATA_DIR does not say otherwise.
+_BESIDE = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+if _BESIDE.is_dir():
+    os.environ.setdefault("DALORRA_DATA_DIR", str(_BESIDE))
 
 from adapters.data import default_data_dir  # noqa: E402
 
