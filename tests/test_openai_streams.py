@@ -1,25 +1,19 @@
 """How an OpenAI-compatible stream ends: [DONE], or an error event then [DONE]; never a cut body (issue #28).
 
 A failure after the first event (an error inside the generation, the server stopping) is an SSE error event the
-`openai` client raises; SIGTERM with streams open is tested on a real uvicorn process (tests/slow_server.py).
+`openai` client raises; SIGTERM with streams open is tested on a real uvicorn process (tests/fake_server.py).
 """
 
 from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from bench import fuzz
-from tests.server_utils import free_port
-
-REPO = Path(__file__).resolve().parents[1]
+from tests import fake_server
 
 
 def _events(text: str) -> list[str]:
@@ -28,36 +22,15 @@ def _events(text: str) -> list[str]:
 
 @pytest.fixture
 def slow_server(tmp_path):
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.slow_server", str(port), str(tmp_path), "1.0"],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    end = time.time() + 120
-    while time.time() < end:
-        assert proc.poll() is None, (tmp_path / "server.log").read_text()
-        try:
-            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    yield url, proc
-    log.flush()
+    """A real server process whose generations emit a token every 0.2 s; 1 s of graceful shutdown."""
+    with fake_server.running(tmp_path, grace_s=1.0, token_s=0.2) as (url, proc):
+        yield url, proc
     text = (
         tmp_path / "server.log"
     ).read_text()  # the only tracebacks: uvicorn's report of the tasks it cancelled
     assert text.count("Traceback") == text.count("CancelledError: Task cancelled, timeout graceful"), text[
         -3000:
     ]
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(30)
-    log.close()
 
 
 def test_sigterm_ends_open_streams_with_an_error_event_then_done(slow_server):
