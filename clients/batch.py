@@ -1,7 +1,9 @@
 """`dalorra predict --file`: a JSONL batch written as it goes and resumed where it stopped.
 
 Each answer is appended to --out (flushed) the moment it arrives, receipt included, so an interrupted run
-loses nothing: run the same command again and the items already in --out are skipped. The summary covers
+loses nothing: run the same command again and the items already in --out are skipped. With --feedback, each labelled
+item's label goes to /feedback as its answer arrives (the server's live calibration then counts it); a resumed run
+also reports the labels an earlier run did not. The summary covers
 every item in --out, and reports accuracy on all labelled items and on the answered ones (the accuracy
 a user of the abstain decision gets).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import Counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -54,13 +57,19 @@ def run_batch(c: Client, a: argparse.Namespace) -> int:
             f"dalorra predict: resuming, {len(items) - len(todo)} of {len(items)} items already in {a.out}",
             file=sys.stderr,
         )
-    if a.out and done:  # rewrite without a torn last line before appending
+    feedback = Feedback(c) if getattr(a, "feedback", False) else None
+    if feedback:  # labels of answers an earlier run got but did not report (the server ignores duplicates)
+        for k in keys:
+            if k in done:
+                feedback.send(done[k])
+    if a.out and done:  # rewrite without a torn last line (and with feedback marks) before appending
         with open(a.out, "w") as f:
             f.writelines(json.dumps(done[k]) + "\n" for k in keys if k in done)
     out = open(a.out, "a") if a.out else None
     rows = dict(done)
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="predict", unit="item")
     try:
-        for i in tqdm(range(0, len(todo), a.batch), desc="predict", unit="batch"):
+        for i in range(0, len(todo), a.batch):
             chunk = todo[i : i + a.batch]
             body = [
                 {
@@ -76,10 +85,13 @@ def run_batch(c: Client, a: argparse.Namespace) -> int:
             ]
             for (k, it), r in zip(chunk, c.predict_many(body), strict=True):
                 row = {**r.model_dump(), "label": it.label}  # the receipt stays: feedback can follow
+                if feedback:
+                    feedback.send(row)
                 rows[k] = row
                 if out:
                     out.write(json.dumps(row) + "\n")
                     out.flush()
+            bar.update(len(chunk))
     except KeyboardInterrupt:
         if out:
             print(
@@ -89,10 +101,36 @@ def run_batch(c: Client, a: argparse.Namespace) -> int:
             )
         return 130
     finally:
+        bar.close()
         if out:
             out.close()
-    print(json.dumps(summarize([rows[k] for k in keys if k in rows], len(items))))
+    summary = summarize([rows[k] for k in keys if k in rows], len(items))
+    if feedback:
+        summary["feedback"] = dict(feedback.counts)
+    print(json.dumps(summary))
     return 0
+
+
+class Feedback:
+    """Sends a labelled row's label to /feedback once, marking the row (`feedback`: accepted | duplicate | the error),
+    so a resumed run sends only what is missing. One refused label is reported, not fatal to the batch."""
+
+    def __init__(self, c: Client):
+        self.c = c
+        self.counts: Counter[str] = Counter()
+
+    def send(self, row: dict) -> None:
+        if row.get("label") is None or row.get("feedback") in ("accepted", "duplicate"):
+            return
+        from .client import DalorraError
+
+        try:
+            r = self.c.feedback(row["receipt"], row["label"])
+            row["feedback"] = "duplicate" if r.duplicate else "accepted"
+        except DalorraError as exc:
+            row["feedback"] = f"error: {exc}"
+            print(f"dalorra predict: feedback for {row.get('id')!r} refused: {exc}", file=sys.stderr)
+        self.counts[row["feedback"].split(":")[0]] += 1
 
 
 def summarize(rows: list[dict], total: int) -> dict:

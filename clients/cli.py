@@ -13,14 +13,39 @@ if TYPE_CHECKING:
     from server.protocol import PredictResponse
 
 
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one to show: not for unset options, flags, or help that names its own
+    default (which also keeps a token taken from the environment out of the help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in help_:
+            return help_
+        return super()._get_help_string(action)
+
+
 def add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
         help="ask a running server (one question, or a JSONL file)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Ask a running dalorra server: one question (a table, or --json), or a JSONL file of items "
+        "(--file) with a progress bar and a summary.",
+        epilog="environment: DALORRA_URL (the server URL), DALORRA_API_TOKEN (the bearer token)",
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--url", default=os.environ.get("DALORRA_URL", "http://127.0.0.1:8000"), help="server URL")
-    p.add_argument("--token", default=os.environ.get("DALORRA_API_TOKEN"), help="bearer token")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("DALORRA_URL", DEFAULT_URL),
+        help=f"server URL (default: $DALORRA_URL, else {DEFAULT_URL})",
+    )
+    p.add_argument(
+        "--token",
+        default=os.environ.get("DALORRA_API_TOKEN"),
+        help="bearer token (default: $DALORRA_API_TOKEN)",
+    )
     p.add_argument("--question", help="the question")
     p.add_argument("--choice", action="append", default=[], help="an answer choice (repeat 2-26 times)")
     p.add_argument("--context", default=None, help="optional passage")
@@ -33,7 +58,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         help="adaptive sampling: stop drawing once more samples cannot change the outcome",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--file", default=None, help="JSONL of items (question, choices, optional label)")
+    p.add_argument("--file", default=None, help="JSONL of items (question, choices, optional label and id)")
     p.add_argument(
         "--out",
         default=None,
@@ -41,6 +66,11 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         "answers arrive; rerun to resume (with --file)",
     )
     p.add_argument("--batch", type=int, default=8, help="items per request (with --file)")
+    p.add_argument(
+        "--feedback",
+        action="store_true",
+        help="send each labelled item's label to /feedback, so the server's live calibration counts it (with --file)",
+    )
     p.set_defaults(func=_predict)
 
 
@@ -66,6 +96,12 @@ def render(r: PredictResponse, choices: list[str]) -> str:
 def _predict(a: argparse.Namespace) -> int:
     from .client import Client, DalorraError
 
+    if a.feedback and not a.file:
+        print("dalorra predict: --feedback sends the labels of a --file; give --file", file=sys.stderr)
+        return 2
+    if a.batch < 1:
+        print(f"dalorra predict: --batch {a.batch}: give at least 1", file=sys.stderr)
+        return 2
     with Client(a.url, token=a.token) as c:
         try:
             if a.file:

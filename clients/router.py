@@ -2,9 +2,15 @@
 
 Usage:
 
+    def ask_a_human(question, choices, prediction) -> int:
+        return choices.index(input(f"{question} {choices}? "))   # the index of the chosen answer
+
     router = AbstainRouter(Client(url), fallback=ask_a_human)
     result = router.route("Which is a mammal?", ["whale", "shark"])
     result.answer, result.path        # "whale", "model"  (or the fallback's answer, "fallback")
+
+The fallback gets (question, choices, the model's PredictResponse) and returns the **index** of its answer in
+`choices` (the text of one of the choices is accepted too); that index is sent to /feedback as the label.
 """
 
 from __future__ import annotations
@@ -20,7 +26,19 @@ from server.protocol import PredictResponse
 if TYPE_CHECKING:
     from .client import AsyncClient, Client
 
-Fallback = Callable[[str, list[str], PredictResponse], "int | Awaitable[int]"]
+Fallback = Callable[[str, list[str], PredictResponse], "int | str | Awaitable[int | str]"]
+
+
+def choice_index(answer: object, choices: list[str]) -> int:
+    """The fallback's answer as an index into `choices`: an index, or the text of one of the choices."""
+    if isinstance(answer, str) and answer in choices:
+        return choices.index(answer)
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+        return answer
+    raise ValueError(
+        f"the fallback returned {answer!r}; it must return the index (0 to {len(choices) - 1}) of its answer in "
+        f"choices, or the text of one of them: {choices}"
+    )
 
 
 @dataclass
@@ -33,12 +51,12 @@ class Routed:
 
 
 class AbstainRouter:
-    """Sync router over `clients.client.Client`. The fallback returns the index of its chosen answer."""
+    """Sync router over `clients.client.Client`. The fallback returns the index of its chosen answer (or its text)."""
 
     def __init__(
         self,
         client: Client,
-        fallback: Callable[[str, list[str], PredictResponse], int],
+        fallback: Callable[[str, list[str], PredictResponse], int | str],
         send_feedback: bool = True,
         **predict_kw,
     ):
@@ -51,7 +69,7 @@ class AbstainRouter:
         if pred.decision == "answer":
             self.counts["model"] += 1
             return Routed(pred.answer, pred.answer_index, "model", pred)
-        k = int(self.fallback(question, choices, pred))
+        k = choice_index(self.fallback(question, choices, pred), choices)
         self.counts["fallback"] += 1
         sent = False
         if self.send_feedback:  # the fallback's answer is a label for the model's prediction
@@ -82,7 +100,7 @@ class AsyncAbstainRouter:
         k = self.fallback(question, choices, pred)
         if inspect.isawaitable(k):
             k = await k
-        k = int(k)
+        k = choice_index(k, choices)
         self.counts["fallback"] += 1
         if self.send_feedback:
             await self.client.feedback(pred.receipt, k)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import pytest
 
 from clients.batch import run_batch
 from clients.client import Client, Unreachable
+from clients.router import AbstainRouter
 from server.protocol import PredictResponse
 from tests.server_utils import free_port
 
@@ -62,8 +64,20 @@ class FakeClient:
     """Answers choice 0 with confidence 0.9 (answer) for even items and 0.4 (abstain) for odd ones;
     raises KeyboardInterrupt on call number `stop_at`."""
 
-    def __init__(self, stop_at: int | None = None):
+    def __init__(self, stop_at: int | None = None, refuse: tuple[str, ...] = ()):
         self.calls, self.stop_at, self.asked = 0, stop_at, []
+        self.fed: list[tuple[str, int]] = []
+        self.refuse = refuse  # receipts whose feedback the "server" refuses
+
+    def feedback(self, receipt, label):
+        from clients.client import BadRequest
+        from server.protocol import FeedbackResponse
+
+        if receipt in self.refuse:
+            raise BadRequest(422, "invalid_receipt", "receipt signature does not verify")
+        dup = any(r == receipt for r, _ in self.fed)
+        self.fed.append((receipt, label))
+        return FeedbackResponse(accepted=True, duplicate=dup, correct=label == 0)
 
     def predict_many(self, body):
         self.calls += 1
@@ -125,6 +139,118 @@ def test_predict_file_writes_as_it_goes_resumes_and_keeps_receipts(tmp_path, cap
     assert summary["done"] == 6 and summary["answered"] == 3 and summary["labelled"] == 6
     assert summary["accuracy"] == pytest.approx(5 / 6)
     assert summary["labelled_answered"] == 3 and summary["accuracy_answered"] == pytest.approx(2 / 3)
+
+
+def _items_file(tmp_path, n=6, unlabelled=()):
+    data = tmp_path / "items.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"question": f"q {i}", "choices": ["x", "y", "z"]}
+                | ({} if i in unlabelled else {"label": i % 3})
+            )
+            + "\n"
+            for i in range(n)
+        )
+    )
+    return data
+
+
+def test_progress_bar_counts_items_not_batches(tmp_path, capsys):
+    a = argparse.Namespace(
+        file=str(_items_file(tmp_path, 5)), out=None, batch=2, adapter=None, samples=None, adaptive=None
+    )
+    assert run_batch(FakeClient(), a) == 0
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert "5/5" in bar[-1] and "item" in bar[-1], bar[-1]  # 3 requests, 5 items
+    assert not any("3/3" in line for line in bar)
+
+
+def test_feedback_sends_each_label_once_also_across_a_resume(tmp_path, capsys):
+    data = _items_file(tmp_path, 6, unlabelled=(3,))
+    out = tmp_path / "out.jsonl"
+    a = argparse.Namespace(file=str(data), out=str(out), batch=2, adapter=None, samples=None, adaptive=None)
+    assert run_batch(FakeClient(stop_at=2), a) == 130  # an earlier run without --feedback: 2 answers in --out
+    a.feedback = True
+    c = FakeClient(refuse=("receipt-items-5",))
+    assert run_batch(c, a) == 0
+    # every labelled item once, resumed ones included; not the unlabelled items-4, nor items-5 (refused)
+    sent = {f"receipt-items-{i + 1}": i % 3 for i in (0, 1, 2, 5)}
+    assert sorted(c.fed) == sorted(sent.items())
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["items-5"]["feedback"].startswith("error: ") and rows["items-1"]["feedback"] == "accepted"
+    assert "feedback" not in rows["items-4"]
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["feedback"] == {"accepted": 4, "error": 1}
+    assert "feedback for 'items-5' refused" in captured.err
+    again = FakeClient()
+    assert run_batch(again, a) == 0
+    assert again.fed == [("receipt-items-5", 1)]  # only the refused one is tried again
+
+
+def test_predict_help_is_clean_and_names_the_environment():
+    r = subprocess.run(
+        [sys.executable, "-c", CLI, "predict", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DALORRA_API_TOKEN": "s3cret-token", "COLUMNS": "200"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "(default: None)" not in r.stdout and "(default: False)" not in r.stdout
+    assert "s3cret-token" not in r.stdout  # a token from the environment is never printed
+    assert "DALORRA_URL" in r.stdout and "DALORRA_API_TOKEN" in r.stdout and "(default: 8)" in r.stdout
+    assert all(line.count("default") <= 1 for line in r.stdout.splitlines()), r.stdout
+    assert "--feedback" in r.stdout
+
+
+def test_feedback_without_a_file_is_refused():
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CLI,
+            "predict",
+            "--question",
+            "q?",
+            "--choice",
+            "a",
+            "--choice",
+            "b",
+            "--feedback",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "--feedback" in r.stderr and "--file" in r.stderr
+
+
+class AbstainingClient:
+    """Always abstains; records the feedback the router sends."""
+
+    def __init__(self):
+        self.fed = []
+
+    def predict(self, question, choices, **kw):
+        return FakeClient().predict_many([{"id": "x", "question": "q 1", "choices": choices}])[0]
+
+    def feedback(self, receipt, label):
+        self.fed.append(label)
+
+
+@pytest.mark.parametrize("returned,index", [(2, 2), ("z", 2), (0, 0)])
+def test_router_fallback_returns_an_index_or_a_choice(returned, index):
+    c = AbstainingClient()
+    routed = AbstainRouter(c, fallback=lambda q, ch, p: returned).route("q 1", ["x", "y", "z"])
+    assert routed.path == "fallback" and routed.answer_index == index and routed.answer == "xyz"[index]
+    assert c.fed == [index]
+
+
+@pytest.mark.parametrize("returned", ["a fish", 3, -1, True, None])
+def test_router_fallback_with_no_usable_answer_says_what_it_must_return(returned):
+    with pytest.raises(ValueError, match=r"must return the index \(0 to 2\)"):
+        AbstainRouter(AbstainingClient(), fallback=lambda q, ch, p: returned).route("q 1", ["x", "y", "z"])
 
 
 def test_eval_writes_metrics_without_matplotlib(tmp_path, monkeypatch, capsys):

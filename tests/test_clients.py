@@ -126,8 +126,9 @@ def test_cli_table_json_and_batch(server, tmp_path):
         "".join(json.dumps({"question": f"{Q} ({i})", "choices": CH, "label": 0}) + "\n" for i in range(5))
     )
     out = tmp_path / "out.jsonl"
+    n0 = server.metric("dalorra_calibration_predictions_total")
     b = subprocess.run(
-        base + ["--file", str(data), "--out", str(out), "--batch", "2"],
+        base + ["--file", str(data), "--out", str(out), "--batch", "2", "--feedback"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -137,5 +138,7 @@ def test_cli_table_json_and_batch(server, tmp_path):
     assert summary["items"] == 5 and summary["answered"] + summary["abstained"] == 5
     assert 0 <= summary["accuracy"] <= 1 and "ece" in summary
     assert len(out.read_text().splitlines()) == 5
+    assert summary["feedback"] == {"accepted": 5}  # the file's labels reached the live calibration
+    assert server.metric("dalorra_calibration_predictions_total") == n0 + 5
     bad = subprocess.run(base + ["--question", "q", "--choice", "a"], capture_output=True, text=True)
     assert bad.returncode == 2

@@ -9,6 +9,7 @@ Run it:
 from __future__ import annotations
 
 import argparse
+import os
 
 from clients.client import Client
 from clients.router import AbstainRouter
@@ -22,13 +23,16 @@ QUESTIONS = [
 
 
 def ask_a_human(question: str, choices: list[str], prediction: PredictResponse) -> int:
-    # A real application would page a person or call a larger model; here the answer key stands in.
+    """The fallback: return the INDEX of the right answer in `choices` (AbstainRouter sends it to /feedback as the
+    label). A real application would page a person or ask a larger model; here the answer key stands in."""
     return next(k for q, _, k in QUESTIONS if q == question)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--url", default=os.environ.get("DALORRA_URL", "http://127.0.0.1:8000"), help="server URL"
+    )
     ap.add_argument("--min-confidence", type=float, default=None, help="override the adapter's threshold")
     a = ap.parse_args()
     kw = {"min_confidence": a.min_confidence} if a.min_confidence is not None else {}
