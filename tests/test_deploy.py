@@ -31,11 +31,158 @@ def _tool(name: str) -> str:
     return path
 
 
+def _dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p.get("targets", [])]
+
+
 def _exprs() -> list[str]:
     rules = yaml.safe_load(RULES.read_text())
-    out = [r["expr"] for g in rules["groups"] for r in g["rules"]]
-    out += [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
-    return out
+    return [r["expr"] for g in rules["groups"] for r in g["rules"]] + _dashboard_exprs()
+
+
+# What Grafana puts in place of the dashboard's variables before it sends a query.
+GRAFANA_VARS = {"$__range": "1h", "$__interval": "1m", "$__rate_interval": "1m", "$adapter": ".*"}
+
+
+def _as_sent(expr: str) -> str:
+    for var, value in GRAFANA_VARS.items():
+        expr = expr.replace(var, value)
+    assert not re.search(r"\$\{?[A-Za-z_]", expr), expr  # a variable this list does not know
+    return expr
+
+
+def _walk(node):
+    yield node
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for child in children:
+        yield from _walk(child)
+
+
+def test_dashboard_imports_into_any_grafana_and_provisions():
+    """Importable: one datasource input, DS_PROMETHEUS, used by every panel, query and variable (no hard-coded
+    uid). Provisioned as a file there is no import step: a datasource variable of the same name resolves
+    `${DS_PROMETHEUS}` to the default Prometheus, which the provisioned datasource is."""
+    text = DASHBOARD.read_text()
+    dash = json.loads(text)
+    assert [(i["name"], i["type"], i["pluginId"]) for i in dash["__inputs"]] == [
+        ("DS_PROMETHEUS", "datasource", "prometheus")
+    ]
+    refs = [
+        n["datasource"] for n in _walk(dash) if isinstance(n, dict) and isinstance(n.get("datasource"), dict)
+    ]
+    assert refs and all(r == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"} for r in refs), refs
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    assert all(p["datasource"] and all(t["datasource"] for t in p["targets"]) for p in panels)
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert (
+        variables["DS_PROMETHEUS"]["type"] == "datasource"
+        and variables["DS_PROMETHEUS"]["query"] == "prometheus"
+    )
+    imported = json.loads(text.replace("${DS_PROMETHEUS}", "chosen-uid"))  # what Grafana's import does
+    assert "DS_PROMETHEUS}" not in json.dumps(imported["panels"])
+    required = {r["id"] for r in dash["__requires"] if r["type"] == "panel"}
+    assert {p["type"] for p in panels} <= required
+
+    ds = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())[
+        "datasources"
+    ]
+    assert [d["type"] for d in ds if d.get("isDefault")] == ["prometheus"]
+    provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/dalorra.yml").read_text())
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["grafana"]["volumes"]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in compose}
+    assert (ROOT / mounted[provider["providers"][0]["options"]["path"]]).resolve() == DASHBOARD.parent
+
+
+def test_dashboard_layout_is_well_formed():
+    dash = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    cells = set()
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
+        mine = {(g["x"] + dx, g["y"] + dy) for dx in range(g["w"]) for dy in range(g["h"])}
+        assert not cells & mine, f"{p['title']} overlaps another panel"
+        cells |= mine
+        if p["type"] != "row":
+            refs = [t["refId"] for t in p["targets"]]
+            assert refs and len(refs) == len(set(refs)), p["title"]
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for wanted in (
+        "time to first token",
+        "tokens per second",
+        "generated answers: confidence",
+        "epistemic",
+        "version",
+    ):
+        assert wanted in titles, wanted
+
+
+def test_dashboard_queries_parse(tmp_path):
+    """Every panel query, with Grafana's variables filled in, is valid PromQL (promtool parses it as a rule)."""
+    rules = {"groups": [{"name": "dashboard", "rules": []}]}
+    for i, expr in enumerate(_dashboard_exprs()):
+        rules["groups"][0]["rules"].append({"record": f"dashboard:query_{i}", "expr": _as_sent(expr)})
+    f = tmp_path / "dashboard_rules.yml"
+    f.write_text(yaml.safe_dump(rules))
+    r = subprocess.run([_tool("promtool"), "check", "rules", str(f)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _reliability_exprs() -> dict[str, str]:
+    panel = next(
+        p for p in json.loads(DASHBOARD.read_text())["panels"] if p["title"].startswith("Reliability")
+    )
+    return {t["legendFormat"]: _as_sent(t["expr"]) for t in panel["targets"]}
+
+
+def test_reliability_bins_sort_numerically_and_empty_bins_drop(tmp_path):
+    """Bins are labels "0".."14": the diagram's queries pad them to two digits, so that the string order Grafana
+    sorts by is the numeric order (not 0, 1, 10, ..., 14, 2, ...); a bin without predictions is left out."""
+    series = []  # per minute: predictions, Σ confidence, Σ correct (binary-exact values: no roundoff)
+    for b, n, conf, correct in (("2", 4, 1, 1), ("10", 8, 6, 6), ("0", 2, 0.125, 0), ("7", 0, 0, 0)):
+        lab = f'adapter="a",bin="{b}"'
+        series += [
+            {"series": f"dalorra_calibration_predictions_total{{{lab}}}", "values": f"0+{n}x120"},
+            {"series": f"dalorra_calibration_confidence_total{{{lab}}}", "values": f"0+{conf}x120"},
+            {"series": f"dalorra_calibration_correct_total{{{lab}}}", "values": f"0+{correct}x120"},
+        ]
+    exprs = _reliability_exprs()
+
+    def samples(values):
+        return [{"labels": f'{{bin="{b}"}}', "value": v} for b, v in values.items()]
+
+    test = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": exprs["accuracy"],
+                        "eval_time": "120m",
+                        "exp_samples": samples({"00": 0, "02": 0.25, "10": 0.75}),
+                    },
+                    {
+                        "expr": exprs["mean confidence"],
+                        "eval_time": "120m",
+                        "exp_samples": samples({"00": 0.0625, "02": 0.25, "10": 0.75}),
+                    },
+                ],
+            }
+        ],
+    }
+    f = tmp_path / "bins_test.yml"
+    f.write_text(yaml.safe_dump(test))
+    r = subprocess.run([_tool("promtool"), "test", "rules", str(f)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    panel = next(
+        p for p in json.loads(DASHBOARD.read_text())["panels"] if p["title"].startswith("Reliability")
+    )
+    sort = [t["options"]["sort"] for t in panel["transformations"] if t["id"] == "sortBy"]
+    assert sort == [[{"field": "bin", "desc": False}]]  # Grafana orders the (now padded) bins as strings
 
 
 def test_promtool_checks_rules():
@@ -213,6 +360,11 @@ def test_real_prometheus_ece_equals_offline(adapters_dir, data_dir, tmp_path):
             time.sleep(0.5)
         assert value is not None, (tmp_path / "prom.log").read_text()[-2000:]
         assert value == pytest.approx(offline, abs=1e-6)
+
+        # Every dashboard query, as Grafana sends it, runs on a real Prometheus scraping a real server.
+        for expr in _dashboard_exprs():
+            r = httpx.get(api, params={"query": _as_sent(expr)}, timeout=5).json()
+            assert r["status"] == "success", (expr, r)
 
         # Every metric the rules and the dashboard name is one the server exports.
         exported = set(re.findall(r"^(dalorra_[a-z_]+)", httpx.get(srv.url + "/metrics").text, re.M))
