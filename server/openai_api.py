@@ -397,7 +397,7 @@ async def _stream(
     async def produce() -> AsyncIterator[str]:
         usage = [0, 0]  # prompt, completion tokens over every prompt
         last: list[dict] = []
-        started = False
+        started = counted = False
         try:
             for i, p in enumerate(planned):
                 offsets = [0] * n
@@ -449,10 +449,11 @@ async def _stream(
                     last.append(
                         piece(i * n + j, "", None, c.finish_reason, uncertainty=_uncertainty(g, body, res, j))
                     )
+            g.count(body.model, "ok")
+            counted = True
             # the final chunk: finish reasons, uncertainty and usage
             yield chunk(last, usage=_usage(*usage))
             yield "data: [DONE]\n\n"
-            g.count(body.model, "ok")
         except ApiError as exc:
             if not started:
                 raise  # before the first event: the route answers it as an HTTP error
@@ -465,7 +466,8 @@ async def _stream(
             g.count(body.model, "error")
             yield error_event(ApiError(500, "internal_error", "the stream failed; see the server log"))
         except BaseException:  # GeneratorExit, CancelledError: the client left or the server stopped it
-            g.count(body.model, "cancelled")
+            if not counted:
+                g.count(body.model, "cancelled")
             raise
 
     gen = produce()
