@@ -256,6 +256,124 @@ def test_manifests_render_and_validate(overlay, tmp_path):
     } <= kinds
 
 
+KSERVE = ROOT / "deploy" / "k8s" / "kserve"
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_COUNT = {"type": "integer", "minimum": 0}
+# KServe's ComponentExtensionSpec (pkg/apis/serving/v1beta1/component.go): the predictor's fields that are not
+# PodSpec fields. Everything else in the predictor is a PodSpec, checked by kubernetes-validate as a Pod.
+PREDICTOR_EXTENSION = {
+    "minReplicas": _COUNT,
+    "maxReplicas": _COUNT,
+    "scaleTarget": _COUNT,
+    "scaleMetric": {"enum": ["cpu", "memory", "concurrency", "rps"]},
+    "containerConcurrency": _COUNT,
+    "timeout": _COUNT,
+    "canaryTrafficPercent": {"type": "integer", "minimum": 0, "maximum": 100},
+    "logger": {"type": "object"},
+    "batcher": {"type": "object"},
+    "labels": _STRING_MAP,
+    "annotations": _STRING_MAP,
+    "deploymentStrategy": {"type": "object"},
+}
+INFERENCE_SERVICE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "serving.kserve.io/v1beta1"},
+        "kind": {"const": "InferenceService"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": "^[a-z]([-a-z0-9]*[a-z0-9])?$"},  # KServe's name rule
+                "labels": _STRING_MAP,
+                "annotations": _STRING_MAP,
+            },
+        },
+        "spec": {
+            "type": "object",
+            "required": ["predictor"],
+            "additionalProperties": False,
+            "properties": {
+                "predictor": {"type": "object", "properties": PREDICTOR_EXTENSION},
+                "transformer": {"type": "object"},
+                "explainer": {"type": "object"},
+            },
+        },
+    },
+}
+
+
+def _kserve_rendered() -> list[dict]:
+    out = subprocess.run(["kubectl", "kustomize", str(KSERVE)], capture_output=True, text=True, check=True)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _inference_service() -> dict:
+    return next(d for d in _kserve_rendered() if d["kind"] == "InferenceService")
+
+
+def test_kserve_inference_service_renders_and_validates(tmp_path):
+    """deploy/k8s/kserve renders (kubectl kustomize); the InferenceService fits KServe's v1beta1 structure and its
+    predictor's PodSpec fits Kubernetes' own schema (strict: no unknown field)."""
+    import jsonschema
+
+    docs = _kserve_rendered()
+    assert sorted(d["kind"] for d in docs) == ["InferenceService", "PersistentVolumeClaim"]
+    isvc = _inference_service()
+    jsonschema.validate(isvc, INFERENCE_SERVICE_SCHEMA)
+    pred = isvc["spec"]["predictor"]
+    assert pred["minReplicas"] <= pred["maxReplicas"]
+    pod_spec = {k: v for k, v in pred.items() if k not in PREDICTOR_EXTENSION}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"}, "spec": pod_spec}
+    others = [d for d in docs if d["kind"] != "InferenceService"]
+    f = tmp_path / "kserve.yaml"
+    f.write_text(yaml.safe_dump_all([pod, *others]))
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "kubernetes-validate"), "--strict", "--quiet", str(f)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    # The checks can fail: a misspelt extension field lands in the PodSpec, which strict validation refuses, and
+    # a value KServe does not know fails the schema.
+    f.write_text(yaml.safe_dump({**pod, "spec": {**pod_spec, "minReplica": 1}}))
+    strict = [str(Path(sys.executable).parent / "kubernetes-validate"), "--strict", "--quiet", str(f)]
+    assert subprocess.run(strict, capture_output=True).returncode != 0
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(
+            {**isvc, "spec": {"predictor": {**pred, "scaleMetric": "gpu"}}}, INFERENCE_SERVICE_SCHEMA
+        )
+
+
+def test_kserve_predictor_is_this_server():
+    """A custom predictor running this image: KServe's container name, the adapters from STORAGE_URI at
+    /mnt/models, protocol v2, probes on the v2 health routes and Prometheus scraping, all on the served port."""
+    isvc = _inference_service()
+    pred = isvc["spec"]["predictor"]
+    [c] = pred["containers"]
+    assert c["name"] == "kserve-container" and c["image"] == "ghcr.io/example/dalorra:cpu"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert (
+        env["STORAGE_URI"].startswith("pvc://dalorra-adapters")
+        and env["DALORRA_ADAPTERS_DIR"] == "/mnt/models"
+    )
+    assert env["PROTOCOL"] == "v2" and env["DALORRA_HOST"] == "0.0.0.0"
+    [port] = [p["containerPort"] for p in c["ports"]]
+    assert int(env["DALORRA_PORT"]) == port
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}
+    assert "startupProbe" not in c  # Knative (serverless mode) refuses it
+    ann = pred["annotations"]
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/enable-prometheus-scraping"] == "true"
+    assert ann["prometheus.kserve.io/port"] == ann["prometheus.io/port"] == str(port)
+    assert ann["prometheus.kserve.io/path"] == ann["prometheus.io/path"] == "/metrics"
+    envs = {e["name"]: e for e in c["env"]}
+    for key in ("DALORRA_FEEDBACK_KEY", "DALORRA_ADMIN_TOKEN"):
+        assert "secretKeyRef" in envs[key]["valueFrom"] and "value" not in envs[key]
+
+
 def test_secrets_come_from_the_environment_with_no_published_default():
     """No secret value is written in the compose file or the manifests: compose passes the environment through
     (empty when unset: the server then uses a random feedback key), k8s reads a Secret."""
@@ -371,11 +489,15 @@ def test_real_prometheus_ece_equals_offline(adapters_dir, data_dir, tmp_path):
         named = {m for e in _exprs() for m in re.findall(r"(?<![:\w])(dalorra_[a-z_]+)(?![:\w])", e)}
         assert named and named <= exported, sorted(named - exported)
 
-        # The Deployment's probes point at endpoints that exist.
+        # The Deployment's and the InferenceService's probes and scrape path point at endpoints that exist.
         dep = yaml.safe_load((ROOT / "deploy" / "k8s" / "base" / "deployment.yaml").read_text())
         c = dep["spec"]["template"]["spec"]["containers"][0]
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert httpx.get(srv.url + c[probe]["httpGet"]["path"]).status_code == 200
+        isvc = _inference_service()["spec"]["predictor"]
+        paths = [c[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")]
+        paths += [isvc["containers"][0][p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe")]
+        paths.append(isvc["annotations"]["prometheus.io/path"])
+        for path in paths:
+            assert httpx.get(srv.url + path).status_code == 200, path
     finally:
         prom.terminate()
         prom.wait(30)
