@@ -13,13 +13,18 @@ same way the JSONL files were made, so an adapter trained on one reads the other
 
 Split names follow the JSONL files: OpenBookQA's and WinoGrande's `dev` is the hub's `validation`; WinoGrande's
 training sizes are `train_xs` … `train_xl`. Test splits without public labels (WinoGrande, BoolQ) are not offered.
+
+`python -m adapters.hub_data arc_easy/train arc_easy/validation [--out DIR]` writes splits as JSONL files, for a
+machine without hub access.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .data import DataError, Item
 
@@ -176,3 +181,44 @@ def load_hub(name: str | os.PathLike, limit: int | None = None) -> list[Item]:
             "Without hub access, put the JSONL files in $DALORRA_DATA_DIR."
         ) from None
     return where.to_items(rows, limit)
+
+
+def export(names: list[str], out_dir: str | os.PathLike) -> list[Path]:
+    """Write named hub splits as JSONL files `<out_dir>/<set>/<split>.jsonl` (for a machine without hub access:
+    export where the hub is reachable, copy, point $DALORRA_DATA_DIR there)."""
+    written = []
+    for name in names:
+        where = lookup(name)
+        if where is None:
+            raise DataError(f"{name}: not a benchmark the hub loader knows")
+        items = load_hub(name)
+        path = Path(out_dir) / where.name / f"{where.split}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for it in items:
+                row = {"id": it.id, "question": it.question, "choices": list(it.choices), "label": it.label}
+                f.write(json.dumps(row | {"source": where.name}, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m adapters.hub_data",
+        description="Write benchmark splits from the Hugging Face hub as dalorra's JSONL files.",
+    )
+    ap.add_argument(
+        "names", nargs="+", help="set/split, e.g. arc_easy/train arc_easy/validation winogrande/dev"
+    )
+    ap.add_argument(
+        "--out", default=None, help="directory (default: $DALORRA_DATA_DIR, else ~/.cache/dalorra/datasets)"
+    )
+    a = ap.parse_args()
+    from .data import default_data_dir
+
+    for p in export(a.names, a.out or default_data_dir()):
+        print(p)

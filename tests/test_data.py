@@ -245,3 +245,17 @@ def test_a_row_that_does_not_fit_is_named(tmp_path, monkeypatch):
     _fake_hub(monkeypatch, tmp_path, ("allenai/winogrande", "winogrande_xl", "validation"), rows)
     with pytest.raises(DataError, match=r"winogrande/dev .* row 1: .*not 1 or 2"):
         load_jsonl("winogrande/dev")
+
+
+def test_export_writes_jsonl_that_loads_back_without_the_hub(tmp_path, monkeypatch):
+    from adapters.hub_data import export
+
+    path, config, split, rows, fmt, expected = CASES["boolq/validation"]
+    _fake_hub(monkeypatch, tmp_path, (path, config, split), rows, fmt)
+    out = tmp_path / "exported"
+    assert export(["boolq/validation"], out) == [out / "boolq" / "validation.jsonl"]
+    monkeypatch.setenv("DALORRA_DATA_DIR", str(out))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # from here on, no hub and no `datasets`
+    items = load_jsonl("boolq/validation")
+    assert [(it.id, it.question, it.choices, it.label) for it in items] == expected
+    assert json.loads((out / "boolq" / "validation.jsonl").read_text().splitlines()[0])["source"] == "boolq"
