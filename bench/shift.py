@@ -1,9 +1,9 @@
 """Abstention under shift: does the certified policy hold when traffic mixes in items unlike the calibration split?
 
     python -m bench.shift [--stage score|analyse|all] [--methods lora dalorra ensemble] [--seeds 0 1]
-        [--shift-items 200] [--calib-items 400] [--target-error 0.2] [--delta 0.1] [--alpha-u 0.05]
+        [--shift-items 200] [--calib-items 400] [--target-error 0.3] [--delta 0.1] [--alpha-u 0.05]
 
-Adapters: the paper-regime ARC-Easy adapters of bench/calibration.py (runs/bench-paper/arc_easy/<method>-s<seed>,
+Data: `DALORRA_DATA_DIR=../shared/datasets` (or wherever the JSONL sets are). Adapters: the paper-regime ARC-Easy adapters of bench/calibration.py (runs/bench-paper/arc_easy/<method>-s<seed>,
 120 steps x 8 over the first 200 items of the training part at lr 1e-3), trained here when missing with the same
 budget (bench.budget), so both scripts share them.
 
@@ -276,7 +276,7 @@ def shifted_answered_at(ev: dict, id_coverage: float, shifted: dict) -> tuple[fl
     return float(q.answered(shifted["conf"], shifted["epi"], shifted["u"]).mean()), float(cov)
 
 
-def monitor_runs(ev: dict, seed: int, streams: int = 30) -> dict:
+def monitor_runs(ev: dict, seed: int, streams: int = 30, shifted_runs: int = 10) -> dict:
     """The shift monitor fed offline: in-distribution streams (the test items in random order) for false alarms;
     300 in-distribution requests then 200 shifted ones for the delay; the label-free accuracy estimate (mean
     calibrated confidence over the window) against true accuracy in each phase."""
@@ -301,7 +301,7 @@ def monitor_runs(ev: dict, seed: int, streams: int = 30) -> dict:
         sets["pooled"] = pool
     for name, st in sets.items():
         delays, est = [], []
-        for _ in range(10):
+        for _ in range(min(streams, shifted_runs)):
             m = ShiftMonitor(ref, cfg)
             ids = rng.permutation(len(t["conf"]))[:300]
             s1 = feed(m, t, ids)
@@ -372,7 +372,7 @@ def analyse(a: argparse.Namespace) -> None:
                     for k, v in mixture(ev["sets"]["test"], st, share, rule).items():
                         row[f"{k}_{rule}"] = v
                 mix_rows.append(row)
-        monitors.append({"method": name, "seed": seed, **monitor_runs(ev, seed)})
+        monitors.append({"method": name, "seed": seed, **monitor_runs(ev, seed, a.monitor_streams)})
     for seed in a.seeds:  # equal in-distribution coverage: DALorRA's certified one
         if ("dalorra", seed) not in evs:
             continue
@@ -634,9 +634,18 @@ def main() -> None:
         "--sets", nargs="+", choices=list(SHIFTED), default=[n for n in SHIFTED if n != "arc_challenge"]
     )
     ap.add_argument("--calib-items", type=int, default=400, help="calibration items (in-distribution)")
-    ap.add_argument("--target-error", type=float, default=0.2)
+    ap.add_argument(
+        "--target-error",
+        type=float,
+        default=0.3,
+        help="selective error target (0.3: the paper-regime adapters are right on only ~0.6 of ARC-Easy and their "
+        "risk-coverage curve is flat; LoRA's calibration split certifies no policy at 0.2 or 0.25)",
+    )
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--alpha-u", type=float, default=0.05)
+    ap.add_argument(
+        "--monitor-streams", type=int, default=30, help="in-distribution streams fed to the monitor"
+    )
     ap.add_argument("--lock", default="/tmp/dalorra-heavy.lock", help="flock held per unit of heavy work")
     add_budget_args(ap)
     a = ap.parse_args()

@@ -190,3 +190,46 @@ def test_unfamiliarity_passed_in_is_used_for_the_counts():
     assert st.unfamiliar == 1 and st.histogram[0] == 1
     st = m.observe(0.0, 0.5, 0.8, unfamiliarity=0.99)
     assert st.unfamiliar == 1 and st.histogram[-1] == 1
+
+
+def test_shift_benchmark_analysis_runs_on_cached_scores(tmp_path, monkeypatch):
+    """bench/shift.py's analysis end to end on made-up cached logits (no model): every target is reported with a
+    value, a goal and whether it is met, and the tables carry K beside every row."""
+    import argparse
+
+    import bench.common
+    import bench.shift as sh
+
+    monkeypatch.chdir(tmp_path)  # the adapters' cached logits live under ./runs
+    got = {}
+    monkeypatch.setattr(bench.common, "write", lambda name, data, table: got.update(data=data, table=table))
+    a = argparse.Namespace(
+        calib_items=120,
+        shift_items=30,
+        sets=["winogrande", "mmlu", "boolq", "arc_easy_2choice"],
+        samples=4,
+        target_error=0.3,
+        delta=0.1,
+        alpha_u=0.05,
+        seeds=[0],
+        methods=["lora", "dalorra"],
+        monitor_streams=2,
+    )
+    rng = np.random.default_rng(0)
+    for method, S in (("lora", 1), ("dalorra", 4)):
+        out = sh.adapter_dir(method, 0)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for name, items in sh.item_sets(0, a):
+            y = np.array([it.label for it in items])
+            lg = rng.normal(0, 1, (1, len(items), 5)) + rng.normal(0, 0.3 * (S > 1), (S, len(items), 5))
+            lg[:, np.arange(len(items)), y] += 2.0 * (rng.uniform(size=len(items)) < 0.7)
+            for b, it in enumerate(items):
+                lg[:, b, len(it.choices) :] = -np.inf
+            np.save(str(out) + f".{name}_logits.npy", lg)
+    sh.analyse(a)
+    targets = got["data"]["targets"]
+    assert {n.split("_")[0] for n in targets} <= {"mixed", "false", "coverage"}
+    assert all({"value", "goal", "met"} <= set(t) for t in targets.values())
+    assert "mixed_shifted_answered_dalorra_minus_lora_at_equal_id_coverage" in targets
+    assert all("K" in r for r in got["data"]["sets"] + got["data"]["mixtures"])
+    assert "## Mixed traffic" in got["table"]
