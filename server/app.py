@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import kserve
 from .backend import Backend
 from .disconnect import until_disconnected
 from .errors import ApiError
@@ -153,14 +154,18 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         return _error(exc.status, exc.type, exc.message, exc.headers)
 
     def _count_refused(path: str, status: int) -> None:
-        """/predict refusals that never reach the service still count in dalorra_requests_total."""
+        """/predict and KServe inference refusals that never reach the service still count in
+        dalorra_requests_total."""
         if path == "/predict":
             metrics.requests.labels("unknown", "rejected" if status == 429 else "invalid").inc()
+        kserve.count_refused(metrics, path, status)  # /v2/models/{m}[/versions/{v}]/infer only
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
         _count_refused(request.url.path, 422)
+        if request.url.path.startswith("/v2"):  # the Open Inference Protocol's shape: 400, {"error": "..."}
+            return kserve.validation_error(errs)
         bad_json = [e for e in errs if e.get("type") == "json_invalid"]
         if bad_json:
             e = bad_json[0]
@@ -193,7 +198,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         return _error(422, "invalid_request", msg or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if request.url.path.startswith("/v2"):  # {"error": "..."}: an object there breaks KServe clients
+            return kserve.http_error(request, exc.status_code, str(exc.detail), exc.headers)
         return _error(exc.status_code, "http_error", str(exc.detail), exc.headers)  # 405 keeps its Allow
 
     @app.exception_handler(Exception)
@@ -274,12 +281,6 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         if not svc.ready():
             return _error(503, "not_ready", "model or adapter not loaded, or draining", {"Retry-After": "5"})
         return {"ready": True}
-
-    @app.get("/v2/models/{adapter}/ready", response_model=None, responses={404: {"model": ErrorResponse}})
-    async def model_ready(adapter: str, svc: Svc, reg: Adapters) -> JSONResponse | dict[str, str | bool]:
-        if adapter not in reg or not svc.ready():
-            return _error(404 if adapter not in reg else 503, "not_ready", f"adapter {adapter!r} not ready")
-        return {"name": adapter, "ready": True}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
