@@ -284,11 +284,12 @@ def hints(rate: float) -> dict[str, st.SearchStrategy]:
 PATH_VALUES = ["..", "a/b", "%2e%2e", "x" * 3000, "\ud800", "é", " ", "corrupt", "missing", "gen-bad-json"]
 
 
-def path_value(rate: float) -> st.SearchStrategy[str]:
-    odd = st.one_of(
-        st.sampled_from(PATH_VALUES), hostile_text().map(lambda t: t[:3000])
-    )  # URLs stay < 64 KiB
-    return _mixed(st.sampled_from(NAMES), odd, rate)
+def path_value(rate: float, name: str) -> st.SearchStrategy[str]:
+    odd = st.one_of(st.sampled_from(PATH_VALUES), hostile_text().map(lambda t: t[:3000]))  # URLs < 64 KiB
+    plausible = (
+        st.sampled_from(["1", "0"]) if name == "version" else st.sampled_from(NAMES)
+    )  # KServe versions
+    return _mixed(plausible, odd, rate)
 
 
 @dataclass(frozen=True)
@@ -368,7 +369,7 @@ def requests_for(route: Route, components: dict) -> st.SearchStrategy[tuple[str,
 
 
 def _requests_at(route: Route, schemas: Schemas) -> st.SearchStrategy[tuple[str, Any]]:
-    params = st.fixed_dictionaries({p: path_value(schemas.rate) for p in route.params})
+    params = st.fixed_dictionaries({p: path_value(schemas.rate, p) for p in route.params})
 
     def url(values: dict) -> str:
         out = route.path
