@@ -108,7 +108,10 @@ def item_sets(seed: int, a: argparse.Namespace) -> Iterator[tuple[str, list]]:
     from adapters.data import load_jsonl
 
     yield f"shift-calib-n{a.calib_items}", calibration_items(seed, a.calib_items)
-    yield "shift-test-all", load_jsonl(TEST)
+    if a.test_limit is None:
+        yield "shift-test-all", load_jsonl(TEST)
+    else:
+        yield f"shift-test-n{a.test_limit}", load_jsonl(TEST, limit=a.test_limit)
     for name in a.sets:
         yield f"shift-{name}-n{a.shift_items}", shifted_items(name, a.shift_items)
 
@@ -182,7 +185,8 @@ def evaluate(method: str, seed: int, a: argparse.Namespace) -> dict | None:
     scorer = CachedScorer(adapter_dir(method, seed), a.samples)
     sets = dict(item_sets(seed, a))
     cal_name = f"shift-calib-n{a.calib_items}"
-    if not (scorer.path(cal_name).is_file() and scorer.path("shift-test-all").is_file()):
+    test_name = "shift-test-all" if a.test_limit is None else f"shift-test-n{a.test_limit}"
+    if not (scorer.path(cal_name).is_file() and scorer.path(test_name).is_file()):
         return None
     cal = np.load(scorer.path(cal_name))
     cal_y = np.array([it.label for it in sets[cal_name]])
@@ -203,7 +207,7 @@ def evaluate(method: str, seed: int, a: argparse.Namespace) -> dict | None:
         y = np.array([it.label for it in items])
         e, h, c = s["epistemic_norm"], s["entropy_norm"], s["confidence"]
         u = policy.reference.p_values(e, h) if policy.reference is not None else np.ones(len(y))
-        key = "test" if name == "shift-test-all" else name.split("-")[1]
+        key = "test" if name == test_name else name.split("-")[1]
         out["sets"][key] = {
             "K": sorted({int(k) for k in n_choices(lg)}),
             "conf": c,
@@ -400,6 +404,7 @@ def analyse(a: argparse.Namespace) -> None:
             "monitor_alpha": MONITOR_ALPHA,
             "calib_items": a.calib_items,
             "shift_items": a.shift_items,
+            "test_items": a.test_limit or 570,
             "samples": a.samples,
             "seeds_requested": a.seeds,
             "methods_requested": a.methods,
@@ -630,6 +635,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["lora", "dalorra", "ensemble"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--shift-items", type=int, default=200, help="items per shifted set")
+    ap.add_argument(
+        "--test-limit", type=int, default=None, help="first N in-distribution test items (default: all 570)"
+    )
     ap.add_argument(
         "--sets", nargs="+", choices=list(SHIFTED), default=[n for n in SHIFTED if n != "arc_challenge"]
     )
