@@ -55,9 +55,12 @@ def peft_base_path(model: DalorraModel) -> str:
     path = loadable_path(model.base_name, convert=False)
     if not Path(path).is_dir() or _config_hash(path) != config_hash(model.base.config):
         return model.base_name
-    head = model.base.get_output_embeddings()
-    adapted_head = any(layer is head for layer in model.adapted.values())
-    if adapted_head and head.base_layer.weight is model.base.get_input_embeddings().weight:
+    head = (
+        model.base.get_output_embeddings()
+    )  # the adapter's layer, or a shared base's slot (adapters/multi.py)
+    name = next((n for n, m in model.base.named_modules() if m is head), None)
+    layer = model.adapted.get(name)
+    if layer is not None and layer.base_layer.weight is model.base.get_input_embeddings().weight:
         return str(untied_view(path))
     return path
 

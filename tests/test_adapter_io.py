@@ -125,6 +125,18 @@ def test_auto_peft_merge_equals_the_mean_network(tmp_path, tokenizer, tiny_dir, 
     )  # dalorra.json: the name
 
 
+def test_an_adapter_on_a_shared_base_names_the_untied_view_too(tmp_path, tokenizer, tiny_dir, monkeypatch):
+    """Attached to a SharedBase (many adapters, one base), lm_head is the base's slot, not the adapter's layer."""
+    from adapters.multi import SharedBase
+
+    monkeypatch.setenv("DALORRA_CACHE", str(tmp_path / "cache"))
+    shared = SharedBase(make_tiny(seed=1), tokenizer)
+    model = DalorraModel(shared.base, tokenizer, AdapterConfig(), base_name=str(tiny_dir), shared=shared)
+    out = save_adapter(model, tmp_path / "ad")
+    base_path = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base_path.startswith(str(tmp_path / "cache" / "models" / "untied"))
+
+
 @pytest.mark.parametrize(
     "targets,base_name,want",
     [
