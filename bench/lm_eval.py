@@ -182,26 +182,8 @@ def dalorra_eval(adapter_dir: Path, data: Path, limit: int, samples: int, seed: 
     return metrics, preds, shown
 
 
-def main() -> None:
-    from adapters.data import load_jsonl, resolve_path
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="arc_easy/validation", help="JSONL, or set/split in $DALORRA_DATA_DIR")
-    ap.add_argument("--limit", type=int, default=200)
-    ap.add_argument("--gen-limit", type=int, default=10, help="generate_until items (0: skip)")
-    ap.add_argument("--adapters-dir", default=str(REPO / "adapters" / "default"))
-    ap.add_argument("--adapter", default="arc-easy-dalorra")
-    ap.add_argument("--samples", type=int, default=10, help="dalorra eval's S")
-    ap.add_argument("--seed", type=int, default=0, help="dalorra eval's mask seed")
-    a = ap.parse_args()
-    data = resolve_path(a.data).resolve()
-    adapter_dir = Path(a.adapters_dir) / a.adapter
-    record = json.loads((adapter_dir / "dalorra.json").read_text())
-    template = (record.get("prompt") or {}).get("template") or "Question: {question}\nAnswer:"
-    items = load_jsonl(data, limit=a.limit)
-    labels = np.array([it.label for it in items])
-
-    work = Path(tempfile.mkdtemp(prefix="lm-eval-"))
+def serve_and_run_lm_eval(a: argparse.Namespace, work: Path, data: Path, template: str) -> dict:
+    """dalorra serve on loopback, lm-eval on both tasks; what ran is kept in work/run.json (for --reuse)."""
     (work / "tasks").mkdir()
     (work / "tasks" / "dalorra_mc.yaml").write_text(task_yaml("dalorra_mc", data, template))
     (work / "tasks" / "dalorra_gen.yaml").write_text(gen_task_yaml("dalorra_gen", data, template))
@@ -213,26 +195,64 @@ def main() -> None:
     try:
         t0 = time.time()
         cmds = run_lm_eval(srv.url, a.adapter, tasks, work / "tasks", work / "out", limits)
-        lm_seconds = time.time() - t0
-        served = {
-            "echo_tokens": srv.metric("dalorra_prompt_logprob_tokens_total"),
-            "generation_requests_ok": srv.metric("dalorra_generation_requests_total", {"outcome": "ok"}),
-            "generation_requests_not_ok": srv.metric("dalorra_generation_requests_total")
-            - srv.metric("dalorra_generation_requests_total", {"outcome": "ok"}),
+        ok = srv.metric("dalorra_generation_requests_total", {"outcome": "ok"})
+        run = {
+            "commands": cmds,
+            "seconds": time.time() - t0,
+            "served": {
+                "echo_tokens": srv.metric("dalorra_prompt_logprob_tokens_total"),
+                "generation_requests_ok": ok,
+                "generation_requests_not_ok": srv.metric("dalorra_generation_requests_total") - ok,
+            },
         }
     finally:
         srv.stop()
+    (work / "run.json").write_text(json.dumps(run))
+    return run
+
+
+def main() -> None:
+    from adapters.data import load_jsonl, resolve_path
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="arc_easy/validation", help="JSONL, or set/split in $DALORRA_DATA_DIR")
+    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--gen-limit", type=int, default=10, help="generate_until items (0: skip)")
+    ap.add_argument("--adapters-dir", default=str(REPO / "adapters" / "default"))
+    ap.add_argument("--adapter", default="arc-easy-dalorra")
+    ap.add_argument("--samples", type=int, default=10, help="dalorra eval's S")
+    ap.add_argument("--seed", type=int, default=0, help="dalorra eval's mask seed")
+    ap.add_argument(
+        "--reuse", default=None, metavar="DIR", help="analyse an earlier run's work directory again"
+    )
+    a = ap.parse_args()
+    data = resolve_path(a.data).resolve()
+    adapter_dir = Path(a.adapters_dir) / a.adapter
+    record = json.loads((adapter_dir / "dalorra.json").read_text())
+    template = (record.get("prompt") or {}).get("template") or "Question: {question}\nAnswer:"
+    items = load_jsonl(data, limit=a.limit)
+    labels = np.array([it.label for it in items])
+
+    if a.reuse:  # the analysis again on an earlier run's lm-eval output
+        work = Path(a.reuse)
+        run = json.loads((work / "run.json").read_text())
+    else:
+        work = Path(tempfile.mkdtemp(prefix="lm-eval-"))
+        run = serve_and_run_lm_eval(a, work, data, template)
+    cmds, lm_seconds, served = run["commands"], run["seconds"], run["served"]
 
     res, samples = read_samples(work / "out", "dalorra_mc")
     assert [s["doc"]["id"] for s in samples] == [it.id for it in items], "lm-eval read other items"
-    lls = [np.array([r[0][0] for r in s["resps"]]) for s in samples]  # per choice: Σ log p(continuation)
+    # per choice: Σ log p(continuation) (lm-eval logs its responses and arguments as strings, by request)
+    lls = [np.array([float(r[0][0]) for r in s["resps"]]) for s in samples]
     # 3. the same items in this process: the mean-mask network, the adapter's cloze scoring and normalisation
     mean_logits, enc, tok = mean_network_logits(adapter_dir, items)
     ntok = [np.array(e.norms) for e in enc]  # tokens per continuation (the adapter normalises per token)
     same_tokens = 0
     for s, e in zip(samples, enc, strict=True):  # lm-eval's _encode_pair: the whole's ids after the context's
-        ctx = tok(s["arguments"][0][0], add_special_tokens=False).input_ids
-        conts = [tok(c + x, add_special_tokens=False).input_ids[len(ctx) :] for c, x in s["arguments"]]
+        args = [(v["arg_0"], v["arg_1"]) for v in s["arguments"].values()]  # (context, continuation)
+        ctx = tok(args[0][0], add_special_tokens=False).input_ids
+        conts = [tok(c + x, add_special_tokens=False).input_ids[len(ctx) :] for c, x in args]
         same_tokens += conts == [list(c) for c in e.conts] and ctx == list(e.prompt)
     per_token = [ll / n for ll, n in zip(lls, ntok, strict=True)]
     diff = max(float(np.abs(p - m[: len(p)]).max()) for p, m in zip(per_token, mean_logits, strict=True))
@@ -311,17 +331,18 @@ def table(o: dict) -> str:
         '`dalorra eval` scores (same prompt template, " " + choice as the continuation).',
         f"- **Exact where the network is the same.** The echoed log-likelihoods divided by the continuation's "
         f"tokens equal the in-process cloze logits of the mean-mask network to {mn['max_abs_diff_per_token_loglik']:.1e}"
-        f" (float32, one full forward vs. a KV-cached prompt); the answers differ on "
-        f"{mn['items_with_another_answer_than_lm_eval']} items, so the accuracies are equal.",
+        f" (float32; one full forward on the server, a KV-cached prompt in the scoring code); they pick another "
+        f"answer on {mn['items_with_another_answer_than_lm_eval']} of {n} items "
+        f"(accuracy {lm['acc_per_token']:.3f} vs {mn['acc']:.3f}).",
         "- **lm-eval's own metrics normalise differently.** `acc` sums the log-probabilities (long choices lose), "
         "`acc_norm` divides by characters; the adapter divides by tokens. Same numbers underneath, other argmax.",
         f"- **`dalorra eval` averages {ev['samples']} hard mask draws; /v1/completions answers with one network, "
-        f"z = E[z].** A log-likelihood request has no way to ask for S samples (lm-eval sends a fixed body), so "
-        f"the server scores with the mean-mask network, the same that decodes generated text (README, "
-        f'"lm-evaluation-harness"). The averaged and the mean network disagree on '
-        f"{ev['items_with_another_answer_than_the_mean_network']} of {n} items: that is the accuracy difference "
-        f"({mn['acc']:.3f} vs {ev['acc']:.3f}). Calibration (`dalorra eval` ECE {ev['ece']:.3f}) and epistemic "
-        "uncertainty need the S draws: use /predict or the `choices` extension for them.",
+        f"z = E[z].** A log-likelihood request cannot ask for S samples (lm-eval sends a fixed body), so the "
+        "server scores with the mean-mask network, the one that also decodes generated text (docs/api.md, "
+        f'"lm-evaluation-harness"). The S-draw average and the mean network pick another answer on '
+        f"{ev['items_with_another_answer_than_the_mean_network']} of {n} items: that is the whole accuracy "
+        f"difference ({mn['acc']:.3f} vs {ev['acc']:.3f}). Calibration (`dalorra eval` ECE {ev['ece']:.3f}) and "
+        "epistemic uncertainty need the S draws: /predict, KServe, or `choices` on the OpenAI routes give them.",
         f"- lm-eval took {lm['seconds']:.0f} s for both tasks ({o['served']['generation_requests_ok']:.0f} requests "
         f"answered, {o['served']['generation_requests_not_ok']:.0f} refused or failed; "
         f"{o['served']['echo_tokens']:.0f} prompt tokens scored).",
