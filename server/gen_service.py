@@ -19,13 +19,20 @@ import asyncio
 import logging
 import math
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from adapters.generate import ROW_TOKENS, work_rows
-from adapters.generation import GenerateRequest, GenerateResult, decide, summarize_answer
+from adapters.generation import (
+    GenerateRequest,
+    GenerateResult,
+    generation_policy,
+    request_settings,
+    summarize_answer,
+)
 
 from .backend import BackendError, PromptLogprobs
 from .errors import ApiError
@@ -283,7 +290,7 @@ class GenerationService:
         fut.add_done_callback(release_rows)
         fut.add_done_callback(lambda f: self._count_tokens(req.adapter, f))
         fut.add_done_callback(lambda f: queue.put_nowait(("done", f)))
-        finished = False
+        finished, first, t0 = False, True, time.perf_counter()
         try:
             while True:
                 ev = await queue.get()
@@ -291,6 +298,9 @@ class GenerationService:
                     finished = True
                     yield ("done", self._result(req, ev[1]))
                     return
+                if first and ev[2]:
+                    first = False
+                    self.metrics.gen_ttft.labels(req.adapter).observe(time.perf_counter() - t0)
                 yield ev
         finally:
             if not finished:
@@ -303,7 +313,12 @@ class GenerationService:
             return
         res: GenerateResult = fut.result()
         self.metrics.gen_prompt_tokens.labels(adapter).inc(res.prompt_tokens)
-        self.metrics.gen_tokens.labels(adapter).inc(sum(len(c.token_ids) for c in res.choices))
+        tokens = sum(len(c.token_ids) for c in res.choices)
+        self.metrics.gen_tokens.labels(adapter).inc(tokens)
+        if tokens:
+            self.metrics.gen_tpot.labels(adapter).observe(
+                res.decode_seconds / max(1, tokens // len(res.choices))
+            )
 
     def _result(self, req: GenerateRequest, fut: asyncio.Future) -> GenerateResult:
         try:
@@ -382,24 +397,31 @@ class GenerationService:
     # ---- uncertainty and decision ---------------------------------------------------------------
     def uncertainty(
         self,
-        adapter: str,
+        req: GenerateRequest,
         res: GenerateResult,
         i: int,
         min_confidence: float | None,
         max_epistemic: float | None,
     ) -> dict | None:
-        """The per-choice extra object (None when the uncertainty pass was skipped)."""
+        """The per-choice extra object (None when the uncertainty pass was skipped). The adapter's generation
+        policy (adapters/decision.py) decides, after checking that the request's settings are those its thresholds
+        were fitted with (else reason not_calibrated_for_settings); a request's threshold overrides make it an
+        uncertified policy."""
         c = res.choices[i]
         if c.scores is None:
             return None
+        adapter = req.adapter
         summ = summarize_answer(c.scores)
         th = self.svc.registry.get(adapter).generation  # read and checked once, when the adapter loaded
-        conf_t, epi_t, src = th.min_confidence, th.max_epistemic, th.source
+        src = th.source
+        policy = th.policy
         if min_confidence is not None or max_epistemic is not None:
             src = "request"
-            conf_t = min_confidence if min_confidence is not None else conf_t
-            epi_t = max_epistemic if max_epistemic is not None else epi_t
-        reason = decide(summ, conf_t, epi_t)
+            policy = generation_policy(th.record, min_confidence, max_epistemic)
+        form = "chat template" if req.messages is not None else "raw prompt"
+        settings = request_settings(req, form)
+        u = policy.unfamiliarity(summ["epistemic_mean"], summ["entropy_mean"])
+        reason = policy.decide(summ["confidence"], summ["epistemic_mean"], u, settings=settings)
         m = self.metrics
         m.gen_confidence.labels(adapter).observe(summ["confidence"])
         m.gen_epistemic.labels(adapter).observe(summ["epistemic_mean"])
@@ -411,6 +433,7 @@ class GenerationService:
             "samples": res.samples,
             "decoding": "mean-mask network (z = E[z])",
             **summ,
+            "unfamiliarity": u,
             "per_token": {
                 "tokens": c.tokens,
                 "entropy": [round(float(x), 6) for x in sc.entropy],
@@ -419,7 +442,13 @@ class GenerationService:
             },
             "decision": "abstain" if reason else "answer",
             "abstain_reason": reason,
-            "thresholds": {"min_confidence": conf_t, "max_epistemic": epi_t, "source": src},
+            "thresholds": {
+                "min_confidence": policy.min_confidence,
+                "max_epistemic": policy.max_epistemic,
+                "source": src,
+                "certified": policy.certified,
+                "settings_mismatch": policy.settings_mismatch(settings) or None,
+            },
         }
 
 

@@ -66,6 +66,8 @@ OUTPUTS = (
         {"name": "probabilities", "datatype": "FP64", "shape": [-1, -1]},
     ]
     + [{"name": n, "datatype": "FP64", "shape": [-1]} for n in SCALARS]
+    # the conformal unfamiliarity p-value; −1 where the adapter stores no calibration reference (a tensor has no null)
+    + [{"name": "unfamiliarity", "datatype": "FP64", "shape": [-1]}]
     + [
         {"name": "decision", "datatype": "BYTES", "shape": [-1]},
         {"name": "abstain_reason", "datatype": "BYTES", "shape": [-1]},
@@ -442,6 +444,7 @@ def respond(
         "probabilities": [p for x in res for p in x.probabilities + [0.0] * (K - len(x.probabilities))],
         "decision": [x.decision for x in res],
         "abstain_reason": [x.abstain_reason or "" for x in res],
+        "unfamiliarity": [-1.0 if x.unfamiliarity is None else x.unfamiliarity for x in res],
         **{n: [getattr(x, n) for x in res] for n in SCALARS},
     }
     outputs, blobs = [], []

@@ -142,6 +142,80 @@ class Metrics:
         self.gen_slots = Gauge("dalorra_generation_slots_busy", "Generation slots in use.", registry=r)
         self.adapters_loaded = Gauge("dalorra_adapters_loaded", "Adapters currently loaded.", registry=r)
         self.ready = Gauge("dalorra_ready", "1 when the server is ready.", registry=r)
+        self.build_info = Gauge(
+            "dalorra_build_info",
+            "1, labelled with the server's version, backend and dtype.",
+            ["version", "backend", "dtype"],
+            registry=r,
+        )
+        self.gen_ttft = Histogram(
+            "dalorra_generation_time_to_first_token_seconds",
+            "From a streamed generation's admission to its first token.",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.gen_tpot = Histogram(
+            "dalorra_generation_time_per_output_token_seconds",
+            "Decoding seconds per generated token (uncertainty pass excluded).",
+            ["adapter"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        # Inputs unlike the calibration split and the label-free shift monitor (adapters/shift.py)
+        self.unfamiliarity = Histogram(
+            "dalorra_unfamiliarity",
+            "Per-request unfamiliarity p-value (uniform on in-distribution traffic).",
+            ["adapter"],
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
+        )
+        self.unfamiliar = Counter(
+            "dalorra_unfamiliar_total",
+            "Requests whose unfamiliarity is below the level α_u.",
+            ["adapter"],
+            registry=r,
+        )
+        self.shift_statistic = Gauge(
+            "dalorra_shift_statistic",
+            "Conformal test martingale of the current test period (1 at its start; alarm at 1/alpha).",
+            ["adapter"],
+            registry=r,
+        )
+        self.shift_threshold = Gauge(
+            "dalorra_shift_threshold", "The statistic's alarm threshold 1/alpha.", ["adapter"], registry=r
+        )
+        self.shift_alarm = Gauge(
+            "dalorra_shift_alarm",
+            "1 when the shift test raised its alarm in this period.",
+            ["adapter"],
+            registry=r,
+        )
+        self.shift_observed = Gauge(
+            "dalorra_shift_observed_requests",
+            "Requests in the current shift test period.",
+            ["adapter"],
+            registry=r,
+        )
+        self.accuracy_estimate = Gauge(
+            "dalorra_accuracy_estimate",
+            "Label-free accuracy estimate: mean calibrated confidence over the recent window.",
+            ["adapter"],
+            registry=r,
+        )
+
+    def observe_shift(self, adapter: str, unfamiliarity: float, alpha: float, state: object | None) -> None:
+        """One request's unfamiliarity and, when the adapter has a monitor, its new state (MonitorState)."""
+        self.unfamiliarity.labels(adapter).observe(unfamiliarity)
+        if unfamiliarity < alpha:
+            self.unfamiliar.labels(adapter).inc()
+        if state is not None:
+            self.shift_statistic.labels(adapter).set(min(state.statistic, 1e300))
+            self.shift_threshold.labels(adapter).set(state.threshold)
+            self.shift_alarm.labels(adapter).set(1.0 if state.alarm else 0.0)
+            self.shift_observed.labels(adapter).set(state.observed)
+            if state.accuracy_estimate is not None:
+                self.accuracy_estimate.labels(adapter).set(state.accuracy_estimate)
 
     def init_adapter(self, adapter: str) -> None:
         """Create the per-bin counters at 0, so increase() in PromQL sees every labelled prediction

@@ -322,7 +322,7 @@ async def _completion(
                     "text": (p.text if body.echo else "") + (c.text if c is not None else ""),
                     "logprobs": lp,
                     "finish_reason": c.finish_reason if c is not None else "length",
-                    "uncertainty": _uncertainty(g, body, res, j),
+                    "uncertainty": _uncertainty(g, body, res, j, p.req),
                 }
             )
     _done(request, g, body.model, "ok")
@@ -337,10 +337,12 @@ async def _completion(
     return JSONResponse(out, headers=uncertainty_headers([c["uncertainty"] for c in choices]))
 
 
-def _uncertainty(g: GenerationService, body: _Common, res: GenerateResult | None, i: int) -> dict | None:
+def _uncertainty(
+    g: GenerationService, body: _Common, res: GenerateResult | None, i: int, req: GenerateRequest
+) -> dict | None:
     if res is None:
         return None
-    return g.uncertainty(body.model, res, i, body.min_confidence, body.max_epistemic)
+    return g.uncertainty(req, res, i, body.min_confidence, body.max_epistemic)
 
 
 async def _chat(
@@ -359,7 +361,7 @@ async def _chat(
                 "message": {"role": "assistant", "content": c.text},
                 "logprobs": lp,
                 "finish_reason": c.finish_reason,
-                "uncertainty": _uncertainty(g, body, res, i),
+                "uncertainty": _uncertainty(g, body, res, i, req),
             }
         )
     _done(request, g, body.model, "ok")
@@ -447,7 +449,13 @@ async def _stream(
                 usage[1] += sum(len(c.token_ids) for c in res.choices)
                 for j, c in enumerate(res.choices):
                     last.append(
-                        piece(i * n + j, "", None, c.finish_reason, uncertainty=_uncertainty(g, body, res, j))
+                        piece(
+                            i * n + j,
+                            "",
+                            None,
+                            c.finish_reason,
+                            uncertainty=_uncertainty(g, body, res, j, p.req),
+                        )
                     )
             g.count(body.model, "ok")
             counted = True

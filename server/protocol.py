@@ -60,7 +60,13 @@ class PredictResponse(BaseModel):
     epistemic: float
     epistemic_norm: float
     decision: Literal["answer", "abstain"]
-    abstain_reason: Literal["low_confidence", "high_epistemic", "ambiguous_set"] | None
+    abstain_reason: Literal["low_confidence", "high_epistemic", "unfamiliar", "ambiguous_set"] | None
+    unfamiliarity: float | None = Field(
+        None,
+        description="Conformal p-value of this input's uncertainty scores (MI and entropy, both tails) against "
+        "the adapter's calibration split: in-distribution inputs fall below α at rate ≤ α. None when the adapter "
+        "stores no calibration reference.",
+    )
     prediction_set: list[int]
     samples: int = Field(..., description="Mask draws actually scored (1 for a deterministic adapter).")
     choice_mass: float | None = Field(
@@ -103,6 +109,8 @@ class AdapterInfo(BaseModel):
     calibration: dict | None = None
     decision: dict | None = None
     validation: dict | None = None
+    certified: bool | None = None  # the answer/abstain policy is a jointly certified fit
+    shift: dict | None = None  # the label-free shift monitor's state (None: no calibration reference)
 
 
 class AdapterList(BaseModel):

@@ -16,12 +16,13 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapters.decision import DecisionPolicy
-from adapters.generation import thresholds_of
+from adapters.decision import DEFAULT_UNFAMILIAR_ALPHA, AbstentionPolicy
+from adapters.generation import generation_policy
+from adapters.shift import MonitorConfig, ShiftMonitor
 
 from .errors import ApiError
 from .protocol import AdapterInfo
@@ -37,12 +38,11 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 @dataclass(frozen=True)
 class GenerationThresholds:
-    """Fitted thresholds for generated answers, and where they came from."""
+    """The fitted policy for generated answers, and where it came from."""
 
-    min_confidence: float | None = None
-    max_epistemic: float | None = None
+    policy: AbstentionPolicy = field(default_factory=AbstentionPolicy)
     source: str = "none fitted"
-    record: dict | None = None  # the fitted block as written (shown to clients; never re-parsed)
+    record: dict | None = None  # the fitted block as written (request overrides re-parse it with theirs)
 
 
 @dataclass(frozen=True)
@@ -59,18 +59,54 @@ class AdapterRecord:
     temperature: float  # divides every mask's choice logits before averaging (1: not fitted)
     default_samples: int | None
     decision: dict | None  # the fitted decision block, as shown by describe()
-    policy: DecisionPolicy  # the decision block parsed (no request overrides)
+    policy: AbstentionPolicy  # the decision block parsed (no request overrides)
     generation: GenerationThresholds
     calibration: dict | None = None
     validation: dict | None = None
     load_generation: int = 0  # bumped by every (re)load: cached results of an older load are never served
     loaded_at: float = field(default_factory=time.time)
+    unfamiliar_alpha: float | None = None  # DALORRA_UNFAMILIAR_ALPHA (None: the fitted rule's level)
+    # The label-free shift monitor of this load (None: the record stores no calibration reference). A mutable
+    # object held by the frozen record: its state changes, the record never does.
+    monitor: ShiftMonitor | None = field(default=None, compare=False, repr=False)
 
-    def policy_for(self, min_confidence: float | None, max_epistemic: float | None) -> DecisionPolicy:
-        """The policy in force for a request: its threshold overrides, else the adapter's valid fitted ones."""
+    @property
+    def unfamiliar_level(self) -> float:
+        """α_u: a request with unfamiliarity below it counts as unfamiliar."""
+        rule = self.policy.unfamiliar
+        if self.unfamiliar_alpha is not None:
+            return self.unfamiliar_alpha
+        return rule.alpha if rule is not None else DEFAULT_UNFAMILIAR_ALPHA
+
+    def policy_for(self, min_confidence: float | None, max_epistemic: float | None) -> AbstentionPolicy:
+        """The policy in force for a request: its threshold overrides (uncertified), else the fitted one."""
         if min_confidence is None and max_epistemic is None:
             return self.policy
-        return DecisionPolicy.from_record(self.decision, min_confidence, max_epistemic)
+        return AbstentionPolicy.from_record(
+            self.decision, min_confidence, max_epistemic, self.unfamiliar_alpha
+        )
+
+    def shift(self) -> dict | None:
+        """The shift monitor's state, as /v1/adapters/{name} and the web page show it."""
+        if self.monitor is None:
+            return None
+        st = self.monitor.state()
+        return {
+            "observed": st.observed,
+            "statistic": min(st.statistic, 1e300),
+            "threshold": st.threshold,
+            "alarm": st.alarm,
+            "alarm_at": st.alarm_at,
+            "periods": st.periods,
+            "unfamiliar": st.unfamiliar,
+            "unfamiliar_recent": st.unfamiliar_recent,
+            "recent": st.recent,
+            "unfamiliar_level": self.unfamiliar_level,
+            "histogram": list(st.histogram),
+            "accuracy_estimate": st.accuracy_estimate,
+            "false_alarm_level": self.monitor.config.alpha,
+            "period": self.monitor.config.period,
+        }
 
     def info(self) -> AdapterInfo:
         return AdapterInfo(
@@ -87,6 +123,8 @@ class AdapterRecord:
             calibration=self.calibration,
             decision=self.decision,
             validation=self.validation,
+            certified=self.policy.certified,
+            shift=self.shift(),
         )
 
 
@@ -120,12 +158,23 @@ def parse_generation(rec: object, source: str) -> GenerationThresholds:
         t = block.get("threshold")
         if block.get("valid") and not _number(t):
             raise RecordError(f"{source}: {key}.threshold {t!r} must be a finite number when valid")
-    conf, epi = thresholds_of(rec)
-    return GenerationThresholds(conf, epi, source, rec)
+    try:
+        policy = generation_policy(rec)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise RecordError(f"{source}: the generation policy cannot be read ({exc})") from None
+    for name in ("min_confidence", "max_epistemic"):
+        t = getattr(policy, name)
+        if t is not None and not _number(t):
+            raise RecordError(f"{source}: {name} {t!r} must be a finite number")
+    return GenerationThresholds(policy, source, rec)
 
 
 def parse_record(
-    name: str, raw: dict, generation: GenerationThresholds, load_generation: int
+    name: str,
+    raw: dict,
+    generation: GenerationThresholds,
+    load_generation: int,
+    unfamiliar_alpha: float | None = None,
 ) -> AdapterRecord:
     """dalorra.json (as the backend returned it) → AdapterRecord; RecordError when it cannot be served."""
     if not isinstance(raw, dict):
@@ -135,8 +184,8 @@ def parse_record(
     if decision is not None and not isinstance(decision, dict):
         raise RecordError("decision must be an object")
     try:
-        policy = DecisionPolicy.from_record(decision)
-    except (TypeError, ValueError, AttributeError) as exc:
+        policy = AbstentionPolicy.from_record(decision, None, None, unfamiliar_alpha)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise RecordError(f"decision block cannot be read ({exc})") from None
     samples = raw.get("default_samples")
     if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
@@ -157,6 +206,7 @@ def parse_record(
         calibration=(raw.get("calibration") or {}).get("metrics"),
         validation=raw.get("validation"),
         load_generation=load_generation,
+        unfamiliar_alpha=unfamiliar_alpha,
     )
 
 
@@ -262,7 +312,8 @@ class Registry:
                 gen = await loop.run_in_executor(None, self._generation_thresholds, name, path)
                 raw = await loop.run_in_executor(None, self.backend.load_adapter, name, str(path))
                 try:
-                    rec = parse_record(name, raw, gen, self._loads[name] + 1)
+                    rec = parse_record(name, raw, gen, self._loads[name] + 1, self.s.unfamiliar_alpha)
+                    rec = self._with_monitor(rec)
                 except RecordError:
                     await loop.run_in_executor(None, self.backend.unload_adapter, name)
                     raise
@@ -277,6 +328,19 @@ class Registry:
             self.metrics.init_adapter(name)
         log.info("loaded adapter %s from %s", name, path)
         return rec
+
+    def _with_monitor(self, rec: AdapterRecord) -> AdapterRecord:
+        """A fresh shift monitor for this load, when the record holds the calibration reference to test against."""
+        ref = rec.policy.reference
+        if ref is None:
+            return rec
+        cfg = MonitorConfig(
+            alpha=self.s.shift_alpha,
+            period=self.s.shift_period,
+            window=self.s.shift_window,
+            unfamiliar_alpha=rec.unfamiliar_level,
+        )
+        return replace(rec, monitor=ShiftMonitor(ref, cfg))
 
     async def unload(self, name: str) -> None:
         """New requests for `name` are refused at once (404 adapter_not_loaded); work already admitted finishes on

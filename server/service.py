@@ -333,9 +333,17 @@ class Service:
         s = summarize(logits[:, None, :])  # (S, 1, K)
         one = {k: v[0] for k, v in s.items()}
         policy = rec.policy_for(item.min_confidence, item.max_epistemic)
-        reason = policy.reason(float(one["confidence"]), float(one["epistemic_norm"]))
         k = int(one["answer_index"])
-        conf = float(one["confidence"])
+        conf, epi_n, ent_n = (
+            float(one["confidence"]),
+            float(one["epistemic_norm"]),
+            float(one["entropy_norm"]),
+        )
+        # Unfamiliarity: the conformal p-value of (MI, entropy) against the calibration split (adapters/shift.py);
+        # the whole policy decides with it. The shift monitor sees every scored request (a cached repeat is not
+        # new traffic, so it is not counted twice).
+        u = policy.unfamiliarity(epi_n, ent_n)
+        reason = policy.decide(conf, epi_n, u)
         rid = item.id or uuid.uuid4().hex
         latency = time.perf_counter() - t0
         m = self.metrics
@@ -348,6 +356,9 @@ class Service:
         m.epistemic.labels(req.adapter).observe(float(one["epistemic_norm"]))
         if reason:
             m.abstentions.labels(req.adapter, reason).inc()
+        if u is not None and not cached:
+            state = rec.monitor.observe(epi_n, ent_n, conf, u) if rec.monitor is not None else None
+            m.observe_shift(req.adapter, u, rec.unfamiliar_level, state)
         receipt = self.receipts.sign(
             {
                 "id": uuid.uuid4().hex,
@@ -376,6 +387,7 @@ class Service:
             epistemic_norm=float(one["epistemic_norm"]),
             decision="abstain" if reason else "answer",
             abstain_reason=reason,
+            unfamiliarity=u,
             prediction_set=policy.prediction_set(one["probabilities"]),
             samples=len(logits),
             choice_mass=mass,

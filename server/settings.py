@@ -81,6 +81,26 @@ class Settings(BaseSettings):
     receipt_ttl_s: float = Field(
         7 * 24 * 3600, gt=0, description="how long a prediction's receipt can be used for feedback"
     )
+    unfamiliar_alpha: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="level α_u below which a request's unfamiliarity p-value counts as unfamiliar (abstain reason "
+        "`unfamiliar` together with the adapter's stricter rule); unset: the adapter's fitted level (0.05)",
+    )
+    shift_alpha: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="shift monitor's false-alarm level: within one test period the alarm is raised on "
+        "in-distribution traffic with probability at most this (conformal test martingale, Ville's inequality)",
+    )
+    shift_period: int = Field(
+        10_000, ge=10, description="requests per shift test period (the monitor then restarts its test)"
+    )
+    shift_window: int = Field(
+        200, ge=1, description="recent requests behind the label-free accuracy estimate and unfamiliar share"
+    )
     result_cache_size: int = Field(4096, ge=0, description="seeded results kept (LRU); 0 disables the cache")
     length_bucketing: bool = Field(
         False,
