@@ -16,6 +16,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters.basemodel import resolve_dtype
+
 from . import kserve
 from .backend import Backend
 from .disconnect import until_disconnected
@@ -39,6 +41,7 @@ from .service import Service
 from .settings import Settings
 
 log = logging.getLogger("dalorra.app")
+VERSION = "0.1.0"  # pyproject.toml's version; also the OpenAPI document's
 STATIC = Path(__file__).parent / "static"
 ERRORS = {
     400: {"model": ErrorResponse},
@@ -93,6 +96,10 @@ def make_backend(settings: Settings) -> Backend:
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
+    dtype = (
+        settings.vllm_dtype if settings.backend == "vllm" else resolve_dtype(settings.dtype, settings.device)
+    )
+    metrics.build_info.labels(VERSION, settings.backend, dtype).set(1)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -106,7 +113,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     app = FastAPI(
         title="dalorra",
-        version="0.1.0",
+        version=VERSION,
         lifespan=lifespan,
         description="Calibrated multiple-choice answers with epistemic uncertainty (DALorRA).",
     )

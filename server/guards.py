@@ -50,9 +50,13 @@ PROXY_HEADERS = (
 PROXIED = "proxied"  # the client host of a relayed request whose proxy named no usable address
 
 
-async def send_error(send: Send, status: int, type_: str, message: str, headers: dict | None = None) -> None:
-    """The API's one error shape, written straight to ASGI (used before the app sees the request)."""
-    body = json.dumps({"error": {"type": type_, "message": message}}).encode()
+async def send_error(
+    send: Send, path: str, status: int, type_: str, message: str, headers: dict | None = None
+) -> None:
+    """The API's one error shape, written straight to ASGI (used before the app sees the request); on the KServe
+    v2 paths the protocol's own shape, {"error": "<string>"}, which tritonclient formats."""
+    err: object = message if path.startswith("/v2") else {"type": type_, "message": message}
+    body = json.dumps({"error": err}).encode()
     hdrs = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -154,6 +158,7 @@ class RequestGuard:
                 self.on_reject(path, 400)
                 return await send_error(
                     send,
+                    path,
                     400,
                     "invalid_host",
                     "the Host header is not one this server answers to (DALORRA_ALLOWED_HOSTS)",
@@ -162,14 +167,19 @@ class RequestGuard:
         if token and path not in OPEN_PATHS and not ADMIN_PATH.match(path) and not token_ok(headers, token):
             self.on_reject(path, 401)
             return await send_error(
-                send, 401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
+                send,
+                path,
+                401,
+                "unauthorized",
+                "missing or wrong bearer token",
+                {"WWW-Authenticate": "Bearer"},
             )
         if scope.get("method") not in BODY_METHODS:
             return await self.app(scope, receive, send)
         size = headers.get(b"content-length", b"")
         if size.isdigit() and int(size) > self.limit:
             self.on_reject(path, 413)
-            return await send_error(send, 413, "too_large", f"body exceeds {self.limit} bytes")
+            return await send_error(send, path, 413, "too_large", f"body exceeds {self.limit} bytes")
         loop = asyncio.get_running_loop()
         start = loop.time()
         body, more = bytearray(), True
@@ -184,6 +194,7 @@ class RequestGuard:
                 self.on_reject(path, 408)
                 return await send_error(
                     send,
+                    path,
                     408,
                     "body_timeout",
                     f"the request body did not arrive in time: at most {self.timeout:g} s between reads, and "
@@ -195,7 +206,7 @@ class RequestGuard:
             more = msg.get("more_body", False)
             if len(body) > self.limit:
                 self.on_reject(path, 413)
-                return await send_error(send, 413, "too_large", f"body exceeds {self.limit} bytes")
+                return await send_error(send, path, 413, "too_large", f"body exceeds {self.limit} bytes")
         replayed = False
 
         async def replay() -> Message:

@@ -556,7 +556,11 @@ def test_with_an_api_token_only_probes_metrics_and_the_page_stay_open(adapters, 
     with _client(adapters, settings_kw={"api_token": "user-token-1"}) as c:
         r = c.get(path)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.status_code)
-        assert r.json()["error"]["type"] == "unauthorized"
+        err = r.json()["error"]
+        if path.startswith("/v2"):  # KServe's shape: a string tritonclient can format
+            assert isinstance(err, str) and "bearer token" in err
+        else:
+            assert err["type"] == "unauthorized"
         assert c.get(path, headers={"authorization": "Bearer wrong-token"}).status_code == 401
         assert c.get(path, headers=TOKEN).status_code == 200
         for open_path in (
