@@ -434,30 +434,48 @@ def make_targets(a: argparse.Namespace, sets_rows, mix_rows, monitors, equal) ->
             return
         out[name] = {"value": vals, "goal": goal, "met": bool(ok(vals)), **({"note": note} if note else {})}
 
-    d_mix = [
-        r
-        for r in mix_rows
-        if r["method"] == "dalorra+ts" and r["share"] <= 0.3 and r["set"] in (*HARMFUL, "pooled")
-    ]
-    put(
-        "mixed_full_policy_error_at_most_target_up_to_30pct",
-        [max(r["selective_error_full"] or 0 for r in d_mix)] if d_mix else [],
-        f"≤ {t} on every mixture of {', '.join(HARMFUL)} or all three, at 0/10/30 % shift",
-        lambda v: max(v) <= t,
-    )
-    put(
-        "mixed_confidence_only_error_above_target_up_to_30pct",
-        [max(r["selective_error_conf_only"] or 0 for r in d_mix)] if d_mix else [],
-        f"> {t} on some such mixture (confidence-only breaks the target)",
-        lambda v: max(v) > t,
-    )
-    d_id = [r for r in sets_rows if r["method"] == "dalorra+ts" and r["set"] == "test"]
-    put(
-        "coverage_id_full_minus_confidence_only",
-        [r["coverage_full"] - r["coverage_confidence_only"] for r in d_id],
-        "≥ −0.05 (in-distribution coverage at most 5 points below confidence-only)",
-        lambda v: min(v) >= -0.05,
-    )
+    for m in ["dalorra+ts", *sorted({r["method"] for r in sets_rows} - {"dalorra+ts"})]:
+        tag = m.split("+")[0]  # the issue's targets are DALorRA's; the other methods' are there to compare
+        mix = [
+            r for r in mix_rows if r["method"] == m and r["share"] <= 0.3 and r["set"] in (*HARMFUL, "pooled")
+        ]
+        put(
+            f"mixed_full_policy_error_at_most_target_up_to_30pct_{tag}",
+            [max(r["selective_error_full"] or 0 for r in mix)] if mix else [],
+            f"≤ {t} on every mixture of {', '.join(HARMFUL)} or all three, at 0/10/30 % shift",
+            lambda v: max(v) <= t,
+        )
+        put(
+            f"mixed_confidence_only_error_above_target_up_to_30pct_{tag}",
+            [max(r["selective_error_conf_only"] or 0 for r in mix)] if mix else [],
+            f"> {t} on some such mixture (confidence-only breaks the target)",
+            lambda v: max(v) > t,
+        )
+        ids = [r for r in sets_rows if r["method"] == m and r["set"] == "test"]
+        put(
+            f"coverage_id_full_minus_confidence_only_{tag}",
+            [r["coverage_full"] - r["coverage_confidence_only"] for r in ids],
+            "≥ −0.05 (in-distribution coverage at most 5 points below confidence-only)",
+            lambda v: min(v) >= -0.05,
+        )
+        id_acc = {r["seed"]: r["acc"] for r in ids}
+        benign = [
+            r
+            for r in sets_rows
+            if r["method"] == m
+            and r["set"] != "test"
+            and r["seed"] in id_acc
+            and r["acc"] >= id_acc[r["seed"]]
+        ]
+        put(
+            f"coverage_benign_shift_full_minus_confidence_only_{tag}",
+            [min(r["coverage_full"] - r["coverage_confidence_only"] for r in benign)] if benign else [],
+            "≥ −0.05 on every shifted set answered at least as accurately as in distribution (coverage over that set)",
+            lambda v: min(v) >= -0.05,
+            "benign sets: " + ", ".join(sorted({r["set"] for r in benign}))
+            if benign
+            else "no benign set measured",
+        )
     for other in ("lora+ts", "ensemble+ts"):
         diffs = []
         for r in equal:
@@ -488,21 +506,6 @@ def make_targets(a: argparse.Namespace, sets_rows, mix_rows, monitors, equal) ->
             f"≤ {MONITOR_ALPHA} of in-distribution streams (the test items in random order) raise the alarm",
             lambda v: max(v) <= MONITOR_ALPHA,
         )
-    id_acc = {(r["method"], r["seed"]): r["acc"] for r in sets_rows if r["set"] == "test"}
-    benign = [
-        r
-        for r in sets_rows
-        if r["method"] == "dalorra+ts" and r["set"] != "test" and r["acc"] >= id_acc[(r["method"], r["seed"])]
-    ]
-    put(
-        "coverage_benign_shift_full_minus_confidence_only",
-        [min(r["coverage_full"] - r["coverage_confidence_only"] for r in benign)] if benign else [],
-        "≥ −0.05 on every shifted set DALorRA answers at least as accurately as its own (coverage over that set)",
-        lambda v: min(v) >= -0.05,
-        "benign sets: " + ", ".join(sorted({r["set"] for r in benign}))
-        if benign
-        else "no benign set measured",
-    )
     return out
 
 
