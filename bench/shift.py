@@ -396,6 +396,13 @@ def analyse(a: argparse.Namespace) -> None:
                 }
             )
     targets = make_targets(a, sets_rows, mix_rows, monitors, equal)
+    scored = {}  # what this run rests on: per requested (method, seed), the item sets with cached logits
+    for seed in a.seeds:
+        for method in a.methods:
+            ev = evs.get((method, seed))
+            scored[f"{method}-s{seed}"] = (
+                sorted(ev["sets"]) if ev else "not scored (no calibration or test logits)"
+            )
     data = {
         "settings": {
             "target_error": a.target_error,
@@ -412,6 +419,7 @@ def analyse(a: argparse.Namespace) -> None:
         "seeds": sorted({s for _, s in evs}),
         "methods": sorted({m for m, _ in evs}),
         "targets": targets,
+        "scored": scored,
         "policies": policies,
         "sets": sets_rows,
         "mixtures": mix_rows,
@@ -516,6 +524,11 @@ def report(data: dict) -> str:
         f"Target selective error {st['target_error']} at confidence {1 - st['delta']:.2f}; unfamiliarity level α_u = "
         f"{st['alpha_u']}; monitor alarm level {st['monitor_alpha']}. Methods scored: {', '.join(data['methods'])}; "
         f"seeds: {', '.join(map(str, data['seeds']))} (requested {st['methods_requested']} × {st['seeds_requested']}).",
+        "",
+        "What this run rests on (item sets with cached logits; shifted sets of "
+        f"{st['shift_items']} items, {st['test_items']} in-distribution test items, {st['calib_items']} calibration "
+        "items): "
+        + "; ".join(f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in data["scored"].items()),
         "",
         "## Targets",
         "",
