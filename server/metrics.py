@@ -223,6 +223,29 @@ class Metrics:
         for b in range(N_BINS):
             for c in (self.cal_n, self.cal_conf, self.cal_correct):
                 c.labels(adapter, str(b))
+        # Every per-adapter series a dashboard or rule names exists from the start (0 until something happens).
+        for m in (
+            self.gen_tokens,
+            self.gen_prompt_tokens,
+            self.gen_confidence,
+            self.gen_epistemic,
+            self.gen_ttft,
+            self.gen_tpot,
+            self.unfamiliarity,
+            self.unfamiliar,
+        ):
+            m.labels(adapter)
+        self.gen_requests.labels(adapter, "ok")
+        self.gen_abstentions.labels(adapter, "low_confidence")
+        self.abstentions.labels(adapter, "low_confidence")
+
+    def init_shift(self, adapter: str, state: object) -> None:
+        """An adapter's shift monitor at the start of its test (statistic 1, no alarm)."""
+        self.shift_statistic.labels(adapter).set(state.statistic)
+        self.shift_threshold.labels(adapter).set(state.threshold)
+        self.shift_alarm.labels(adapter).set(0.0)
+        self.shift_observed.labels(adapter).set(0)
+        self.accuracy_estimate.labels(adapter)
 
     def observe_batch(self, requests: int, rows: int, seconds: float) -> None:
         self.backend_calls.inc()

@@ -326,6 +326,8 @@ class Registry:
             self._records[name] = rec
             self.metrics.adapters_loaded.set(len(self._records))
             self.metrics.init_adapter(name)
+            if rec.monitor is not None:
+                self.metrics.init_shift(name, rec.monitor.state())
         log.info("loaded adapter %s from %s", name, path)
         return rec
 

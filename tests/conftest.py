@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,15 +108,19 @@ def adapters_dir(tmp_path_factory, smollm_path):
     from adapters.basemodel import load_base
     from adapters.config import AdapterConfig, PromptFormat
     from adapters.model import DalorraModel
+    from adapters.shift import Reference
 
     d = tmp_path_factory.mktemp("adapters")
     base, tok = load_base(None)
     model = DalorraModel(base, tok, AdapterConfig(), PromptFormat(mode="cloze"), seed=0)
     randomize_lora(model, std=0.01)
+    rng = np.random.default_rng(0)
     decision = {
         "confidence": {"valid": True, "threshold": 0.5},
         "epistemic": {"valid": False},
         "conformal": {"valid": True, "qhat": 0.8},
+        # a calibration reference (made-up scores): requests get unfamiliarity and the adapter a shift monitor
+        "reference": Reference(rng.uniform(0, 0.01, 100), rng.uniform(0.5, 1.0, 100)).to_record(),
     }
     save_adapter(model, d / "test-ad", extra={"default_samples": 4, "decision": decision})
     (d / "corrupt").mkdir()
