@@ -102,6 +102,9 @@ def test_page_chart_threshold_and_cache(page_server, tmp_path):
         dom[-3000:]
     )
     assert 'id="cached"' in dom and "from the cache" in dom
+    # the fake adapter stores no calibration reference: the page says so instead of inventing a p-value
+    assert re.search(r'id="unfamiliarity">n/a \(no calibration reference\)', dom), dom[-3000:]
+    assert "Shift monitor: this adapter stores no calibration reference." in dom
 
 
 def _luminance(hex_: str) -> float:
