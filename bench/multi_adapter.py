@@ -262,23 +262,28 @@ def sec_dtype(work: Path, a) -> dict:
     T = float(rec.get("temperature", 1.0))
     root = adapters_root(work)
     out: dict = {"items": len(items), "cpu_has_bf16": cpu_has_bf16()}
-    res: dict[str, dict] = {}
-    for dtype in ("float32", "bfloat16"):
+    backends = {}
+    for dtype in (
+        "float32",
+        "bfloat16",
+    ):  # both in this process; chunks alternate, so the CPU's drift hits both
         be = HFBackend(Settings(dtype=dtype, threads=a.threads))
         be.load_adapter("d", str(root / "a00"))
         be.load_adapter("m", str(root / "mean"))
-        warm = [ScoreRequest("d", it.question, it.choices, None, 2, 0) for it in items[:4]]
-        be.score(warm)
-        got = {}
-        for name, S in (("d", 10), ("m", 1)):
-            reqs = [ScoreRequest(name, it.question, it.choices, None, S, 0) for it in items]
-            t0 = time.perf_counter()
-            scored = []
-            for i in range(0, len(reqs), 16):  # backend-sized calls, as the scheduler makes them
-                scored += be.score(reqs[i : i + 16])
-            got[name] = {"seconds": time.perf_counter() - t0, "logits": [s.logits for s in scored]}
-        res[dtype] = got
-        del be
+        be.score([ScoreRequest("d", it.question, it.choices, None, 2, 0) for it in items[:4]])  # warm-up
+        backends[dtype] = be
+    res: dict[str, dict] = {
+        k: {"d": {"seconds": 0.0, "logits": []}, "m": {"seconds": 0.0, "logits": []}} for k in backends
+    }
+    for name, S in (("d", 10), ("m", 1)):
+        reqs = [ScoreRequest(name, it.question, it.choices, None, S, 0) for it in items]
+        for i in range(0, len(reqs), 16):  # backend-sized calls, as the scheduler makes them
+            for dtype, be in backends.items():
+                t0 = time.perf_counter()
+                scored = be.score(reqs[i : i + 16])
+                res[dtype][name]["seconds"] += time.perf_counter() - t0
+                res[dtype][name]["logits"] += [x.logits for x in scored]
+            print(f"dtype: {name} S={S} {i + 16}/{len(reqs)}", flush=True)
     f32, b16 = res["float32"]["d"]["logits"], res["bfloat16"]["d"]["logits"]
     same, dp, mi32, mi16 = 0, 0.0, [], []
     for x, y in zip(f32, b16, strict=True):
@@ -383,6 +388,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/dalorra-multi-adapter"), help="cache of sections")
     ap.add_argument("--fresh", action="store_true", help="re-run the sections asked for even if cached")
     ap.add_argument("--dtype", default="auto", help="server dtype of the memory/throughput/latency sections")
+    ap.add_argument(
+        "--order", nargs="+", default=None, help="run the sections in this order (default: as listed)"
+    )
     ap.add_argument("--requests", type=int, default=32, help="requests per throughput level")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--latency-requests", type=int, default=20)
@@ -395,7 +403,8 @@ def main() -> None:
         a.requests, a.repeats, a.latency_requests, a.dtype_items, a.naive_questions = 8, 1, 4, 24, 2
     a.work.mkdir(parents=True, exist_ok=True)
     data: dict = {}
-    for name in SECTIONS:
+    order = a.order or list(SECTIONS)
+    for name in [*order, *[n for n in SECTIONS if n not in order]]:
         cached = a.work / f"{name}.json"
         if name in a.sections and (a.fresh or not cached.is_file()):
             print(f"== {name}", flush=True)
@@ -431,7 +440,12 @@ def main() -> None:
         val = "not run" if v["value"] is None else f"{v['value']:.3g}"
         lines.append(f"| {k} | {val} | {v['goal']} | {'yes' if v['met'] else 'no'} |")
     if m:
+        from adapters.basemodel import resolve_dtype
+
         mb = {k: f"{v / 2**20:.0f} MiB" for k, v in m["rss_bytes"].items()}
+        m["dtype"] = (
+            f"{m['dtype']} = {resolve_dtype(m['dtype'])} here" if m["dtype"] == "auto" else m["dtype"]
+        )
         lines += [
             "",
             f"Resident memory by adapters loaded ({m['dtype']}): {mb}; per extra adapter "
