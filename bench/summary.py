@@ -191,8 +191,57 @@ def serving_rows() -> list[str]:
     return out
 
 
+def _targets_line(d: dict, names: list[str] | None = None) -> str:
+    """'name value (goal, met/missed)' for the targets asked for (all when None)."""
+    t = d.get("targets") or {}
+    parts = []
+    for k in names or list(t):
+        if k not in t or t[k].get("value") is None:
+            continue
+        v = t[k]["value"]
+        shown = f"{v:.3g}" if isinstance(v, float) else str(v)
+        parts.append(f"{k} {shown} ({t[k]['goal']}, {'met' if t[k]['met'] else 'missed'})")
+    return "; ".join(parts)
+
+
+def platform_rows() -> list[str]:
+    """This turn's serving platform: many adapters on one base, bf16, the scheduler; shift; fuzzing."""
+    out = []
+    d = _load("multi_adapter")
+    if d:
+        out.append(
+            f"| One base, many adapters; bf16; one scheduler (HF backend, CPU) | {_targets_line(d)} | "
+            "[multi_adapter.md](bench/results/multi_adapter.md) |"
+        )
+    d = _load("shift")
+    if d and d.get("targets"):
+        names = [k for k in d["targets"] if k.endswith("_dalorra") or k.startswith("live_")]
+        out.append(
+            f"| Abstention under shift (DALorRA's full policy; all methods in the file) | {_targets_line(d, names)} | "
+            "[shift.md](bench/results/shift.md) |"
+        )
+    d = _load("fuzz")
+    if d and "fuzz" in d:
+        f = d["fuzz"]
+        cases = sum(v["cases"] for v in f.values())
+        bad = sum(v["status_5xx"] for v in f.values())
+        inv = sum(v["invalid_json"] for v in f.values())
+        out.append(
+            f"| Fuzzing every route (schema-valid, hostile values) | {cases} requests over {len(f)} routes: "
+            f"{bad} responses ≥ 500, {inv} invalid JSON bodies or SSE events | [fuzz.md](bench/results/fuzz.md) |"
+        )
+    return out
+
+
 def table() -> str:
-    rows = [*calibration_rows(), *sweep_rows(), *ood_rows(), *default_rows(), *serving_rows()]
+    rows = [
+        *calibration_rows(),
+        *sweep_rows(),
+        *ood_rows(),
+        *default_rows(),
+        *serving_rows(),
+        *platform_rows(),
+    ]
     return "\n".join(["| what | measured | details |", "|---|---|---|", *rows])
 
 
