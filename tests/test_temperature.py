@@ -92,14 +92,19 @@ def test_recalibrate_fits_what_train_would_have_and_keeps_the_weights(tmp_path, 
     assert rec["decision"]["confidence"]["threshold"] == with_T["decision"]["confidence"]["threshold"]
     assert rec["calibration"]["metrics"]["nll"] == pytest.approx(with_T["calibration"]["metrics"]["nll"])
     assert rec["recalibrated"]["temperature_before"] == 1.0 and rec["recalibrated"]["items"] == 12
+    assert rec["default_samples"] == 3  # the S the thresholds were fitted at is the S served
     assert rec["training"] == json.loads(json.dumps(plain["training"], default=float))  # provenance kept
     assert {p.name: p.read_bytes() for p in d.glob("*.safetensors")} == weights
 
     assert (
-        adapters_main(["recalibrate", str(d), "--temperature-scaling", "false", "--progress", "false"]) == 0
+        adapters_main(
+            ["recalibrate", str(d), "--temperature-scaling", "false", "--samples", "2", "--progress", "false"]
+        )
+        == 0
     )
     rec = json.loads((d / "dalorra.json").read_text())
     assert "temperature" not in rec and rec["recalibrated"]["temperature"] == 1.0
+    assert rec["default_samples"] == 2 and rec["recalibrated"]["samples"] == 2  # --samples N: served S = N
     assert (
         rec["calibration"]["part"] == "all" and rec["calibration"]["metrics"]["n"] == 12
     )  # no split without T
