@@ -291,6 +291,7 @@ def main() -> None:
             "seed": a.seed,
             "acc": ev["acc"],
             "ece": ev["ece"],
+            "mean_epistemic": ev["mean_epistemic"],
             "items_with_another_answer_than_the_mean_network": int((bma_pred != mean_pred).sum()),
         },
     }
@@ -305,6 +306,21 @@ def _version(pkg: str) -> str | None:
         return version(pkg.replace("_", "-"))
     except PackageNotFoundError:
         return None
+
+
+def _agreement(ev: dict, mn: dict, n: int) -> str:
+    k = ev["items_with_another_answer_than_the_mean_network"]
+    mi = ev.get("mean_epistemic")
+    spread = f" (mean MI {mi:.4f} nats: this adapter's masks barely disagree)" if mi is not None else ""
+    if k == 0:
+        return (
+            f"Here the S-draw average and the mean network pick the same answer on all {n} items{spread}, so the "
+            "accuracies are equal; an adapter whose masks disagree more can differ on the items near a tie."
+        )
+    return (
+        f"The S-draw average and the mean network pick another answer on {k} of {n} items{spread}: that is the "
+        f"whole accuracy difference ({mn['acc']:.3f} vs {ev['acc']:.3f})."
+    )
 
 
 def table(o: dict) -> str:
@@ -339,10 +355,8 @@ def table(o: dict) -> str:
         f"- **`dalorra eval` averages {ev['samples']} hard mask draws; /v1/completions answers with one network, "
         f"z = E[z].** A log-likelihood request cannot ask for S samples (lm-eval sends a fixed body), so the "
         "server scores with the mean-mask network, the one that also decodes generated text (docs/api.md, "
-        f'"lm-evaluation-harness"). The S-draw average and the mean network pick another answer on '
-        f"{ev['items_with_another_answer_than_the_mean_network']} of {n} items: that is the whole accuracy "
-        f"difference ({mn['acc']:.3f} vs {ev['acc']:.3f}). Calibration (`dalorra eval` ECE {ev['ece']:.3f}) and "
-        "epistemic uncertainty need the S draws: /predict, KServe, or `choices` on the OpenAI routes give them.",
+        f'"lm-evaluation-harness"). {_agreement(ev, mn, n)} Calibration (`dalorra eval` ECE {ev["ece"]:.3f}) '
+        "and epistemic uncertainty need the S draws: /predict, KServe, or `choices` on the OpenAI routes give them.",
         f"- lm-eval took {lm['seconds']:.0f} s for both tasks ({o['served']['generation_requests_ok']:.0f} requests "
         f"answered, {o['served']['generation_requests_not_ok']:.0f} refused or failed; "
         f"{o['served']['echo_tokens']:.0f} prompt tokens scored).",
