@@ -305,14 +305,15 @@ def monitor_runs(ev: dict, seed: int, streams: int = 30, shifted_runs: int = 10)
         sets["pooled"] = pool
     for name, st in sets.items():
         delays, est = [], []
+        n_id = min(300, len(t["conf"]))  # in-distribution requests before the shift
         for _ in range(min(streams, shifted_runs)):
             m = ShiftMonitor(ref, cfg)
-            ids = rng.permutation(len(t["conf"]))[:300]
+            ids = rng.permutation(len(t["conf"]))[:n_id]
             s1 = feed(m, t, ids)
             sh = rng.permutation(len(st["conf"]))[:200]
             s2 = feed(m, st, sh)
             at = s2.alarm_at
-            delays.append(None if at is None else at - 300)
+            delays.append(None if at is None else at - n_id)
             est.append(
                 (
                     s1.accuracy_estimate,
@@ -327,6 +328,8 @@ def monitor_runs(ev: dict, seed: int, streams: int = 30, shifted_runs: int = 10)
             "runs": len(delays),
             "median_delay": float(np.median(got)) if got else None,
             "alarm_before_shift": sum(d <= 0 for d in got),
+            "requests_before_shift": n_id,
+            "shifted_requests": int(min(200, len(st["conf"]))),
             "accuracy_estimate_id": float(np.mean([e[0] for e in est])),
             "accuracy_id": float(np.mean([e[1] for e in est])),
             "accuracy_estimate_shifted": float(np.mean([e[2] for e in est])),
@@ -419,6 +422,7 @@ def analyse(a: argparse.Namespace) -> None:
         "seeds": sorted({s for _, s in evs}),
         "methods": sorted({m for m, _ in evs}),
         "targets": targets,
+        "score_commands": a.score_command or [command().replace("--stage all", "--stage score")],
         "scored": scored,
         "policies": policies,
         "sets": sets_rows,
@@ -426,9 +430,17 @@ def analyse(a: argparse.Namespace) -> None:
         "equal_coverage": equal,
         "monitor": monitors,
     }
+    old = RESULTS / "shift.json"  # keep the live (HTTP) targets bench/shift_live.py adds to this file
+    if old.is_file():
+        live = {
+            k: v
+            for k, v in (json.loads(old.read_text()).get("targets") or {}).items()
+            if k.startswith("live_")
+        }
+        data["targets"].update(live)
     write("shift", data, report(data))
     print(json.dumps(targets, indent=1))
-    _ = RESULTS, command
+    _ = RESULTS
 
 
 def make_targets(a: argparse.Namespace, sets_rows, mix_rows, monitors, equal) -> dict:
@@ -530,6 +542,8 @@ def report(data: dict) -> str:
         "items): "
         + "; ".join(f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in data["scored"].items()),
         "",
+        "The cached logits were scored by: " + "; ".join(f"`{c}`" for c in data["score_commands"]),
+        "",
         "## Targets",
         "",
         "| target | value (per seed or worst) | goal | met |",
@@ -611,7 +625,8 @@ def report(data: dict) -> str:
         for name, r in m.items():
             if isinstance(r, dict):
                 lines.append(
-                    f"| {m['method']} | {m['seed']} | 300 ID then 200 {name} | {r['alarmed']} / {r['runs']} | {f(r['median_delay'])} | "
+                    f"| {m['method']} | {m['seed']} | {r['requests_before_shift']} ID then {r['shifted_requests']} {name} | "
+                    f"{r['alarmed']} / {r['runs']} (before the shift: {r['alarm_before_shift']}) | {f(r['median_delay'])} | "
                     f"{r['accuracy_estimate_id']:.3f} → {r['accuracy_id']:.3f} | {r['accuracy_estimate_shifted']:.3f} → {r['accuracy_shifted']:.3f} |"
                 )
     lines += ["", NOTES]
@@ -667,6 +682,12 @@ def main() -> None:
     )
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--alpha-u", type=float, default=0.05)
+    ap.add_argument(
+        "--score-command",
+        action="append",
+        default=[],
+        help="analyse stage: a command that produced the cached logits, printed in the results (repeatable)",
+    )
     ap.add_argument(
         "--monitor-streams", type=int, default=30, help="in-distribution streams fed to the monitor"
     )
