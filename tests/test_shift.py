@@ -210,6 +210,7 @@ def test_shift_benchmark_analysis_runs_on_cached_scores(tmp_path, monkeypatch):
         samples=4,
         target_error=0.3,
         test_limit=None,
+        score_command=[],
         delta=0.1,
         alpha_u=0.05,
         seeds=[0],
