@@ -418,7 +418,10 @@ class GenerationService:
         if min_confidence is not None or max_epistemic is not None:
             src = "request"
             policy = generation_policy(th.record, min_confidence, max_epistemic)
-        form = "chat template" if req.messages is not None else "raw prompt"
+        # A raw completion prompt counts as the form the thresholds were fitted with (the server cannot tell how
+        # its text was written); a chat-templated prompt is another form. Decoding, length and S are compared.
+        fitted_form = (policy.settings or {}).get("prompt", "raw prompt")
+        form = "chat template" if req.messages is not None else fitted_form
         settings = request_settings(req, form)
         u = policy.unfamiliarity(summ["epistemic_mean"], summ["entropy_mean"])
         reason = policy.decide(summ["confidence"], summ["epistemic_mean"], u, settings=settings)

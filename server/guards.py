@@ -110,6 +110,11 @@ def _api_token(scope: Scope) -> str | None:
     return getattr(settings, "api_token", None)
 
 
+def _admin_token(scope: Scope) -> str | None:
+    settings = getattr(getattr(scope.get("app"), "state", None), "settings", None)
+    return getattr(settings, "admin_token", None)
+
+
 def token_ok(headers: dict[bytes, bytes], expected: str) -> bool:
     got = headers.get(b"authorization", b"").decode("latin-1")
     token = got[7:] if got.lower().startswith("bearer ") else ""
@@ -164,7 +169,14 @@ class RequestGuard:
                     "the Host header is not one this server answers to (DALORRA_ALLOWED_HOSTS)",
                 )
         token = _api_token(scope)
-        if token and path not in OPEN_PATHS and not ADMIN_PATH.match(path) and not token_ok(headers, token):
+        admin = _admin_token(scope)  # the admin token is the stronger credential: it opens every route
+        if (
+            token
+            and path not in OPEN_PATHS
+            and not ADMIN_PATH.match(path)
+            and not token_ok(headers, token)
+            and not (admin and token_ok(headers, admin))
+        ):
             self.on_reject(path, 401)
             return await send_error(
                 send,

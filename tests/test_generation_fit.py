@@ -163,14 +163,31 @@ def test_served_answers_use_the_thresholds_written_by_eval(adapters_root, tiny_d
                 "samples": S,
             },
         )
+        other = c.post(  # decoded differently (a longer answer budget): no certified decision exists for it
+            "/v1/completions",
+            json={
+                "model": "ad",
+                "prompt": prompt,
+                "max_tokens": MAX_TOKENS + 1,
+                "temperature": 0,
+                "stop": ["\n"],
+                "samples": S,
+            },
+        )
+    assert other.status_code == 200, other.text
+    ou = other.json()["choices"][0]["uncertainty"]
+    assert (ou["decision"], ou["abstain_reason"]) == ("abstain", "not_calibrated_for_settings")
+    assert ou["thresholds"]["settings_mismatch"] == ["max_tokens"]
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     u = choice["uncertainty"]
-    assert u["thresholds"] == {
-        "min_confidence": conf_t,
-        "max_epistemic": epi_t,
-        "source": "generation_decision.json",
-    }
+    th = u["thresholds"]
+    assert (th["min_confidence"], th["max_epistemic"], th["source"]) == (
+        conf_t,
+        epi_t,
+        "generation_decision.json",
+    )
+    assert th["settings_mismatch"] is None  # the request decodes as the fit did: its thresholds apply
     assert choice["text"] == rows[k]["answer"]
     assert u["confidence"] == pytest.approx(rows[k]["confidence"], rel=1e-5)
     assert u["epistemic_mean"] == pytest.approx(rows[k]["epistemic_mean"], rel=1e-5)
