@@ -308,6 +308,7 @@ class VLLMBackend(Backend):
         request: GenerateRequest,
         on_token: OnToken | None = None,
         cancelled: Callable[[], bool] | None = None,
+        gate: Callable[[int], object] | None = None,
     ) -> GenerateResult:
         from .generation import GenerationUnsupported
 
