@@ -128,8 +128,10 @@ def sec_throughput(work: Path, a) -> dict:
         asyncio.run(level(srv.url, items, "a00", 4, 2, 4))  # warm-up
         out = {}
         for _ in range(a.repeats):  # alternate, so the CPU's drift hits both
-            one = asyncio.run(spread(srv.url, items, ["a00"], 10, 8, a.requests))
-            mix = asyncio.run(spread(srv.url, items, [f"a{i:02d}" for i in range(8)], 10, 8, a.requests))
+            one = asyncio.run(level(srv.url, items, "a00", 10, 8, a.requests))
+            mix = asyncio.run(level(srv.url, items, [f"a{i:02d}" for i in range(8)], 10, 8, a.requests))
+            one.pop("_answers")
+            mix.pop("_answers")
             out.setdefault("one", []).append(one)
             out.setdefault("spread", []).append(mix)
     finally:
@@ -145,41 +147,6 @@ def sec_throughput(work: Path, a) -> dict:
         "one_adapter_qps": q["one"],
         "eight_adapters_qps": q["spread"],
         "ratio": q["spread"] / q["one"],
-    }
-
-
-async def spread(url: str, items, adapters: list[str], samples: int, concurrency: int, n: int) -> dict:
-    lat: list[float] = []
-    errors = 0
-    todo = list(range(n))[::-1]
-
-    async def worker(c: httpx.AsyncClient) -> None:
-        nonlocal errors
-        while todo:
-            i = todo.pop()
-            it = items[i % len(items)]
-            body = {
-                "question": it.question,
-                "choices": list(it.choices),
-                "samples": samples,
-                "adapter": adapters[i % len(adapters)],
-            }
-            t = time.perf_counter()
-            r = await c.post(url + "/predict", json=body)
-            if r.status_code == 200:
-                lat.append(time.perf_counter() - t)
-            else:
-                errors += 1
-
-    async with httpx.AsyncClient(timeout=1200) as c:
-        t0 = time.perf_counter()
-        await asyncio.gather(*[worker(c) for _ in range(concurrency)])
-        wall = time.perf_counter() - t0
-    return {
-        "adapters": len(adapters),
-        "throughput_qps": len(lat) / wall,
-        "p50_s": pct(lat, 0.5),
-        "errors": errors,
     }
 
 

@@ -43,7 +43,11 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
-async def level(url: str, items, adapter: str, samples: int, concurrency: int, n: int, **extra) -> dict:
+async def level(
+    url: str, items, adapter: str | list[str], samples: int, concurrency: int, n: int, **extra
+) -> dict:
+    """n requests from `concurrency` closed-loop clients; a list of adapters is used round-robin (request i → i mod)."""
+    names = [adapter] if isinstance(adapter, str) else list(adapter)
     lat: list[float] = []
     used: list[int] = []
     answers: dict[int, tuple] = {}
@@ -62,7 +66,7 @@ async def level(url: str, items, adapter: str, samples: int, concurrency: int, n
                     "question": it.question,
                     "choices": list(it.choices),
                     "samples": samples,
-                    "adapter": adapter,
+                    "adapter": names[i % len(names)],
                     **extra,
                 },
             )
