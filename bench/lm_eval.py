@@ -37,19 +37,26 @@ from bench.loopback import ServerProcess
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _task_head(name: str, data: Path, template: str, output_type: str) -> list[str]:
+    """The YAML lines both tasks share: a local JSONL ({question, choices, label}) and the adapter's template."""
+    text = template.replace("{question}", "{{question}}").replace("{context}", "")
+    return [
+        f"task: {name}",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {json.dumps(str(data))}",
+        "test_split: test",
+        f"output_type: {output_type}",
+        f"doc_to_text: {json.dumps(text)}",
+    ]
+
+
 def task_yaml(name: str, data: Path, template: str) -> str:
     """A multiple-choice task on a local JSONL ({question, choices, label}); the adapter's cloze template."""
-    text = template.replace("{question}", "{{question}}").replace("{context}", "")
     return "\n".join(
         [
-            f"task: {name}",
-            "dataset_path: json",
-            "dataset_kwargs:",
-            "  data_files:",
-            f"    test: {json.dumps(str(data))}",
-            "test_split: test",
-            "output_type: multiple_choice",
-            f"doc_to_text: {json.dumps(text)}",
+            *_task_head(name, data, template, "multiple_choice"),
             "doc_to_choice: choices",
             "doc_to_target: label",
             "metric_list:",
@@ -62,17 +69,9 @@ def task_yaml(name: str, data: Path, template: str) -> str:
 
 def gen_task_yaml(name: str, data: Path, template: str) -> str:
     """The same items as generate_until: greedy answers up to a newline, exact match with the gold choice."""
-    text = template.replace("{question}", "{{question}}").replace("{context}", "")
     return "\n".join(
         [
-            f"task: {name}",
-            "dataset_path: json",
-            "dataset_kwargs:",
-            "  data_files:",
-            f"    test: {json.dumps(str(data))}",
-            "test_split: test",
-            "output_type: generate_until",
-            f"doc_to_text: {json.dumps(text)}",
+            *_task_head(name, data, template, "generate_until"),
             'doc_to_target: "{{choices[label]}}"',
             "target_delimiter: ' '",
             "generation_kwargs:",
