@@ -7,6 +7,8 @@ model's `hf_quantizer` is cleared and `config.quantization_config` is removed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -15,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,11 +85,36 @@ def _convert_embedded(target: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "dalorra_source.json").write_text(json.dumps({"gguf": str(gguf), "name": EMBEDDED_NAME}))
-        os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache entry
+        _publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.warning("Converted in %.1f s.", time.perf_counter() - t0)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move a finished conversion into place (atomic: a crash never leaves a half-written cache entry). If
+    another process published one first (the lock below is advisory; a cache on NFS may not honour it), keep
+    theirs and drop ours."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _convert_lock(target: Path) -> Iterator[None]:
+    """One converter at a time per cache: a second process (a test run beside a server) waits, then finds the
+    conversion done instead of converting again and losing the rename race."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def converted_dir() -> Path:
@@ -101,7 +129,9 @@ def local_path(name: str | None) -> str:
         return name
     target = converted_dir()
     if not (target / "config.json").is_file():
-        _convert_embedded(target)
+        with _convert_lock(target):
+            if not (target / "config.json").is_file():  # not converted by whoever held the lock before us
+                _convert_embedded(target)
     return str(target)
 
 

@@ -200,14 +200,206 @@ async def burst(url: str, n: int) -> dict:
     }
 
 
+M = "arc-easy-dalorra"
+HI = [{"role": "user", "content": "hi"}]
+KSERVE = {
+    "inputs": [
+        {"name": "question", "shape": [1], "datatype": "BYTES", "data": ["Which is a source of light?"]},
+        {"name": "choices", "shape": [1, 2], "datatype": "BYTES", "data": ["the Sun", "a rock"]},
+    ]
+}
+# (probe, route, body, extra headers, statuses that are right): the issue's defects, sent to the real server
+PROBES = [
+    (
+        "lone surrogate in a completion prompt",
+        "/v1/completions",
+        {"model": M, "prompt": "a\ud800b", "max_tokens": 2},
+    ),
+    (
+        "lone surrogate in a streamed chat message",
+        "/v1/chat/completions",
+        {"model": M, "messages": [{"role": "user", "content": "x\ud800"}], "stream": True},
+    ),
+    (
+        "seed = 2^64 (chat)",
+        "/v1/chat/completions",
+        {"model": M, "messages": HI, "max_tokens": 2, "seed": 2**64},
+    ),
+    ("mask_seed = 2^64 (completion)", "/v1/completions", {"model": M, "prompt": "hi", "mask_seed": 2**64}),
+    (
+        "max_epistemic = Infinity (streamed chat)",
+        "/v1/chat/completions",
+        {"model": M, "messages": HI, "max_tokens": 2, "max_epistemic": float("inf"), "stream": True},
+    ),
+    (
+        "min_confidence = NaN (completion)",
+        "/v1/completions",
+        {"model": M, "prompt": "hi", "min_confidence": float("nan")},
+    ),
+    ("KServe id with a lone surrogate", f"/v2/models/{M}/infer", {**KSERVE, "id": "req-\ud800"}),
+    ("lone surrogate in a /predict choice", "/predict", {"question": "q?", "choices": ["\udfff", "b"]}),
+    ("/feedback with a label out of range", "/feedback", {"receipt": "x" * 40, "label": -1}),
+]
+PROXIED = [  # admin actions relayed by a same-host proxy: the proxy's header names a remote client
+    ("admin load relayed with X-Real-IP", {"x-real-ip": "203.0.113.7"}),
+    ("admin load relayed with Forwarded", {"forwarded": "for=203.0.113.7;proto=https"}),
+]
+COUNTED = ("dalorra_requests_total", "dalorra_generation_requests_total", "dalorra_feedback_total")
+
+
+async def probes(srv: ServerProcess) -> list[dict]:
+    """Each defect the issue found, against the real server: the status, whether the body is strict JSON (an
+    SSE stream's every event), and how many outcome counters moved (a refusal must be counted)."""
+    from bench.fuzz import encode, strict_json
+
+    def counted() -> float:
+        return sum(srv.metric(name) for name in COUNTED)
+
+    out = []
+    async with httpx.AsyncClient(timeout=600) as c:
+        cases = [(name, route, body, {}, (400, 422)) for name, route, body in PROBES]
+        cases += [(name, "/v1/adapters/spare/load", {}, h, (403,)) for name, h in PROXIED]
+        for name, route, body, headers, right in cases:
+            before = counted()
+            r = await c.post(
+                srv.url + route, content=encode(body), headers={"content-type": "application/json", **headers}
+            )
+            try:
+                strict_json(r.text)
+                valid = True
+            except ValueError:
+                valid = False
+            out.append(
+                {
+                    "probe": name,
+                    "route": route,
+                    "status": r.status_code,
+                    "expected": list(right),
+                    "ok": r.status_code in right and valid,
+                    "strict_json": valid,
+                    "counted": counted() - before,
+                }
+            )
+    return out
+
+
+async def slow_body(url: str, connections: int, gap_s: float, give_up_s: float = 120.0) -> dict:
+    """`connections` sockets each send headers announcing a 400-byte JSON body, then one byte every `gap_s` s
+    (never a stall long enough for the per-read timeout). Per connection: was it cut (an answer or a close
+    before `give_up_s`), the status it got, after how long. Meanwhile one ordinary /predict: still served?"""
+    host, port = url.rsplit("/", 1)[1].split(":")
+
+    async def one() -> dict:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST /predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 400\r\n\r\n".encode()
+        )
+        await writer.drain()
+        t0, sent = time.perf_counter(), 0
+        answer = asyncio.create_task(reader.readline())
+        while time.perf_counter() - t0 < give_up_s:
+            done, _ = await asyncio.wait({answer}, timeout=gap_s)
+            if done:
+                break
+            try:
+                writer.write(b" ")
+                await writer.drain()
+                sent += 1
+            except ConnectionError:
+                break
+        try:
+            line = await asyncio.wait_for(answer, 5)
+            status = (
+                int(line.split()[1]) if line.startswith(b"HTTP/") else ("closed" if not line else "other")
+            )
+        except (TimeoutError, ConnectionError, IndexError, ValueError):
+            status = None  # still open: not cut
+        seconds = time.perf_counter() - t0
+        answer.cancel()
+        writer.close()
+        return {"status": status, "seconds": seconds, "bytes": sent}
+
+    async def ordinary() -> dict:
+        await asyncio.sleep(gap_s)  # once every dripping connection is open
+        async with httpx.AsyncClient(timeout=600) as c:
+            t = time.perf_counter()
+            r = await c.post(url + "/predict", json={**BODY, "samples": 2})
+            return {"status": r.status_code, "seconds": round(time.perf_counter() - t, 2)}
+
+    res, served = await asyncio.gather(asyncio.gather(*[one() for _ in range(connections)]), ordinary())
+    cut = [x for x in res if x["status"] is not None]
+    secs = sorted(x["seconds"] for x in cut)
+    statuses = [str(x["status"]) for x in res]
+    return {
+        "connections": connections,
+        "gap_s": gap_s,
+        "give_up_s": give_up_s,
+        "cut": len(cut),
+        "statuses": {k: statuses.count(k) for k in sorted(set(statuses))},
+        "seconds_to_cut": (
+            {"min": round(secs[0], 1), "median": round(secs[len(secs) // 2], 1), "max": round(secs[-1], 1)}
+            if secs
+            else None
+        ),
+        "bytes_sent_max": max(x["bytes"] for x in res),
+        "predict_during": served,
+    }
+
+
+def fuzz_section() -> dict:
+    """route → {cases, status_5xx, invalid_json} from bench/results/fuzz.json (python -m bench.fuzz: every
+    route's schema with hostile values, through the real app on a fake backend)."""
+    f = json.loads((ROOT / "bench" / "results" / "fuzz.json").read_text())
+    routes = {
+        route: {"cases": r["cases"], "status_5xx": r["status_5xx"], "invalid_json": r["invalid_json"]}
+        for route, r in f["fuzz"].items()
+    }
+    return {"command": f["command"], "date": f["machine"]["date"], "routes": routes}
+
+
+async def _read_stream(c: httpx.AsyncClient, url: str, body: dict) -> dict:
+    events, error = [], False
+    try:
+        async with c.stream("POST", url, json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    error = error or '"error"' in line[6:]
+        how = "done" if events and events[-1] == "[DONE]" else "cut"
+    except httpx.HTTPError as exc:
+        how = f"cut ({type(exc).__name__})"
+    return {"events": len(events), "ended": how, "error_event": error}
+
+
 async def drain(srv: ServerProcess) -> dict:
+    """SIGTERM with six /predict requests in flight and two chat streams open: the requests should complete,
+    each stream end with [DONE] (after an error event if it was cut short), never a cut body."""
+    chat = {
+        "model": M,
+        "messages": [{"role": "user", "content": "Tell me about the Sun."}],
+        "max_tokens": 200,
+    }
     async with httpx.AsyncClient(timeout=600) as c:
         tasks = [asyncio.create_task(c.post(srv.url + "/predict", json=BODY)) for _ in range(6)]
+        streams = [
+            asyncio.create_task(
+                _read_stream(c, srv.url + "/v1/chat/completions", {**chat, "stream": True, "seed": i})
+            )
+            for i in range(2)
+        ]
         await asyncio.sleep(1.0)
         srv.proc.send_signal(signal.SIGTERM)
         res = await asyncio.gather(*tasks, return_exceptions=True)
+        st = await asyncio.gather(*streams)
     ok = sum(1 for r in res if not isinstance(r, Exception) and r.status_code == 200)
-    return {"in_flight_at_sigterm": len(tasks), "completed_200": ok, "exit_code": srv.proc.wait(120)}
+    return {
+        "in_flight_at_sigterm": len(tasks),
+        "completed_200": ok,
+        "exit_code": srv.proc.wait(120),
+        "streams_open_at_sigterm": len(st),
+        "streams": st,
+    }
 
 
 def main() -> None:
@@ -216,6 +408,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--queue-rows", type=int, default=40)
     ap.add_argument("--burst", type=int, default=48, help="requests in the over-deadline burst")
+    ap.add_argument("--slow-connections", type=int, default=200, help="connections dripping a body")
+    ap.add_argument("--slow-gap", type=float, default=5.0, help="seconds between the dripped bytes")
     ap.add_argument(
         "--burst-timeout",
         type=float,
@@ -250,7 +444,9 @@ def main() -> None:
     f.write_bytes(f.read_bytes()[:1000])  # truncated
     if a.from_json:
         ran = json.loads(Path(a.from_json).read_text())
-        new = {k: ran[k] for k in ("poison", "unload", "chunked", "overload")}
+        new = {
+            k: ran[k] for k in ("poison", "unload", "chunked", "overload", "probes", "slow_body") if k in ran
+        }
         a.after_command = f"{ran.get('command')} ({ran.get('machine', {}).get('date', '')})"
     else:
         a.after_command = "this run"
@@ -262,13 +458,15 @@ def main() -> None:
             DALORRA_RESULT_CACHE_SIZE="0",
         ).wait_ready(a.ready_timeout)
         try:
+            pr = asyncio.run(probes(srv3))
+            sb = asyncio.run(slow_body(srv3.url, a.slow_connections, a.slow_gap))
             p = asyncio.run(poison(srv3.url))
             u = asyncio.run(unload(srv3.url))
             ch = asyncio.run(chunked(srv3.url))
             b = asyncio.run(burst(srv3.url, a.burst))
         finally:
             srv3.stop()
-        new = {"poison": p, "unload": u, "chunked": ch, "overload": b}
+        new = {"poison": p, "unload": u, "chunked": ch, "overload": b, "probes": pr, "slow_body": sb}
     if a.only_safety and a.json_out:
         Path(a.json_out).write_text(
             json.dumps(
@@ -286,6 +484,8 @@ def main() -> None:
     if a.only_safety:  # the other sections as the last full run measured them
         prev = json.loads((ROOT / "bench" / "results" / "reliability.json").read_text())
         s, h, dr = prev["soak"], prev["hot_load"], prev["drain"]
+        new.setdefault("probes", prev.get("probes", []))
+        new.setdefault("slow_body", prev.get("slow_body"))
     else:
         srv = ServerProcess(
             d,
@@ -324,7 +524,8 @@ def main() -> None:
         "## SIGTERM drain",
         "",
         f"{dr['completed_200']} of {dr['in_flight_at_sigterm']} in-flight requests completed with 200; "
-        f"exit code {dr['exit_code']} (uvicorn re-raises SIGTERM after its graceful shutdown: -15).",
+        f"exit code {dr['exit_code']} (uvicorn re-raises SIGTERM after its graceful shutdown: -15)."
+        + _streams_line(dr),
         "",
         "Also covered by `tests/test_reliability.py` (schemathesis with 0 server errors, tokens, limits, "
         "path traversal).",
@@ -336,12 +537,63 @@ def main() -> None:
         old = json.loads(Path(a.before).read_text())
         before = {k: old[k] for k in new if k in old}
         before["command"], before["date"] = old.get("command"), old.get("machine", {}).get("date")
+    fz = fuzz_section()
+    table += _new_probes_table(new, fz)
     table += _safety_table(new, before, a)
     write(
         "reliability",
-        {"soak": s, "hot_load": h, "drain": dr, **new, "before": before, "settings": vars(a)},
+        {"soak": s, "hot_load": h, "drain": dr, **new, "fuzz": fz, "before": before, "settings": vars(a)},
         "\n".join(table),
     )
+
+
+def _streams_line(dr: dict) -> str:
+    st = dr.get("streams")
+    if not st:
+        return ""
+    ends = ", ".join(
+        f"{x['ended']} after {x['events']} events{' (error event)' if x['error_event'] else ''}" for x in st
+    )
+    return f" Streams open at SIGTERM: {ends}."
+
+
+def _new_probes_table(new: dict, fz: dict) -> list[str]:
+    """Issue #28: the defects it found, dripping bodies, and the fuzz counts per route."""
+    out = ["", "## The defects of issue #28, sent to the real server", ""]
+    out += ["| probe | route | status | strict JSON | counted | right |", "|---|---|---|---|---|---|"]
+    for x in new.get("probes") or []:
+        out.append(
+            f"| {x['probe']} | `{x['route']}` | {x['status']} | {'yes' if x['strict_json'] else 'no'} | "
+            f"{x['counted']:.0f} | {'yes' if x['ok'] else '**no**'} |"
+        )
+    out += [
+        "",
+        "`counted`: how much the outcome counters (dalorra_requests_total, dalorra_generation_requests_total, "
+        "dalorra_feedback_total) moved; admin refusals are logged, not counted as predictions.",
+    ]
+    sb = new.get("slow_body")
+    if sb:
+        cut = sb["seconds_to_cut"] or {}
+        out += [
+            "",
+            f"## Slow bodies: {sb['connections']} connections dripping one byte every {sb['gap_s']:.0f} s",
+            "",
+            f"{sb['cut']} of {sb['connections']} cut (statuses {sb['statuses']}), after "
+            f"{cut.get('min')}–{cut.get('max')} s (median {cut.get('median')} s); at most {sb['bytes_sent_max']} "
+            f"bytes sent on one. A /predict sent meanwhile: {sb['predict_during']['status']} in "
+            f"{sb['predict_during']['seconds']} s. No read stalls past the 10 s per-read limit; the overall "
+            "budget (10 s + 1 s per KiB received, server/guards.py) ends them.",
+        ]
+    routes = fz["routes"]
+    out += [
+        "",
+        f"## Fuzzing every route (`{fz['command']}`, {fz['date']}; bench/results/fuzz.md)",
+        "",
+        "| route | cases | status ≥ 500 | invalid JSON / SSE |",
+        "|---|---|---|---|",
+    ]
+    out += [f"| `{k}` | {v['cases']} | {v['status_5xx']} | {v['invalid_json']} |" for k, v in routes.items()]
+    return out
 
 
 def _safety_table(new: dict, before: dict, a) -> list[str]:
