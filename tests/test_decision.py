@@ -74,15 +74,45 @@ def test_adaptive_rounds(total, first, step, want):
 DEFAULT_RECORD = Path(__file__).resolve().parent.parent / "adapters/default/arc-easy-dalorra/dalorra.json"
 
 
+# the decision block adapters wrote before the joint policy (the shipped default adapter's, until it was recalibrated)
+OLDER_DECISION = {
+    "confidence": {
+        "coverage": 0.418,
+        "delta": 0.1,
+        "error_upper_bound": 0.195,
+        "n_calibration": 225,
+        "selective_error": 0.138,
+        "target_error": 0.2,
+        "threshold": 0.6452,
+        "valid": True,
+    },
+    "conformal": {"alpha": 0.1, "n_calibration": 225, "qhat": 0.8561, "valid": True},
+    "epistemic": {
+        "delta": 0.1,
+        "n_calibration": 225,
+        "reason": "no threshold keeps the selective error ≤ 0.2 at confidence 0.9 on 225 calibration items",
+        "target_error": 0.2,
+        "threshold": None,
+        "valid": False,
+    },
+}
+
+
 def test_an_older_record_with_separately_fitted_thresholds_still_loads():
-    rec = json.loads(DEFAULT_RECORD.read_text())
-    p = AbstentionPolicy.from_record(rec["decision"])
-    assert p.min_confidence == pytest.approx(rec["decision"]["confidence"]["threshold"])
+    p = AbstentionPolicy.from_record(OLDER_DECISION)
+    assert p.min_confidence == pytest.approx(0.6452)
     assert p.max_epistemic is None and p.unfamiliar is None and p.reference is None
     assert not p.certified  # each threshold was certified alone, never the two together
     assert p.unfamiliarity(0.01, 0.5) is None
     assert p.decide(0.3, 0.0, None) == LOW_CONFIDENCE and p.reason(0.99, 0.0) is None
     assert DecisionPolicy is AbstentionPolicy
+
+
+def test_the_shipped_default_adapter_has_a_jointly_certified_policy_with_an_unfamiliarity_rule():
+    rec = json.loads(DEFAULT_RECORD.read_text())
+    p = AbstentionPolicy.from_record(rec["decision"])
+    assert p.certified and p.unfamiliar is not None and p.reference is not None
+    assert rec["default_samples"] == rec["recalibrated"]["samples"]  # served at the S it was fitted at
 
 
 UNF = UnfamiliarRule(alpha=0.05, min_confidence=0.8, max_epistemic=0.02)
