@@ -162,9 +162,11 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     def _count_refused(path: str, status: int) -> None:
         """/predict and KServe inference refusals that never reach the service still count in
-        dalorra_requests_total."""
+        dalorra_requests_total, and /feedback's in dalorra_feedback_total."""
         if path == "/predict":
             metrics.requests.labels("unknown", "rejected" if status == 429 else "invalid").inc()
+        elif path == "/feedback":
+            metrics.feedback.labels("invalid" if status == 422 else "rejected").inc()
         kserve.count_refused(metrics, path, status)  # /v2/models/{m}[/versions/{v}]/infer only
 
     @app.exception_handler(RequestValidationError)

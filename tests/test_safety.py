@@ -275,6 +275,16 @@ def test_feedback_for_an_adapter_not_loaded_creates_no_series(adapters):
     assert after == before
 
 
+@pytest.mark.parametrize(
+    "body", [{"receipt": "x" * 40, "label": -1}, {"receipt": "x", "label": "0"}, {"label": 0}]
+)
+def test_feedback_refused_by_its_schema_is_counted_invalid(adapters, body):
+    with _client(adapters) as c:
+        before = _metric(c, "dalorra_feedback_total", outcome="invalid")
+        assert c.post("/feedback", json=body).status_code == 422
+        assert _metric(c, "dalorra_feedback_total", outcome="invalid") == before + 1
+
+
 def _series(svc: Service) -> set:
     return {
         (s.name, tuple(sorted(s.labels.items())))
