@@ -171,7 +171,23 @@ def serving_rows() -> list[str]:
             "[generate.md](bench/results/generate.md) |"
         )
     d = _load("reliability")
-    if d and "before" in d:
+    if d and not d.get("before"):
+        p, o, sb, pr = d["poison"], d["overload"], d.get("slow_body"), d.get("probes") or []
+        fz = d.get("fuzz", {}).get("routes", {})
+        slow = (
+            f"{sb['cut']}/{sb['connections']} dripping bodies cut after ≤ {sb['seconds_to_cut']['max']} s; "
+            if sb
+            else ""
+        )
+        out.append(
+            f"| Reliability | overload soak: {d['soak']['answered_200']} answered, {d['soak']['refused_429']} refused "
+            f"with 429, {d['soak']['other']} other; {sum(x['ok'] for x in pr)}/{len(pr)} defect probes refused "
+            f"cleanly; {slow}good requests beside a poisoned one {p['good_answered_200']}/{p['good_requests']}; "
+            f"burst: {o['answered_200']}×200, {o['refused_429']}×429, {o['timed_out_504']}×504; fuzz "
+            f"{sum(v['status_5xx'] for v in fz.values())} responses ≥ 500 | "
+            "[reliability.md](bench/results/reliability.md) |"
+        )
+    elif d and "before" in d:
         b, p, o = d["before"], d["poison"], d["overload"]
         out.append(
             f"| Safety probes, before → after | good requests beside a poisoned one: "
