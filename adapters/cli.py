@@ -250,6 +250,15 @@ def add_recalibrate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--base-model", default=None, help="base model (default: the one it was trained on)")
     p.add_argument(
+        "--validation",
+        default=None,
+        help="validation JSONL (path or name/split) whose metrics are re-scored at the new temperature and "
+        "stored as the record's `validation` (default: the split it was trained with, if any)",
+    )
+    p.add_argument(
+        "--eval-limit", type=int, default=None, help="first N validation items (default: as trained, 200)"
+    )
+    p.add_argument(
         "--target-error", type=float, default=None, help="selective error target (default: as trained)"
     )
     p.add_argument(
@@ -280,10 +289,14 @@ def _cmd_recalibrate(a: argparse.Namespace) -> int:
 
     if a.samples is not None and a.samples < 1:
         raise ValueError(f"--samples {a.samples}: must be >= 1")
+    if a.eval_limit is not None and a.eval_limit < 1:
+        raise ValueError(f"--eval-limit {a.eval_limit}: must be >= 1")
     rec = recalibrate(
         a.adapter,
         base_model=a.base_model,
         calibration=a.calibration,
+        validation=a.validation,
+        eval_limit=a.eval_limit,
         eval_samples=a.samples,
         target_error=a.target_error,
         target_delta=a.target_delta,

@@ -520,8 +520,9 @@ def recalibrate(adapter_dir: str | os.PathLike, base_model: str | None = None, *
     item it trained on is used); `overrides` replace TrainConfig fields (e.g. calibration=JSONL, eval_samples —
     which also becomes the adapter's served default_samples, the S its thresholds were fitted at —
     target_error, temperature_scaling=False to remove a temperature); the thresholds are always fitted again, after
-    the temperature. The validation metrics are re-scored at the new temperature when the record has them. For
-    adapters trained before temperature scaling existed, or to refit on another calibration set."""
+    the temperature. The validation metrics are re-scored at the new temperature when the record has them or a
+    validation split is given (validation=, eval_limit=). For adapters trained before temperature scaling existed,
+    or to refit on another calibration set."""
     d = Path(adapter_dir)
     record = read_record(d)
     stored = (record.get("training") or {}).get("config")
@@ -546,7 +547,7 @@ def recalibrate(adapter_dir: str | os.PathLike, base_model: str | None = None, *
     fitted, decision, T = fit_calibration(model, calib, split_name, cfg)
     new = {k: v for k, v in record.items() if k not in ("temperature", "temperature_fit")}
     new.update(fitted)
-    if val is not None and "validation" in record:
+    if val is not None and ("validation" in record or overrides.get("validation")):
         new["validation"] = evaluate_logits(
             predict_logits(model, val, cfg.eval_samples, seed=0, progress=cfg.progress, desc="validate") / T,
             np.array([it.label for it in val]),

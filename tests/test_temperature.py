@@ -108,6 +108,21 @@ def test_recalibrate_fits_what_train_would_have_and_keeps_the_weights(tmp_path, 
     assert (
         rec["calibration"]["part"] == "all" and rec["calibration"]["metrics"]["n"] == 12
     )  # no split without T
+    assert "validation" not in rec  # trained without a validation split: nothing to re-score
+
+    args = [
+        "recalibrate",
+        str(d),
+        "--validation",
+        str(small_data),
+        "--eval-limit",
+        "5",
+        "--progress",
+        "false",
+    ]
+    assert adapters_main(args) == 0
+    rec = json.loads((d / "dalorra.json").read_text())
+    assert rec["validation"]["n"] == 5 and 0.0 <= rec["validation"]["acc"] <= 1.0
 
 
 def test_recalibrate_refuses_what_it_cannot_do(tmp_path, adapters_dir, capsys):
