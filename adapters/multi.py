@@ -42,9 +42,9 @@ class AdapterSlot(nn.Module):
     def __init__(self, base_layer: nn.Linear):
         super().__init__()
         self.base_layer = base_layer
-        # (layer, rows): rows None = every row of the input. Not registered as submodules: the adapters' factors
-        # stay out of the base's state dict and parameter list.
-        self.route: list[tuple[MaskedLoraLinear, torch.Tensor | None]] = []
+        # (layer, rows): rows None = every row of the input, a slice = a contiguous block of rows, else an index
+        # tensor. Not registered as submodules: the adapters' factors stay out of the base's state dict.
+        self.route: list[tuple[MaskedLoraLinear, torch.Tensor | slice | None]] = []
 
     @property
     def weight(self) -> torch.Tensor:  # HF code reads lm_head.weight (tied embeddings, resizing)
@@ -60,7 +60,11 @@ class AdapterSlot(nn.Module):
                 continue
             if rows is None:
                 out = out + layer.lora_delta(x, weight_rows).to(out.dtype)
-            else:  # in place: a copy of `out` per adapter (lm_head: rows × tokens × vocab) cost a fifth of a batch
+            elif isinstance(
+                rows, slice
+            ):  # a contiguous block (score_draws groups rows by adapter): views only
+                out[rows] += layer.lora_delta(x[rows], weight_rows).to(out.dtype)
+            else:  # scattered rows: gather, then add in place (an out-of-place add copies all of `out`)
                 out.index_add_(0, rows, layer.lora_delta(x[rows], weight_rows).to(out.dtype))
         return out
 
@@ -115,7 +119,7 @@ class SharedBase:
             s.route = []
 
     @contextmanager
-    def routed(self, entries: Sequence[tuple[DalorraModel, torch.Tensor | None]]) -> Iterator[None]:
+    def routed(self, entries: Sequence[tuple[DalorraModel, torch.Tensor | slice | None]]) -> Iterator[None]:
         """Within the block, adapter model m applies to `rows` of every input (None: all rows)."""
         self.clear_routes()
         try:
@@ -198,7 +202,12 @@ class MixedView:
                 saved.append((layer, layer.mask_mode, layer.row_masks, layer.row_noise))
                 layer.mask_mode, layer.row_masks = "rows", masks.per_adapter[a][name][draws]
                 layer.row_noise = sub
-            entries.append((model, None if every else rows))
+            if every:
+                entries.append((model, None))
+            elif int(rows[-1]) - int(rows[0]) + 1 == rows.numel():  # contiguous: a slice gathers nothing
+                entries.append((model, slice(int(rows[0]), int(rows[-1]) + 1)))
+            else:
+                entries.append((model, rows))
         try:
             with self.shared.routed(entries):
                 yield

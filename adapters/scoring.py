@@ -363,6 +363,17 @@ def score_draws(
     owners = list(adapters) if adapters is not None else [model] * len(requests)
     if adapters is not None and len(owners) != len(requests):
         raise ValueError(f"{len(owners)} adapters for {len(requests)} requests")
+    if (
+        adapters is not None
+    ):  # rows grouped by adapter, so each adapter's rows are one block (multi.AdapterSlot)
+        rank = {id(m): a for a, m in enumerate(model.models)}
+        order = sorted(range(len(requests)), key=lambda i: rank[id(owners[i])])
+        if order != list(range(len(requests))):
+            got = score_draws(model, [requests[i] for i in order], cloze_cache, [owners[i] for i in order])
+            out: list[np.ndarray] = [np.empty(0)] * len(requests)
+            for j, i in enumerate(order):
+                out[i] = got[j]
+            return out
     device = next(model.base.parameters()).device
     counts = [draws_to_score(m, r.samples, r.first) for m, r in zip(owners, requests, strict=True)]
     enc: list[Encoded] = []

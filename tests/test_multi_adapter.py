@@ -171,3 +171,23 @@ def test_a_bf16_base_keeps_float32_factors_and_float32_choice_logits(three, toke
 
     p = softmax
     assert np.abs(p(got) - p(want)).max() < 0.05  # bf16 rounding, not a different network
+
+
+def test_a_slot_adds_a_block_of_rows_and_scattered_rows_alike(three, tokenizer):
+    """score_draws groups rows by adapter so a slot adds a contiguous block through views; rows that are not
+    contiguous take the gather/scatter path. Both give each row its adapter's output and leave the rest alone."""
+    shared, models = _shared(three, tokenizer)
+    name = next(iter(models[1].adapted))
+    slot = shared.slots[name]
+    x = torch.randn(6, 3, slot.base_layer.in_features)
+    plain = slot.base_layer(x)
+    with shared.routed([(models[1], None)]):
+        full = slot(x)
+    assert not torch.allclose(full, plain)
+    for rows in (slice(1, 4), torch.tensor([0, 2, 5])):
+        with shared.routed([(models[1], rows)]):
+            got = slot(x)
+        picked = torch.zeros(6, dtype=torch.bool)
+        picked[rows] = True
+        assert torch.allclose(got[picked], full[picked], atol=1e-6)
+        assert torch.equal(got[~picked], plain[~picked])
