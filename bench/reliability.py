@@ -410,7 +410,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--queue-rows", type=int, default=40)
-    ap.add_argument("--burst", type=int, default=48, help="requests in the over-deadline burst")
+    ap.add_argument("--burst", type=int, default=160, help="requests in the over-deadline burst")
     ap.add_argument("--slow-connections", type=int, default=200, help="connections dripping a body")
     ap.add_argument("--slow-gap", type=float, default=5.0, help="seconds between the dripped bytes")
     ap.add_argument(
