@@ -196,7 +196,15 @@ def evaluate(method: str, seed: int, a: argparse.Namespace) -> dict | None:
     sd = summarize(cal[:, d_idx] / T)
     conf_fit = fit_threshold(sd["confidence"], sd["answer_index"] == cal_y[d_idx], a.target_error, a.delta)
     c_only = conf_fit["threshold"] if conf_fit["valid"] else None
-    out: dict = {"T": T, "policy": policy, "record": dec, "confidence_only": conf_fit, "sets": {}}
+    cal_k = sorted({int(k) for k in n_choices(cal)})  # the numbers of choices the certificate has seen
+    out: dict = {
+        "T": T,
+        "policy": policy,
+        "record": dec,
+        "confidence_only": conf_fit,
+        "calibration_K": cal_k,
+        "sets": {},
+    }
     for name, items in sets.items():
         if name == cal_name or not scorer.path(name).is_file():
             continue
@@ -208,6 +216,7 @@ def evaluate(method: str, seed: int, a: argparse.Namespace) -> dict | None:
         e, h, c = s["epistemic_norm"], s["entropy_norm"], s["confidence"]
         u = policy.reference.p_values(e, h) if policy.reference is not None else np.ones(len(y))
         key = "test" if name == test_name else name.split("-")[1]
+        u_k = np.where(np.isin(n_choices(lg), cal_k), u, 0.0)  # the K lever: an unseen K counts as unfamiliar
         out["sets"][key] = {
             "K": sorted({int(k) for k in n_choices(lg)}),
             "conf": c,
@@ -216,6 +225,7 @@ def evaluate(method: str, seed: int, a: argparse.Namespace) -> dict | None:
             "u": u,
             "correct": s["answer_index"] == y,
             "full": policy.answered(c, e, u),
+            "full_k": policy.answered(c, e, u_k),
             "conf_only": c >= c_only if c_only is not None else np.ones(len(y), bool),
         }
     return out
@@ -237,6 +247,8 @@ def set_row(st: dict) -> dict:
         "coverage_full": float(full.mean()),
         "selective_error_confidence_only": _rate(1.0 - corr[co]),
         "selective_error_full": _rate(1.0 - corr[full]),
+        "coverage_full_k": float(st["full_k"].mean()),
+        "selective_error_full_k": _rate(1.0 - corr[st["full_k"]]),
     }
 
 
@@ -260,7 +272,7 @@ def pooled(ev: dict) -> dict | None:
         return None
     return {
         k: np.concatenate([st[k] for st in have])
-        for k in ("conf", "epi", "ent", "u", "correct", "full", "conf_only")
+        for k in ("conf", "epi", "ent", "u", "correct", "full", "full_k", "conf_only")
     }
 
 
@@ -375,7 +387,7 @@ def analyse(a: argparse.Namespace) -> None:
         for sname, st in shifted.items():
             for share in SHARES:
                 row = {"method": name, "seed": seed, "set": sname, "K": _k(ev, sname), "share": share}
-                for rule in ("conf_only", "full"):
+                for rule in ("conf_only", "full", "full_k"):
                     for k, v in mixture(ev["sets"]["test"], st, share, rule).items():
                         row[f"{k}_{rule}"] = v
                 mix_rows.append(row)
@@ -399,6 +411,7 @@ def analyse(a: argparse.Namespace) -> None:
                 }
             )
     targets = make_targets(a, sets_rows, mix_rows, monitors, equal)
+    lever = k_lever(evs, sets_rows, mix_rows, a.target_error)
     scored = {}  # what this run rests on: per requested (method, seed), the item sets with cached logits
     for seed in a.seeds:
         for method in a.methods:
@@ -429,6 +442,7 @@ def analyse(a: argparse.Namespace) -> None:
         "mixtures": mix_rows,
         "equal_coverage": equal,
         "monitor": monitors,
+        "k_lever": lever,
     }
     old = RESULTS / "shift.json"  # keep the live (HTTP) targets bench/shift_live.py adds to this file
     if old.is_file():
@@ -441,6 +455,51 @@ def analyse(a: argparse.Namespace) -> None:
     write("shift", data, report(data))
     print(json.dumps(targets, indent=1))
     _ = RESULTS
+
+
+def k_lever(evs: dict, sets_rows: list, mix_rows: list, target: float) -> list[dict]:
+    """What the full policy would give if a number of choices the calibration split never had counted as
+    unfamiliar (p = 0: the strict rule applies), beside the shipped full policy: the worst selective error over the
+    harmful mixtures up to 30 %, in-distribution coverage, and coverage on each benign set (answered at least as
+    accurately as in distribution). Not a target: a measured lever (see docs/operations.md)."""
+    out = []
+    for (method, seed), ev in evs.items():
+        m = method + "+ts"
+        mix = [
+            r
+            for r in mix_rows
+            if r["method"] == m
+            and r["seed"] == seed
+            and r["share"] <= 0.3
+            and r["set"] in (*HARMFUL, "pooled")
+        ]
+        rows = {r["set"]: r for r in sets_rows if r["method"] == m and r["seed"] == seed}
+        if not mix or "test" not in rows:
+            continue
+        idr = rows["test"]
+        benign = {n: r for n, r in rows.items() if n != "test" and r["acc"] >= idr["acc"]}
+        out.append(
+            {
+                "method": m,
+                "seed": seed,
+                "calibration_K": ev["calibration_K"],
+                "worst_mixed_error_full": max(r["selective_error_full"] or 0 for r in mix),
+                "worst_mixed_error_full_k": max(r["selective_error_full_k"] or 0 for r in mix),
+                "target": target,
+                "id_coverage_full": idr["coverage_full"],
+                "id_coverage_full_k": idr["coverage_full_k"],
+                "benign": {
+                    n: {
+                        "K": r["K"],
+                        "coverage_confidence_only": r["coverage_confidence_only"],
+                        "coverage_full": r["coverage_full"],
+                        "coverage_full_k": r["coverage_full_k"],
+                    }
+                    for n, r in benign.items()
+                },
+            }
+        )
+    return out
 
 
 def make_targets(a: argparse.Namespace, sets_rows, mix_rows, monitors, equal) -> dict:
@@ -629,6 +688,27 @@ def report(data: dict) -> str:
                     f"{r['alarmed']} / {r['runs']} (before the shift: {r['alarm_before_shift']}) | {f(r['median_delay'])} | "
                     f"{r['accuracy_estimate_id']:.3f} → {r['accuracy_id']:.3f} | {r['accuracy_estimate_shifted']:.3f} → {r['accuracy_shifted']:.3f} |"
                 )
+    lines += [
+        "",
+        "## A lever, not shipped: an unseen number of choices counts as unfamiliar",
+        "",
+        "The full policy with one change: an item whose K the calibration split never had gets unfamiliarity 0, so it "
+        "must pass the strict rule. The task shifts here are 2-choice sets, so this is K telling the shift apart, "
+        "not the uncertainty scores; it costs every 2-choice request the strict rule, benign ones included.",
+        "",
+        "| method | seed | calibration K | worst mixed error ≤ 30 %, full → K lever | ID coverage, full → K lever | benign set: coverage conf-only, full → K lever |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data.get("k_lever", []):
+        ben = "; ".join(
+            f"{n} (K {b['K']}): {b['coverage_confidence_only']:.3f}, {b['coverage_full']:.3f} → {b['coverage_full_k']:.3f}"
+            for n, b in r["benign"].items()
+        )
+        lines.append(
+            f"| {r['method']} | {r['seed']} | {r['calibration_K']} | {f(r['worst_mixed_error_full'])} → "
+            f"{f(r['worst_mixed_error_full_k'])} (target {r['target']}) | {r['id_coverage_full']:.3f} → "
+            f"{r['id_coverage_full_k']:.3f} | {ben or '–'} |"
+        )
     lines += ["", NOTES]
     return "\n".join(lines)
 

@@ -235,3 +235,12 @@ def test_shift_benchmark_analysis_runs_on_cached_scores(tmp_path, monkeypatch):
     assert "mixed_shifted_answered_dalorra_minus_lora_at_equal_id_coverage" in targets
     assert all("K" in r for r in got["data"]["sets"] + got["data"]["mixtures"])
     assert "## Mixed traffic" in got["table"]
+    # the K lever only ever removes answers, and only where K is one the calibration split never had
+    lever = got["data"]["k_lever"]
+    assert {r["method"] for r in lever} == {"lora+ts", "dalorra+ts"}
+    for r in got["data"]["sets"]:
+        assert r["coverage_full_k"] <= r["coverage_full"]
+        cal_k = next(q["calibration_K"] for q in lever if q["method"] == r["method"])
+        if set(r["K"]) <= set(cal_k):
+            assert r["coverage_full_k"] == r["coverage_full"]
+    assert "## A lever, not shipped" in got["table"]
