@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from .calibration import fixed_sequence, min_testable, prediction_set
-from .shift import Reference
+from .shift import Reference, atc_threshold
 
 FIXED_SEED = 0  # the default mask draws: the same question gets the same masks, hence the same answer
 
@@ -352,7 +352,11 @@ def fit_policy(
         )
     base = {"target_error": target_error, "delta": delta, "n_calibration": n}
     rho = choose_rho(*shape, target_error, delta) if shape is not None and len(shape[0]) else DEFAULT_RHO
-    reference = Reference(epi, ent, signals[1:]) if n and ent is not None else None  # type: ignore[arg-type]
+    reference = (
+        Reference(epi, ent, signals[1:], atc_threshold(conf, correct), float(correct.mean()))  # type: ignore[arg-type]
+        if n and ent is not None
+        else None
+    )
     unfam = reference.leave_one_out() if reference is not None else None
     strict_epi = float(np.quantile(epi, STRICT_EPISTEMIC_QUANTILE, method="inverted_cdf")) if n else None
     path = _path(conf, epi, rho, target_error, delta) if n else []

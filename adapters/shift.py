@@ -36,9 +36,14 @@ probability at most α. Each period starts afresh (bag = calibration items, M = 
 the test responsive after a long calm.
 
 Beside the test the monitor keeps label-free context: how many requests had unfamiliarity below its level (in the
-period and in the recent window), a histogram of their per-request p-values (uniform when nothing changed), and
-the mean calibrated confidence of the last `window` answers, an estimate of accuracy that is right when the
-adapter is calibrated on this traffic; its gap to the accuracy measured from feedback is itself a shift signal.
+period and in the recent window), a histogram of their per-request p-values (uniform when nothing changed), and an
+estimate of accuracy over the last `window` requests. The estimate is average thresholded confidence (ATC; Garg et
+al., "Leveraging Unlabeled Data to Predict Out-of-Distribution Performance", ICLR 2022): the share of recent
+requests whose confidence exceeds a threshold t fitted on the calibration items so that there the share above t
+equals their accuracy. ATC is right in distribution even when the confidences are off by a constant amount (a
+temperature fitted on few items leaves the adapter under- or overconfident), where the mean confidence is not;
+references without t (older records) fall back to the mean calibrated confidence. Neither is right under every
+shift; the estimate's gap to the accuracy measured from feedback is itself a shift signal.
 """
 
 from __future__ import annotations
@@ -83,6 +88,8 @@ class Reference:
     epistemic: np.ndarray  # (n,)
     entropy: np.ndarray  # (n,)
     signals: tuple[str, str] = ("epistemic_norm", "entropy_norm")
+    accuracy_threshold: float | None = None  # ATC's t (module docstring); None: estimate by mean confidence
+    calibration_accuracy: float | None = None  # the accuracy t was fitted to (for readers of the record)
 
     def __post_init__(self) -> None:
         e = np.asarray(self.epistemic, np.float64).reshape(-1)
@@ -93,6 +100,9 @@ class Reference:
             )
         if len(e) < 1 or not (np.isfinite(e).all() and np.isfinite(h).all()):
             raise ValueError("reference: needs at least one calibration item and finite scores")
+        t = self.accuracy_threshold
+        if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t)):
+            raise ValueError(f"reference: accuracy_threshold={t!r} must be a finite number or absent")
         o = _oriented(e, h)
         object.__setattr__(self, "epistemic", e)
         object.__setattr__(self, "entropy", h)
@@ -111,6 +121,16 @@ class Reference:
             "method": "full-conformal rank-minimum over both tails of both scores",
             "n": self.n,
             "scores": [[_short(self.epistemic[i]), _short(self.entropy[i])] for i in order],
+            **(
+                {}
+                if self.accuracy_threshold is None
+                else {
+                    "accuracy_threshold": _short(self.accuracy_threshold),
+                    "calibration_accuracy": self.calibration_accuracy,
+                    "accuracy_estimate": "average thresholded confidence: share of requests with confidence "
+                    "above accuracy_threshold",
+                }
+            ),
         }
 
     @classmethod
@@ -124,7 +144,13 @@ class Reference:
                 f"reference scores: expected [[epistemic, entropy], ...], got shape {pairs.shape}"
             )
         signals = tuple(block.get("signals") or ("epistemic_norm", "entropy_norm"))
-        return cls(pairs[:, 0], pairs[:, 1], signals)  # type: ignore[arg-type]
+        return cls(
+            pairs[:, 0],
+            pairs[:, 1],
+            signals,  # type: ignore[arg-type]
+            block.get("accuracy_threshold"),
+            block.get("calibration_accuracy"),
+        )
 
     # ---- p-values ---------------------------------------------------------------------------------------
     def p_values(self, epistemic: np.ndarray, entropy: np.ndarray) -> np.ndarray:
@@ -152,6 +178,16 @@ class Reference:
 
 def _short(x: float) -> float:
     return float(f"{x:.8g}")
+
+
+def atc_threshold(confidence: np.ndarray, correct: np.ndarray) -> float | None:
+    """ATC's threshold t: on these items, the share with confidence > t equals their accuracy (as nearly as the
+    items' distinct confidences allow). None without items."""
+    c = np.asarray(confidence, np.float64).reshape(-1)
+    if not len(c):
+        return None
+    acc = float(np.mean(np.asarray(correct, np.float64)))
+    return float(np.quantile(c, 1.0 - acc, method="inverted_cdf")) if acc < 1 else float(c.min()) - 1e-9
 
 
 # ---- the streaming monitor ----------------------------------------------------------------------------------
@@ -194,7 +230,8 @@ class MonitorState:
     histogram: tuple[
         int, ...
     ]  # per-request unfamiliarity p-values in this period, `bins` equal bins on [0, 1]
-    accuracy_estimate: float | None  # mean calibrated confidence over the window (None before any request)
+    accuracy_estimate: float | None  # ATC (or mean confidence) over the window (None before any request)
+    accuracy_estimate_method: str = "mean calibrated confidence"  # or "average thresholded confidence"
     online_p: float | None = None  # the last request's online conformal p-value (what the martingale bet on)
 
 
@@ -279,6 +316,14 @@ class ShiftMonitor:
             self._recent.append((float(confidence), bool(unfamiliar)))
             return self._state()
 
+    def _estimate(self) -> float | None:
+        if not self._recent:
+            return None
+        t = self.reference.accuracy_threshold
+        if t is None:
+            return sum(c for c, _ in self._recent) / len(self._recent)
+        return sum(c > t for c, _ in self._recent) / len(self._recent)
+
     def _statistic(self) -> float:
         return math.exp(self._log_m) if self._log_m < 700 else float("inf")
 
@@ -299,6 +344,9 @@ class ShiftMonitor:
             unfamiliar_recent=sum(u for _, u in self._recent),
             recent=recent,
             histogram=tuple(int(x) for x in self._hist),
-            accuracy_estimate=(sum(c for c, _ in self._recent) / recent) if recent else None,
+            accuracy_estimate=self._estimate(),
+            accuracy_estimate_method="mean calibrated confidence"
+            if self.reference.accuracy_threshold is None
+            else "average thresholded confidence",
             online_p=self._last_p,
         )

@@ -609,10 +609,14 @@ def report(data: dict) -> str:
         "|---|---|---|---|",
     ]
     for name, t in data["targets"].items():
+        vals = t["value"] if isinstance(t["value"], list) else [t["value"]]  # live_ targets hold one value
         val = (
             "–"
-            if t["value"] is None
-            else ", ".join(f"{v:+.3f}" if "minus" in name else f"{v:.3f}" for v in t["value"])
+            if all(v is None for v in vals)
+            else ", ".join(
+                f"{v:+.3f}" if "minus" in name else (f"{v:.3f}" if isinstance(v, float) else str(v))
+                for v in vals
+            )
         )
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
         lines.append(
@@ -722,7 +726,7 @@ thresholds). Mixed traffic weighs each set's population rates by its share, so a
 on these items. "Shifted answered" is the share of the shifted items answered. The equal-coverage comparison moves
 each method's main confidence threshold (its other rules as fitted) until it answers DALorRA's in-distribution
 coverage on the test items. The monitor rows feed `adapters.shift.ShiftMonitor` the cached scores in random
-order; the accuracy estimate is the mean calibrated confidence over the last 200 requests. K is the number of
+order; the accuracy estimate is average thresholded confidence over the last 200 requests (adapters/shift.py). K is the number of
 choices (normalised scores depend on it, so a set with another K is flagged by K alone; MMLU has ARC's K = 4)."""
 
 

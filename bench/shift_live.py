@@ -7,7 +7,7 @@ training file, and the policy was chosen on validation) and then --shift-set ite
 same K as ARC, so K alone does not give the shift away) until the monitor raises its alarm or --shifted run out:
 requests until the alarm. Phase 2 restarts the server (a fresh test period) and sends --calm in-distribution
 requests: alarms raised (the guarantee: at most DALORRA_SHIFT_ALPHA of such runs). In each phase the label-free
-accuracy estimate (mean calibrated confidence over the monitor's window) is set beside the true accuracy of the
+accuracy estimate (average thresholded confidence over the monitor's window) is set beside the true accuracy of the
 same window. Writes bench/results/shift_live.{json,md} and adds its `live_` targets to bench/results/shift.json.
 """
 

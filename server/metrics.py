@@ -199,7 +199,8 @@ class Metrics:
         )
         self.accuracy_estimate = Gauge(
             "dalorra_accuracy_estimate",
-            "Label-free accuracy estimate: mean calibrated confidence over the recent window.",
+            "Label-free accuracy estimate over the recent window: average thresholded confidence (share of requests above a "
+            "threshold fitted on the calibration items), or mean calibrated confidence for older records.",
             ["adapter"],
             registry=r,
         )

@@ -104,6 +104,7 @@ class AdapterRecord:
             "unfamiliar_level": self.unfamiliar_level,
             "histogram": list(st.histogram),
             "accuracy_estimate": st.accuracy_estimate,
+            "accuracy_estimate_method": st.accuracy_estimate_method,
             "false_alarm_level": self.monitor.config.alpha,
             "period": self.monitor.config.period,
         }

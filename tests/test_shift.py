@@ -203,6 +203,7 @@ def test_shift_benchmark_analysis_runs_on_cached_scores(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the adapters' cached logits live under ./runs
     got = {}
     monkeypatch.setattr(bench.common, "write", lambda name, data, table: got.update(data=data, table=table))
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)  # no live targets from the repository's results
     a = argparse.Namespace(
         calib_items=120,
         shift_items=30,
@@ -244,3 +245,42 @@ def test_shift_benchmark_analysis_runs_on_cached_scores(tmp_path, monkeypatch):
         if set(r["K"]) <= set(cal_k):
             assert r["coverage_full_k"] == r["coverage_full"]
     assert "## A lever, not shipped" in got["table"]
+
+
+def test_accuracy_estimate_is_average_thresholded_confidence_and_survives_a_miscalibrated_adapter():
+    """ATC: the threshold is fitted on the calibration items so that there the share above it equals their
+    accuracy; on fresh in-distribution traffic of an underconfident adapter it estimates accuracy where the mean
+    confidence is far off. The threshold travels in the record, and a bad one is refused."""
+    from adapters.decision import fit_policy
+    from adapters.shift import atc_threshold
+
+    rng = np.random.default_rng(11)
+
+    def draw(n):  # an underconfident adapter: right with probability q, but says q / 2 + 0.15
+        q = rng.uniform(0.3, 1.0, n)
+        return 0.5 * q + 0.15, rng.uniform(size=n) < q
+
+    conf, correct = draw(400)
+    t = atc_threshold(conf, correct)
+    assert abs((conf > t).mean() - correct.mean()) <= 1 / 400
+    e, h = _id_scores(rng, 400)
+    rec = fit_policy(conf, e, h, correct, 0.3)["reference"]
+    assert rec["accuracy_threshold"] == pytest.approx(t, rel=1e-7)
+    ref = Reference.from_record(rec)
+    assert ref.accuracy_threshold == pytest.approx(t, rel=1e-7)
+    m = ShiftMonitor(ref, MonitorConfig(window=400))
+    c2, y2 = draw(400)
+    e2, h2 = _id_scores(rng, 400)
+    for i in range(400):
+        st = m.observe(e2[i], h2[i], c2[i])
+    assert st.accuracy_estimate_method == "average thresholded confidence"
+    assert st.accuracy_estimate == pytest.approx((c2 > t).mean())
+    assert abs(st.accuracy_estimate - y2.mean()) < 0.06  # ATC: right in distribution
+    assert abs(c2.mean() - y2.mean()) > 0.1  # the mean confidence is not
+    old = ShiftMonitor(Reference(e, h), MonitorConfig(window=400))  # a record without the threshold
+    for i in range(400):
+        st = old.observe(e2[i], h2[i], c2[i])
+    assert st.accuracy_estimate_method == "mean calibrated confidence"
+    assert st.accuracy_estimate == pytest.approx(c2.mean())
+    with pytest.raises(ValueError, match="accuracy_threshold"):
+        Reference.from_record({**rec, "accuracy_threshold": "high"})
