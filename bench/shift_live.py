@@ -1,14 +1,17 @@
 """The shift monitor live, over HTTP (issue 26, "Live"): a real server, in-distribution traffic, then shifted traffic.
 
-    python -m bench.shift_live [--adapter-dir DIR] [--warm 300] [--shifted 300] [--calm 1000] [--shift-set NAME]
+    python -m bench.shift_live [--adapter-dir DIR] [--warm 300] [--shifted 300] [--calm 1000]
+        [--shift-sets mmlu_conceptual_physics/test winogrande/dev]
 
-Phase 1 sends --warm in-distribution requests (ARC-Easy *test* items: the adapter's calibration items come from its
-training file, and the policy was chosen on validation) and then --shift-set items (4-choice MMLU by default, the
-same K as ARC, so K alone does not give the shift away) until the monitor raises its alarm or --shifted run out:
-requests until the alarm. Phase 2 restarts the server (a fresh test period) and sends --calm in-distribution
-requests: alarms raised (the guarantee: at most DALORRA_SHIFT_ALPHA of such runs). In each phase the label-free
-accuracy estimate (average thresholded confidence over the monitor's window) is set beside the true accuracy of the
-same window. Writes bench/results/shift_live.{json,md} and adds its `live_` targets to bench/results/shift.json.
+One shift phase per --shift-sets entry, each on a fresh server (a fresh test period): --warm in-distribution
+requests (ARC-Easy *test* items: the adapter's calibration items come from its training file, and the policy was
+chosen on validation), then the shifted set's items until the monitor raises its alarm or --shifted run out:
+requests until the alarm. MMLU conceptual physics has ARC's K = 4, so K alone does not give that shift away;
+WinoGrande (K = 2) is the task shift where confidence points the wrong way. Then a calm phase, another fresh
+server, sends --calm in-distribution requests: alarms raised (the guarantee: at most DALORRA_SHIFT_ALPHA per test
+period). In each phase the label-free accuracy estimate (average thresholded confidence over the monitor's
+window, or mean confidence for a record without the ATC threshold) is set beside the true accuracy of the same
+window. Writes bench/results/shift_live.{json,md} and replaces the `live_` targets in bench/results/shift.json.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def stream(srv: ServerProcess, name: str, items, stop_on_alarm: bool = False) ->
                     "statistic": st["statistic"],
                     "alarm": st["alarm"],
                     "accuracy_estimate": st["accuracy_estimate"],
+                    "accuracy_estimate_method": st.get("accuracy_estimate_method"),
                 }
             )
             if stop_on_alarm and st["alarm"]:
@@ -70,6 +74,8 @@ def stream(srv: ServerProcess, name: str, items, stop_on_alarm: bool = False) ->
 
 def window_accuracy(rows: list[dict], window: int) -> dict:
     last = rows[-window:]
+    if not last:
+        return {"true_accuracy": None, "estimate": None, "n": 0}
     return {
         "true_accuracy": sum(r["correct"] for r in last) / len(last),
         "estimate": last[-1]["accuracy_estimate"],
@@ -80,12 +86,17 @@ def window_accuracy(rows: list[dict], window: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapter-dir", type=Path, default=REPO / "adapters" / "default" / "arc-easy-dalorra")
-    ap.add_argument("--warm", type=int, default=300, help="in-distribution requests before the shift")
+    ap.add_argument("--warm", type=int, default=300, help="in-distribution requests before each shift")
     ap.add_argument("--shifted", type=int, default=300, help="shifted requests at most (stops at the alarm)")
     ap.add_argument(
         "--calm", type=int, default=1000, help="in-distribution requests of the false-alarm phase"
     )
-    ap.add_argument("--shift-set", default="mmlu_conceptual_physics/test")
+    ap.add_argument(
+        "--shift-sets",
+        nargs="+",
+        default=["mmlu_conceptual_physics/test", "winogrande/dev"],
+        help="one shift phase per set (a fresh server each): MMLU has ARC's K = 4, WinoGrande K = 2",
+    )
     ap.add_argument("--alpha", type=float, default=0.01, help="DALORRA_SHIFT_ALPHA")
     ap.add_argument("--window", type=int, default=200, help="DALORRA_SHIFT_WINDOW (accuracy estimate)")
     a = ap.parse_args()
@@ -96,104 +107,133 @@ def main() -> None:
     name = a.adapter_dir.name
     shutil.copytree(a.adapter_dir, adapters / name)
     ind = load_jsonl("arc_easy/test", limit=a.warm + a.calm)
-    shifted = [it for it in load_jsonl(a.shift_set) if len(it.choices) == 4][: a.shifted]
+    id_k = sorted({len(it.choices) for it in ind})
     t0 = time.time()
-    srv = serve(adapters, name, work, "phase1", a.alpha)
-    try:
-        if srv_shift(srv, name) is None:
-            raise SystemExit(f"adapter {name} stores no calibration reference: run dalorra recalibrate first")
-        warm = stream(srv, name, ind[: a.warm])["rows"]
-        after = stream(srv, name, shifted, stop_on_alarm=True)["rows"]
-    finally:
-        srv.stop()
-    srv = serve(adapters, name, work, "phase2", a.alpha)
+    shifts = {}
+    for k, shift_set in enumerate(a.shift_sets):
+        shifted = load_jsonl(shift_set)[: a.shifted]
+        srv = serve(adapters, name, work, f"shift{k}", a.alpha)
+        try:
+            if srv_shift(srv, name) is None:
+                raise SystemExit(
+                    f"adapter {name} stores no calibration reference: run dalorra recalibrate first"
+                )
+            warm = stream(srv, name, ind[: a.warm])["rows"]
+            after = stream(srv, name, shifted, stop_on_alarm=True)["rows"]
+        finally:
+            srv.stop()
+        shifts[shift_set] = {
+            "K": sorted({len(it.choices) for it in shifted}),
+            "requests": {"warm": len(warm), "shifted": len(after)},
+            "alarm_during_warm_at": next((i + 1 for i, r in enumerate(warm) if r["alarm"]), None),
+            "requests_until_alarm": next((i + 1 for i, r in enumerate(after) if r["alarm"]), None),
+            "phases": {
+                "in_distribution_before_shift": window_accuracy(warm, a.window),
+                "shifted": window_accuracy(after, a.window),
+            },
+            "abstain_share": {k2: _share(v, "abstain") for k2, v in (("warm", warm), ("shifted", after))},
+            "unfamiliar_share": {k2: _unfamiliar(v) for k2, v in (("warm", warm), ("shifted", after))},
+            "trace": {"warm": warm, "shifted": after},
+        }
+    srv = serve(adapters, name, work, "calm", a.alpha)
     try:
         calm = stream(srv, name, ind[a.warm : a.warm + a.calm])["rows"]
     finally:
         srv.stop()
-    alarmed_warm = next((i + 1 for i, r in enumerate(warm) if r["alarm"]), None)
-    until = next((i + 1 for i, r in enumerate(after) if r["alarm"]), None)
     calm_alarm = next((i + 1 for i, r in enumerate(calm) if r["alarm"]), None)
-    phases = {
-        "in_distribution_before_shift": window_accuracy(warm, a.window),
-        "shifted": window_accuracy(after, a.window),
-        "in_distribution_calm": window_accuracy(calm, a.window),
-    }
+    calm_phase = window_accuracy(calm, a.window)
+    warm_alarms = sum(v["alarm_during_warm_at"] is not None for v in shifts.values())
+    id_requests = sum(v["requests"]["warm"] for v in shifts.values()) + len(calm)
     data = {
         "adapter": name,
-        "shift_set": a.shift_set,
         "alpha": a.alpha,
         "window": a.window,
-        "requests": {"warm": len(warm), "shifted": len(after), "calm": len(calm)},
-        "alarm_during_warm_at": alarmed_warm,
-        "requests_until_alarm": until,
-        "calm_alarm_at": calm_alarm,
-        "phases": phases,
-        "abstain_share": {
-            k: sum(r["decision"] == "abstain" for r in v) / max(1, len(v))
-            for k, v in (("warm", warm), ("shifted", after), ("calm", calm))
-        },
-        "unfamiliar_share": {
-            k: sum(r["unfamiliarity"] < 0.05 for r in v) / max(1, len(v))
-            for k, v in (("warm", warm), ("shifted", after), ("calm", calm))
+        "accuracy_estimate_method": calm[-1].get("accuracy_estimate_method") if calm else None,
+        "shifts": shifts,
+        "calm": {
+            "requests": len(calm),
+            "alarm_at": calm_alarm,
+            "phase": calm_phase,
+            "abstain_share": _share(calm, "abstain"),
+            "unfamiliar_share": _unfamiliar(calm),
+            "trace": calm,
         },
         "seconds": time.time() - t0,
-        "trace": {"warm": warm, "shifted": after, "calm": calm},
     }
+    gap = abs(calm_phase["estimate"] - calm_phase["true_accuracy"])
     targets = {
-        "live_alarm_on_shift": {
-            "value": until,
-            "goal": f"alarm within {a.shifted} shifted requests",
-            "met": until is not None,
-        },
-        "live_no_false_alarm_in_distribution": {
-            "value": int(calm_alarm is not None) + int(alarmed_warm is not None),
-            "goal": f"0 alarms over {len(warm) + len(calm)} in-distribution requests (guarantee: P ≤ {a.alpha})",
-            "met": calm_alarm is None and alarmed_warm is None,
-        },
-        "live_accuracy_estimate_gap_in_distribution": {
-            "value": abs(
-                phases["in_distribution_calm"]["estimate"] - phases["in_distribution_calm"]["true_accuracy"]
-            ),
-            "goal": "<= 0.05",
-            "met": abs(
-                phases["in_distribution_calm"]["estimate"] - phases["in_distribution_calm"]["true_accuracy"]
-            )
-            <= 0.05,
-        },
+        f"live_alarm_on_shift_{_slug(s)}": {
+            "value": v["requests_until_alarm"],
+            "goal": f"alarm within {a.shifted} shifted requests ({v['requests']['shifted']} sent; K = {v['K']})",
+            "met": v["requests_until_alarm"] is not None,
+        }
+        for s, v in shifts.items()
+    }
+    targets["live_no_false_alarm_in_distribution"] = {
+        "value": int(calm_alarm is not None) + warm_alarms,
+        "goal": f"0 alarms over {id_requests} in-distribution requests in {len(shifts) + 1} test periods "
+        f"(guarantee: P ≤ {a.alpha} per period)",
+        "met": calm_alarm is None and warm_alarms == 0,
+    }
+    targets["live_accuracy_estimate_gap_in_distribution"] = {
+        "value": gap,
+        "goal": "<= 0.05 (the label-free estimate against the true accuracy of the last window, calm phase)",
+        "met": gap <= 0.05,
     }
     data["targets"] = targets
     lines = [
-        "| phase | requests | true accuracy (last window) | label-free estimate | abstain share | unfamiliar share |",
-        "|---|---|---|---|---|---|",
-    ]
-    for (k, v), key in zip(phases.items(), ("warm", "shifted", "calm"), strict=True):
-        lines.append(
-            f"| {k} | {data['requests'][key]} | {v['true_accuracy']:.3f} | {v['estimate']:.3f} | "
-            f"{data['abstain_share'][key]:.3f} | {data['unfamiliar_share'][key]:.3f} |"
-        )
-    lines += [
+        f"Adapter {name}; monitor alarm level {a.alpha}; accuracy estimate: {data['accuracy_estimate_method']} over "
+        f"the last {a.window} requests. Each shift phase is a fresh server: {a.warm} in-distribution requests "
+        f"(ARC-Easy test), then the shifted set until the alarm (at most {a.shifted}); the calm phase is another "
+        f"fresh server with {a.calm} in-distribution requests.",
         "",
-        f"Requests until the alarm after the shift to {a.shift_set}: {until} (of at most {a.shifted}); alarms "
-        f"during the {len(warm)} + {len(calm)} in-distribution requests: "
-        f"{targets['live_no_false_alarm_in_distribution']['value']} (alpha {a.alpha}).",
-        "",
-        "| target | value | goal | met |",
-        "|---|---|---|---|",
+        "| phase | K | requests | alarm after | true accuracy (last window) | label-free estimate | abstain share | unfamiliar share |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    f = lambda v: "–" if v is None else str(v)  # noqa: E731
+    g = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    for s, v in shifts.items():
+        for ph, key in (("in_distribution_before_shift", "warm"), ("shifted", "shifted")):
+            w = v["phases"][ph]
+            alarm = v["alarm_during_warm_at"] if key == "warm" else v["requests_until_alarm"]
+            lines.append(
+                f"| {s}: {ph} | {id_k if key == 'warm' else v['K']} | {v['requests'][key]} | {f(alarm)} | "
+                f"{g(w['true_accuracy'])} | {g(w['estimate'])} | {v['abstain_share'][key]:.3f} | "
+                f"{v['unfamiliar_share'][key]:.3f} |"
+            )
+    lines.append(
+        f"| calm: in-distribution only | {id_k} | {len(calm)} | {f(calm_alarm)} | {calm_phase['true_accuracy']:.3f} | "
+        f"{calm_phase['estimate']:.3f} | {data['calm']['abstain_share']:.3f} | {data['calm']['unfamiliar_share']:.3f} |"
+    )
+    lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
     lines += [
-        f"| {k} | {v['value']} | {v['goal']} | {'yes' if v['met'] else 'no'} |" for k, v in targets.items()
+        f"| {k} | {f(round(v['value'], 3) if isinstance(v['value'], float) else v['value'])} | {v['goal']} | "
+        f"{'yes' if v['met'] else '**no**'} |"
+        for k, v in targets.items()
     ]
     write("shift_live", data, "\n".join(lines))
     main_file = RESULTS / "shift.json"
-    if main_file.is_file():  # the issue's one targets table: add the live rows beside the offline ones
+    if main_file.is_file():  # the issue's one targets table: replace the live rows beside the offline ones
         d = json.loads(main_file.read_text())
-        d.setdefault("targets", {}).update(targets)
+        d["targets"] = {k: v for k, v in (d.get("targets") or {}).items() if not k.startswith("live_")}
+        d["targets"].update(targets)
         tmp = main_file.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(d, indent=2, default=float))
         os.replace(tmp, main_file)
     print("\n".join(lines))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _share(rows: list[dict], decision: str) -> float:
+    return sum(r["decision"] == decision for r in rows) / max(1, len(rows))
+
+
+def _unfamiliar(rows: list[dict]) -> float:
+    return sum(r["unfamiliarity"] < 0.05 for r in rows) / max(1, len(rows))
+
+
+def _slug(shift_set: str) -> str:
+    return shift_set.split("/")[0]
 
 
 def srv_shift(srv: ServerProcess, name: str) -> dict | None:
