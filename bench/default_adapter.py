@@ -2,6 +2,7 @@
 
     python -m bench.default_adapter --candidates DIR [DIR ...] [--select-on arc_easy/validation]
         [--criterion nll] [--label chosen] [--test-skip 150] [--test-limit 200] [--ood mmlu_college_physics/test]
+        [--cached-logits shift-test-all]
     python -m bench.default_adapter [--adapter adapters/default/arc-easy-dalorra] [--label after] ...
 
 Honest selection: with --candidates, every candidate is scored on the selection split (ARC-Easy validation by
@@ -48,6 +49,13 @@ def main() -> None:
     ap.add_argument("--select-on", default="arc_easy/validation", help="the split the choice is made on")
     ap.add_argument("--select-limit", type=int, default=None, help="items of --select-on (default: all)")
     ap.add_argument("--criterion", choices=sorted(CRITERIA), default="nll")
+    ap.add_argument(
+        "--cached-logits",
+        metavar="NAME",
+        help="reuse a candidate's cached logits of the selection split where bench.ood.CachedScorer left them "
+        "(<candidate>.<NAME>_logits.npy, S masks with seed 0: e.g. shift-test-all, bench.shift's scores of all of "
+        "ARC-Easy validation); candidates without the file are scored",
+    )
     ap.add_argument("--test", default="arc_easy/test")
     ap.add_argument(
         "--test-skip",
@@ -83,7 +91,7 @@ def main() -> None:
     selection = None
     adapter = a.adapter
     if a.candidates:
-        selection = select(a.candidates, a.select_on, a.select_limit, a.criterion, a.samples)
+        selection = select(a.candidates, a.select_on, a.select_limit, a.criterion, a.samples, a.cached_logits)
         adapter = selection["chosen"]
         print(json.dumps({"selection": selection}), flush=True)
     reports[a.label] = {
@@ -107,14 +115,31 @@ def served_logits(model, items, samples: int) -> np.ndarray:
     )
 
 
-def select(candidates: list[str], split: str, limit: int | None, criterion: str, samples: int) -> dict:
-    """Score every candidate on the selection split and choose the best by `criterion` (ties: the first given)."""
+def select(
+    candidates: list[str],
+    split: str,
+    limit: int | None,
+    criterion: str,
+    samples: int,
+    cached: str | None = None,
+) -> dict:
+    """Score every candidate on the selection split and choose the best by `criterion` (ties: the first given).
+    `cached`: reuse a candidate's bench.ood.CachedScorer logits of these items under that name, when present
+    with S = `samples` masks and one row per item (the same draws the server serves: seed 0)."""
     items = load_jsonl(split, limit=limit)
     labels = np.array([it.label for it in items])
-    scores = {}
+    scores, reused = {}, []
     for c in candidates:
+        path = Path(f"{c}.{cached}_logits.npy") if cached else None
+        lg = np.load(path) if path is not None and path.is_file() else None
         base, tok = load_base(None)
-        m = evaluate_logits(served_logits(load_adapter(c, base, tok), items, samples), labels)
+        model = load_adapter(c, base, tok)
+        if lg is not None and lg.shape[:2] in ((samples, len(items)), (1, len(items))):
+            lg = lg / float(model.record.get("temperature", 1.0))
+            reused.append(c)
+        else:
+            lg = served_logits(model, items, samples)
+        m = evaluate_logits(lg, labels)
         scores[c] = {k: m[k] for k in ("acc", "ece", "nll", "aurc")}
     sign = CRITERIA[criterion]
     chosen = max(candidates, key=lambda c: sign * scores[c][criterion])
@@ -124,6 +149,7 @@ def select(candidates: list[str], split: str, limit: int | None, criterion: str,
         "criterion": criterion,
         "candidates": scores,
         "chosen": chosen,
+        "reused_cached_logits": reused,
     }
 
 
@@ -222,7 +248,14 @@ def _selection(sel: dict | None) -> str:
     )
     return (
         f"Chosen by {sel['criterion']} on {sel['items']} items of {sel['split']} before any test item was read, "
-        f"from {cells}. "
+        f"from {cells}"
+        + (
+            f" ({', '.join(Path(c).name for c in sel['reused_cached_logits'])}: bench.shift's cached logits of the "
+            "same items and draws)"
+            if sel.get("reused_cached_logits")
+            else ""
+        )
+        + ". "
     )
 
 
