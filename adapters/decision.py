@@ -353,7 +353,7 @@ def fit_policy(
     base = {"target_error": target_error, "delta": delta, "n_calibration": n}
     rho = choose_rho(*shape, target_error, delta) if shape is not None and len(shape[0]) else DEFAULT_RHO
     reference = (
-        Reference(epi, ent, signals[1:], atc_threshold(conf, correct), float(correct.mean()))  # type: ignore[arg-type]
+        Reference(epi, ent, signals[1:], atc_threshold(ent, correct), float(correct.mean()))  # type: ignore[arg-type]
         if n and ent is not None
         else None
     )

@@ -38,11 +38,14 @@ the test responsive after a long calm.
 Beside the test the monitor keeps label-free context: how many requests had unfamiliarity below its level (in the
 period and in the recent window), a histogram of their per-request p-values (uniform when nothing changed), and an
 estimate of accuracy over the last `window` requests. The estimate is average thresholded confidence (ATC; Garg et
-al., "Leveraging Unlabeled Data to Predict Out-of-Distribution Performance", ICLR 2022): the share of recent
-requests whose confidence exceeds a threshold t fitted on the calibration items so that there the share above t
-equals their accuracy. ATC is right in distribution even when the confidences are off by a constant amount (a
-temperature fitted on few items leaves the adapter under- or overconfident), where the mean confidence is not;
-references without t (older records) fall back to the mean calibrated confidence. Neither is right under every
+al., "Leveraging Unlabeled Data to Predict Out-of-Distribution Performance", ICLR 2022) in its negative-entropy
+form: the share of recent requests whose entropy (the reference's second signal, H / log K for choices) is below a
+threshold t fitted on the calibration items so that there the share below t equals their accuracy. ATC is right in
+distribution even when the confidences are off by a constant amount (a temperature fitted on few items leaves the
+adapter under- or overconfident), where the mean confidence is not; the entropy normalised by log K keeps it on one
+scale across numbers of choices, where a confidence threshold fitted on 4-choice items passes every 2-choice item
+(measured in bench/results/shift.md). References without t (older records) fall back to the mean calibrated
+confidence. Neither is right under every
 shift; the estimate's gap to the accuracy measured from feedback is itself a shift signal.
 """
 
@@ -88,7 +91,9 @@ class Reference:
     epistemic: np.ndarray  # (n,)
     entropy: np.ndarray  # (n,)
     signals: tuple[str, str] = ("epistemic_norm", "entropy_norm")
-    accuracy_threshold: float | None = None  # ATC's t (module docstring); None: estimate by mean confidence
+    accuracy_threshold: float | None = (
+        None  # ATC's entropy threshold t (module docstring); None: mean confidence
+    )
     calibration_accuracy: float | None = None  # the accuracy t was fitted to (for readers of the record)
 
     def __post_init__(self) -> None:
@@ -127,8 +132,8 @@ class Reference:
                 else {
                     "accuracy_threshold": _short(self.accuracy_threshold),
                     "calibration_accuracy": self.calibration_accuracy,
-                    "accuracy_estimate": "average thresholded confidence: share of requests with confidence "
-                    "above accuracy_threshold",
+                    "accuracy_estimate": "average thresholded confidence (negative entropy): share of requests "
+                    "whose entropy signal is below accuracy_threshold",
                 }
             ),
         }
@@ -180,14 +185,15 @@ def _short(x: float) -> float:
     return float(f"{x:.8g}")
 
 
-def atc_threshold(confidence: np.ndarray, correct: np.ndarray) -> float | None:
-    """ATC's threshold t: on these items, the share with confidence > t equals their accuracy (as nearly as the
-    items' distinct confidences allow). None without items."""
-    c = np.asarray(confidence, np.float64).reshape(-1)
-    if not len(c):
+def atc_threshold(entropy: np.ndarray, correct: np.ndarray) -> float | None:
+    """ATC's entropy threshold t: on these items, the share with entropy < t equals their accuracy (as nearly as
+    the items' distinct entropies allow). None without items."""
+    neg = -np.asarray(entropy, np.float64).reshape(-1)  # a confidence score: larger = surer
+    if not len(neg):
         return None
     acc = float(np.mean(np.asarray(correct, np.float64)))
-    return float(np.quantile(c, 1.0 - acc, method="inverted_cdf")) if acc < 1 else float(c.min()) - 1e-9
+    t = float(np.quantile(neg, 1.0 - acc, method="inverted_cdf")) if acc < 1 else float(neg.min()) - 1e-9
+    return -t  # share(neg > t) = share(entropy < -t)
 
 
 # ---- the streaming monitor ----------------------------------------------------------------------------------
@@ -269,7 +275,7 @@ class ShiftMonitor:
         self._last_p: float | None = None
         self._unfamiliar = 0
         self._hist = np.zeros(self.config.bins, dtype=np.int64)
-        self._recent: deque[tuple[float, bool]] = deque(maxlen=self.config.window)
+        self._recent: deque[tuple[float, float, bool]] = deque(maxlen=self.config.window)
 
     def reset(self) -> None:
         """Start a new test period now (e.g. after an operator handled an alarm or the adapter was reloaded)."""
@@ -313,7 +319,7 @@ class ShiftMonitor:
             unfamiliar = unfamiliarity < self.config.unfamiliar_alpha
             self._unfamiliar += unfamiliar
             self._hist[min(int(unfamiliarity * self.config.bins), self.config.bins - 1)] += 1
-            self._recent.append((float(confidence), bool(unfamiliar)))
+            self._recent.append((float(confidence), float(entropy), bool(unfamiliar)))
             return self._state()
 
     def _estimate(self) -> float | None:
@@ -321,8 +327,8 @@ class ShiftMonitor:
             return None
         t = self.reference.accuracy_threshold
         if t is None:
-            return sum(c for c, _ in self._recent) / len(self._recent)
-        return sum(c > t for c, _ in self._recent) / len(self._recent)
+            return sum(c for c, _, _ in self._recent) / len(self._recent)
+        return sum(h < t for _, h, _ in self._recent) / len(self._recent)
 
     def _statistic(self) -> float:
         return math.exp(self._log_m) if self._log_m < 700 else float("inf")
@@ -341,7 +347,7 @@ class ShiftMonitor:
             alarm_at=self._alarm_at,
             periods=self._periods,
             unfamiliar=int(self._unfamiliar),
-            unfamiliar_recent=sum(u for _, u in self._recent),
+            unfamiliar_recent=sum(u for _, _, u in self._recent),
             recent=recent,
             histogram=tuple(int(x) for x in self._hist),
             accuracy_estimate=self._estimate(),

@@ -199,8 +199,8 @@ class Metrics:
         )
         self.accuracy_estimate = Gauge(
             "dalorra_accuracy_estimate",
-            "Label-free accuracy estimate over the recent window: average thresholded confidence (share of requests above a "
-            "threshold fitted on the calibration items), or mean calibrated confidence for older records.",
+            "Label-free accuracy estimate over the recent window: average thresholded confidence (share of requests with "
+            "normalised entropy below a threshold fitted on the calibration items), or mean calibrated confidence for older records.",
             ["adapter"],
             registry=r,
         )

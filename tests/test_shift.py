@@ -248,9 +248,10 @@ def test_shift_benchmark_analysis_runs_on_cached_scores(tmp_path, monkeypatch):
 
 
 def test_accuracy_estimate_is_average_thresholded_confidence_and_survives_a_miscalibrated_adapter():
-    """ATC: the threshold is fitted on the calibration items so that there the share above it equals their
-    accuracy; on fresh in-distribution traffic of an underconfident adapter it estimates accuracy where the mean
-    confidence is far off. The threshold travels in the record, and a bad one is refused."""
+    """ATC on negative entropy: the threshold is fitted on the calibration items so that there the share with
+    entropy below it equals their accuracy; on fresh in-distribution traffic of an underconfident adapter it
+    estimates accuracy where the mean confidence is far off. The threshold travels in the record, a bad one is
+    refused, and a record without it falls back to the mean confidence."""
     from adapters.decision import fit_policy
     from adapters.shift import atc_threshold
 
@@ -258,23 +259,24 @@ def test_accuracy_estimate_is_average_thresholded_confidence_and_survives_a_misc
 
     def draw(n):  # an underconfident adapter: right with probability q, but says q / 2 + 0.15
         q = rng.uniform(0.3, 1.0, n)
-        return 0.5 * q + 0.15, rng.uniform(size=n) < q
+        h = 1.0 - q + rng.normal(0, 0.05, n)  # its normalised entropy falls as q rises
+        return 0.5 * q + 0.15, h, rng.uniform(size=n) < q
 
-    conf, correct = draw(400)
-    t = atc_threshold(conf, correct)
-    assert abs((conf > t).mean() - correct.mean()) <= 1 / 400
-    e, h = _id_scores(rng, 400)
+    conf, h, correct = draw(400)
+    t = atc_threshold(h, correct)
+    assert abs((h < t).mean() - correct.mean()) <= 1 / 400
+    e = 0.02 * rng.gamma(2.0, 1.0, 400)
     rec = fit_policy(conf, e, h, correct, 0.3)["reference"]
     assert rec["accuracy_threshold"] == pytest.approx(t, rel=1e-7)
     ref = Reference.from_record(rec)
     assert ref.accuracy_threshold == pytest.approx(t, rel=1e-7)
     m = ShiftMonitor(ref, MonitorConfig(window=400))
-    c2, y2 = draw(400)
-    e2, h2 = _id_scores(rng, 400)
+    c2, h2, y2 = draw(400)
+    e2 = 0.02 * rng.gamma(2.0, 1.0, 400)
     for i in range(400):
         st = m.observe(e2[i], h2[i], c2[i])
     assert st.accuracy_estimate_method == "average thresholded confidence"
-    assert st.accuracy_estimate == pytest.approx((c2 > t).mean())
+    assert st.accuracy_estimate == pytest.approx((h2 < t).mean())
     assert abs(st.accuracy_estimate - y2.mean()) < 0.06  # ATC: right in distribution
     assert abs(c2.mean() - y2.mean()) > 0.1  # the mean confidence is not
     old = ShiftMonitor(Reference(e, h), MonitorConfig(window=400))  # a record without the threshold
