@@ -27,8 +27,12 @@ def test_round_trip_identical_predictions(tmp_path, tokenizer, mode):
     model, out = _saved(tmp_path, tokenizer, mode)
     loaded = load_adapter(out, make_tiny(), tokenizer)
     assert loaded.fmt == model.fmt and loaded.cfg == model.cfg
-    np.testing.assert_array_equal(
-        score(model, MIXED, samples=5, seed=3), score(loaded, MIXED, samples=5, seed=3)
+    want = {k: v for k, v in model.state_dict().items() if "lora" in k or "phi" in k}
+    got = loaded.state_dict()
+    assert want and all(torch.equal(v, got[k]) for k, v in want.items())  # the adapter's tensors, bit for bit
+    # the same predictions; CPU kernels may sum in another order under load (seen: 1.2e-5 apart), not more
+    np.testing.assert_allclose(
+        score(model, MIXED, samples=5, seed=3), score(loaded, MIXED, samples=5, seed=3), rtol=0, atol=1e-4
     )
     rec = json.loads((out / "dalorra.json").read_text())
     assert rec["method"] == "dalorra" and rec["adapter"]["p0"] == 0.7 and rec["training"] == {"steps": 0}
