@@ -118,6 +118,15 @@ class Reference:
     def n(self) -> int:
         return len(self.epistemic)
 
+    @property
+    def accuracy_estimate_method(self) -> str:
+        """How a monitor on this reference estimates accuracy (module docstring)."""
+        return (
+            "mean calibrated confidence"
+            if self.accuracy_threshold is None
+            else "average thresholded confidence"
+        )
+
     # ---- the record form: paired scores sorted by entropy, 8 significant digits ----------------------------
     def to_record(self) -> dict:
         order = np.lexsort((self.epistemic, self.entropy))
@@ -351,8 +360,6 @@ class ShiftMonitor:
             recent=recent,
             histogram=tuple(int(x) for x in self._hist),
             accuracy_estimate=self._estimate(),
-            accuracy_estimate_method="mean calibrated confidence"
-            if self.reference.accuracy_threshold is None
-            else "average thresholded confidence",
+            accuracy_estimate_method=self.reference.accuracy_estimate_method,
             online_p=self._last_p,
         )

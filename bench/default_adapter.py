@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adapters.adapter_io import load_adapter
+from adapters.adapter_io import load_adapter, read_record
 from adapters.basemodel import load_base
 from adapters.calibration import auroc
 from adapters.data import load_jsonl
@@ -132,13 +132,12 @@ def select(
     for c in candidates:
         path = Path(f"{c}.{cached}_logits.npy") if cached else None
         lg = np.load(path) if path is not None and path.is_file() else None
-        base, tok = load_base(None)
-        model = load_adapter(c, base, tok)
         if lg is not None and lg.shape[:2] in ((samples, len(items)), (1, len(items))):
-            lg = lg / float(model.record.get("temperature", 1.0))
+            lg = lg / float(read_record(c).get("temperature", 1.0))  # no model needed: the scores exist
             reused.append(c)
         else:
-            lg = served_logits(model, items, samples)
+            base, tok = load_base(None)
+            lg = served_logits(load_adapter(c, base, tok), items, samples)
         m = evaluate_logits(lg, labels)
         scores[c] = {k: m[k] for k in ("acc", "ece", "nll", "aurc")}
     sign = CRITERIA[criterion]

@@ -457,6 +457,25 @@ def analyse(a: argparse.Namespace) -> None:
     _ = RESULTS
 
 
+def harmful_mixtures(mix_rows: list, method: str, seed: int | None = None) -> list[dict]:
+    """The mixtures the issue's error target covers: a harmful set (or all three pooled) at ≤ 30 % shift."""
+    return [
+        r
+        for r in mix_rows
+        if r["method"] == method
+        and (seed is None or r["seed"] == seed)
+        and r["share"] <= 0.3
+        and r["set"] in (*HARMFUL, "pooled")
+    ]
+
+
+def benign_rows(sets_rows: list, method: str, seed: int | None = None) -> list[dict]:
+    """Shifted sets the method answers at least as accurately as its own in-distribution test items (same seed)."""
+    mine = [r for r in sets_rows if r["method"] == method and (seed is None or r["seed"] == seed)]
+    id_acc = {r["seed"]: r["acc"] for r in mine if r["set"] == "test"}
+    return [r for r in mine if r["set"] != "test" and r["seed"] in id_acc and r["acc"] >= id_acc[r["seed"]]]
+
+
 def k_lever(evs: dict, sets_rows: list, mix_rows: list, target: float) -> list[dict]:
     """What the full policy would give if a number of choices the calibration split never had counted as
     unfamiliar (p = 0: the strict rule applies), beside the shipped full policy: the worst selective error over the
@@ -465,19 +484,13 @@ def k_lever(evs: dict, sets_rows: list, mix_rows: list, target: float) -> list[d
     out = []
     for (method, seed), ev in evs.items():
         m = method + "+ts"
-        mix = [
-            r
-            for r in mix_rows
-            if r["method"] == m
-            and r["seed"] == seed
-            and r["share"] <= 0.3
-            and r["set"] in (*HARMFUL, "pooled")
-        ]
-        rows = {r["set"]: r for r in sets_rows if r["method"] == m and r["seed"] == seed}
-        if not mix or "test" not in rows:
+        mix = harmful_mixtures(mix_rows, m, seed)
+        idr = next(
+            (r for r in sets_rows if r["method"] == m and r["seed"] == seed and r["set"] == "test"), None
+        )
+        if not mix or idr is None:
             continue
-        idr = rows["test"]
-        benign = {n: r for n, r in rows.items() if n != "test" and r["acc"] >= idr["acc"]}
+        benign = {r["set"]: r for r in benign_rows(sets_rows, m, seed)}
         out.append(
             {
                 "method": m,
@@ -515,9 +528,7 @@ def make_targets(a: argparse.Namespace, sets_rows, mix_rows, monitors, equal) ->
 
     for m in ["dalorra+ts", *sorted({r["method"] for r in sets_rows} - {"dalorra+ts"})]:
         tag = m.split("+")[0]  # the issue's targets are DALorRA's; the other methods' are there to compare
-        mix = [
-            r for r in mix_rows if r["method"] == m and r["share"] <= 0.3 and r["set"] in (*HARMFUL, "pooled")
-        ]
+        mix = harmful_mixtures(mix_rows, m)
         put(
             f"mixed_full_policy_error_at_most_target_up_to_30pct_{tag}",
             [max(r["selective_error_full"] or 0 for r in mix)] if mix else [],
@@ -537,15 +548,7 @@ def make_targets(a: argparse.Namespace, sets_rows, mix_rows, monitors, equal) ->
             "≥ −0.05 (in-distribution coverage at most 5 points below confidence-only)",
             lambda v: min(v) >= -0.05,
         )
-        id_acc = {r["seed"]: r["acc"] for r in ids}
-        benign = [
-            r
-            for r in sets_rows
-            if r["method"] == m
-            and r["set"] != "test"
-            and r["seed"] in id_acc
-            and r["acc"] >= id_acc[r["seed"]]
-        ]
+        benign = benign_rows(sets_rows, m)
         put(
             f"coverage_benign_shift_full_minus_confidence_only_{tag}",
             [min(r["coverage_full"] - r["coverage_confidence_only"] for r in benign)] if benign else [],
