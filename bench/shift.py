@@ -15,8 +15,8 @@ resumable at the granularity of one item set):
   test          ARC-Easy validation, all 570 items (K = 4; 4 items have 3 or 5 choices)
   shifted       WinoGrande dev (task shift, K = 2), BoolQ validation (task shift, K = 2), MMLU 4-choice science
                 subjects (domain shift, K = 4, --shift-items split evenly over five subjects), ARC-Easy test items
-                cut to 2 choices (a benign shift of format: easier, K = 2), ARC-Challenge validation (harder
-                questions of the same task, K = 4); the first --shift-items of each
+                cut to 2 choices (a benign shift of format: easier, K = 2): the first --shift-items of each;
+                and ARC-Challenge validation whole (299 items: harder questions of the same task, K = 4)
 
 Stage `score` is the heavy part (training, scoring); every unit of it (one adapter's training, one item set's
 scoring) holds --lock while it runs, so other heavy jobs on the machine interleave. Stage `analyse` is cheap:
@@ -54,6 +54,7 @@ SHIFTED = {  # name → (files, kind of shift), in scoring order
     "arc_easy_2choice": (["arc_easy/test"], "format (benign): K = 2"),
     "arc_challenge": (["arc_challenge/validation"], "harder questions, same task"),
 }
+WHOLE = {"arc_challenge"}  # whole test sets, whatever --shift-items says (ARC-Challenge validation: 299 items)
 TRAIN_ITEMS = REGIMES["paper"]["train_items"]
 
 
@@ -81,10 +82,14 @@ def calibration_items(seed: int, n: int) -> list:
     return (held + extra)[:n]
 
 
-def shifted_items(name: str, limit: int) -> list:
+def shifted_items(name: str, limit: int | None) -> list:
+    """The first `limit` items of a shifted set (None: all of it), split evenly over its files."""
     from adapters.data import load_jsonl
 
     files = SHIFTED[name][0]
+    if limit is None:
+        items = [it for f in files for it in load_jsonl(f)]
+        return [two_choice(it) for it in items] if name == "arc_easy_2choice" else items
     per = -(-limit // len(files))  # ceil: even split over the files (MMLU subjects)
     items = [it for f in files for it in load_jsonl(f, limit=per)]
     if name == "arc_easy_2choice":
@@ -113,7 +118,10 @@ def item_sets(seed: int, a: argparse.Namespace) -> Iterator[tuple[str, list]]:
     else:
         yield f"shift-test-n{a.test_limit}", load_jsonl(TEST, limit=a.test_limit)
     for name in a.sets:
-        yield f"shift-{name}-n{a.shift_items}", shifted_items(name, a.shift_items)
+        if name in WHOLE:
+            yield f"shift-{name}-all", shifted_items(name, None)
+        else:
+            yield f"shift-{name}-n{a.shift_items}", shifted_items(name, a.shift_items)
 
 
 def adapter_dir(method: str, seed: int) -> Path:
@@ -764,7 +772,7 @@ def main() -> None:
         "--test-limit", type=int, default=None, help="first N in-distribution test items (default: all 570)"
     )
     ap.add_argument(
-        "--sets", nargs="+", choices=list(SHIFTED), default=[n for n in SHIFTED if n != "arc_challenge"]
+        "--sets", nargs="+", choices=list(SHIFTED), default=list(SHIFTED), help="shifted sets (%(default)s)"
     )
     ap.add_argument("--calib-items", type=int, default=400, help="calibration items (in-distribution)")
     ap.add_argument(
