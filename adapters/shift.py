@@ -30,10 +30,21 @@ capital is spread over power betting functions f_ε(p) = ε p^(ε−1), ε ∈ {
 before each step a share `jump` of it is spread evenly again (Vovk et al. 2021's "jumper"), so that after a long
 calm some capital always sits on the aggressive bets and a shift is caught within tens of requests. Each f_ε
 integrates to 1 on [0, 1] and the weights depend on the past only, so M_n = Π_i Σ_ε w_{i,ε} f_ε(p_i) is a
-nonnegative martingale with M_0 = 1, and by Ville's inequality P(sup_n M_n ≥ 1/α) ≤ α. **Guarantee:** within one test period of
-`period` requests, the alarm (M ≥ 1/α, sticky until the period ends) is raised on in-distribution traffic with
-probability at most α. Each period starts afresh (bag = calibration items, M = 1), which bounds memory and keeps
-the test responsive after a long calm.
+nonnegative martingale with M_0 = 1, and by Ville's inequality P(sup_n M_n ≥ c) ≤ 1/c.
+
+One such martingale runs per *component*, each on its own online p-values: `extremeness` on A (the request's most
+extreme tail, as above), and one per tail on that tail's oriented score alone (`epistemic_high`, `epistemic_low`,
+`entropy_high`, `entropy_low`; p = the smoothed share of the bag at least as far out in that tail). A tail whose
+calibration scores are all equal carries no information (a deterministic adapter's MI) and gets no component. Why
+the tails: a shift that moves the bulk of one score without making single requests extreme (measured in
+bench/results/shift.md: BoolQ roughly doubles DALorRA's MI while its requests' A stays unremarkable) leaves A's
+p-values nearly uniform, so the `extremeness` martingale never grows, while the `epistemic_high` one does within
+tens of requests. The statistic is max_k M_k over the C components, with the alarm at ≥ C/α: each M_k is a
+test martingale in its own filtration, so P(sup_n M_k ≥ C/α) ≤ α/C, and by the union bound **guarantee:** within
+one test period of `period` requests, the alarm (sticky until the period ends) is raised on in-distribution traffic
+with probability at most α. The component that crossed first is reported (`alarm_by`): `epistemic_high` points to a
+shift of task, `entropy_high` to one of domain. Each period starts afresh (bag = calibration items, every M_k = 1),
+which bounds memory and keeps the test responsive after a long calm.
 
 Beside the test the monitor keeps label-free context: how many requests had unfamiliarity below its level (in the
 period and in the recent window), a histogram of their per-request p-values (uniform when nothing changed), and an
@@ -60,6 +71,7 @@ from dataclasses import dataclass
 import numpy as np
 
 N_TAILS = 4  # (epistemic high, epistemic low, entropy high, entropy low)
+TAILS = ("epistemic_high", "epistemic_low", "entropy_high", "entropy_low")  # the rows of _oriented, named
 
 
 def _oriented(epistemic: np.ndarray, entropy: np.ndarray) -> np.ndarray:
@@ -210,7 +222,9 @@ def atc_threshold(entropy: np.ndarray, correct: np.ndarray) -> float | None:
 class MonitorConfig:
     """Settings of one adapter's shift monitor (validated when built)."""
 
-    alpha: float = 0.01  # alarm level: P(false alarm within one period) ≤ alpha; the alarm is at M ≥ 1/alpha
+    alpha: float = (
+        0.01  # alarm level: P(false alarm within one period) ≤ alpha; the alarm is at max M_k ≥ C/alpha
+    )
     period: int = 10_000  # requests per test; then it restarts (memory and responsiveness are bounded)
     window: int = 200  # recent requests behind the accuracy estimate and the recent unfamiliar count
     unfamiliar_alpha: float = 0.05  # a request is counted unfamiliar when its p-value is below this
@@ -234,8 +248,10 @@ class MonitorState:
     """A snapshot of the monitor (what the metrics exporter and /v1/adapters/{name} show)."""
 
     observed: int  # requests in the current test period
-    statistic: float  # the conformal test martingale M (1 at the start; ≥ threshold raises the alarm)
-    threshold: float  # 1 / alpha
+    statistic: (
+        float  # the largest component's conformal test martingale M_k (1 at the start; ≥ threshold: alarm)
+    )
+    threshold: float  # C / alpha over the C components (Bonferroni)
     alarm: bool  # M reached the threshold in this period (stays raised until the period ends or reset())
     alarm_at: int | None  # the request (1-based, within the period) that raised it
     periods: int  # test periods completed before this one
@@ -247,7 +263,11 @@ class MonitorState:
     ]  # per-request unfamiliarity p-values in this period, `bins` equal bins on [0, 1]
     accuracy_estimate: float | None  # ATC (or mean confidence) over the window (None before any request)
     accuracy_estimate_method: str = "mean calibrated confidence"  # or "average thresholded confidence"
-    online_p: float | None = None  # the last request's online conformal p-value (what the martingale bet on)
+    online_p: float | None = (
+        None  # the last request's online conformal p-value of A (the extremeness component)
+    )
+    components: tuple[tuple[str, float], ...] = ()  # (component, its martingale M_k); statistic = max M_k
+    alarm_by: str | None = None  # the component whose martingale raised the alarm
 
 
 _EPS = np.arange(1, 11) / 10  # the power bets' exponents ε; ε = 1 is f = 1, capital kept aside
@@ -257,7 +277,8 @@ class ShiftMonitor:
     """Streaming exchangeability test of one adapter's traffic against its calibration items.
 
     Call `observe` once per answered-or-abstained request with its scores; read `state()`. Methods hold a lock,
-    so one monitor may be shared by an asyncio loop and worker threads."""
+    so one monitor may be shared by an asyncio loop and worker threads. Components (module docstring): the
+    extremeness A, then each tail whose calibration scores are not all equal."""
 
     def __init__(self, reference: Reference, config: MonitorConfig | None = None) -> None:
         if not isinstance(reference, Reference):
@@ -269,6 +290,9 @@ class ShiftMonitor:
         self._lock = threading.Lock()
         self._rng = random.Random(self.config.seed)
         self._periods = 0
+        o = reference._o  # type: ignore[attr-defined]
+        self._tails = [t for t in range(N_TAILS) if np.ptp(o[t]) > 0]  # informative tails only
+        self.components = ("extremeness", *(TAILS[t] for t in self._tails))
         self._start()
 
     def _start(self) -> None:
@@ -277,10 +301,12 @@ class ShiftMonitor:
         self._r = np.empty((N_TAILS, cap), dtype=np.int64)
         self._o[:, :n], self._r[:, :n] = self.reference._o, self.reference._ranks  # type: ignore[attr-defined]
         self._size = n
-        self._w = np.full(len(_EPS), 1 / len(_EPS))  # the capital's shares over the bets
-        self._log_m = 0.0  # log M
+        c = len(self.components)
+        self._w = np.full((c, len(_EPS)), 1 / len(_EPS))  # per component, its capital's shares over the bets
+        self._log_m = np.zeros(c)  # log M_k per component
         self._observed = 0
         self._alarm_at: int | None = None
+        self._alarm_by: str | None = None
         self._last_p: float | None = None
         self._unfamiliar = 0
         self._hist = np.zeros(self.config.bins, dtype=np.int64)
@@ -314,17 +340,23 @@ class ShiftMonitor:
             self._size = n + 1
             a = _extremeness(self._r[:, : n + 1], n + 1)  # (n+1,) A of every point in the bag
             a_new = a[n]
-            theta = 1.0 - self._rng.random()  # U(0, 1]
-            p = (np.sum(a < a_new) + theta * np.sum(a == a_new)) / (n + 1)  # smaller A = more extreme
+            ps = [(np.sum(a < a_new) + (1.0 - self._rng.random()) * np.sum(a == a_new)) / (n + 1)]
+            bag = self._o[:, : n + 1]
+            for t in self._tails:  # larger oriented score = further out in that tail; θ ~ U(0, 1] each
+                ps.append(
+                    (np.sum(bag[t] > ox[t]) + (1.0 - self._rng.random()) * np.sum(bag[t] == ox[t])) / (n + 1)
+                )
+            p = np.asarray(ps)[:, None]  # (C, 1)
             j = self.config.jump
-            w = ((1 - j) * self._w + j / len(_EPS)) * _EPS * np.exp((_EPS - 1.0) * math.log(p))
-            gain = float(w.sum())  # Σ_ε w_ε f_ε(p): E[gain] = 1 under the null
-            self._log_m += math.log(gain)
-            self._last_p = float(p)
-            self._w = w / gain
+            w = ((1 - j) * self._w + j / len(_EPS)) * _EPS * np.exp((_EPS - 1.0) * np.log(p))
+            gain = w.sum(1)  # per component Σ_ε w_ε f_ε(p): E[gain] = 1 under the null
+            self._log_m += np.log(gain)
+            self._last_p = float(ps[0])
+            self._w = w / gain[:, None]
             self._observed += 1
-            if self._alarm_at is None and self._statistic() >= 1.0 / self.config.alpha:
+            if self._alarm_at is None and self._statistic() >= self.threshold:
                 self._alarm_at = self._observed
+                self._alarm_by = self.components[int(np.argmax(self._log_m))]
             unfamiliar = unfamiliarity < self.config.unfamiliar_alpha
             self._unfamiliar += unfamiliar
             self._hist[min(int(unfamiliarity * self.config.bins), self.config.bins - 1)] += 1
@@ -340,7 +372,12 @@ class ShiftMonitor:
         return sum(h < t for _, h, _ in self._recent) / len(self._recent)
 
     def _statistic(self) -> float:
-        return math.exp(self._log_m) if self._log_m < 700 else float("inf")
+        """max_k M_k, compared with C / alpha: the Bonferroni combination of the components (module docstring)."""
+        return _exp(float(self._log_m.max()))
+
+    @property
+    def threshold(self) -> float:
+        return len(self.components) / self.config.alpha
 
     def state(self) -> MonitorState:
         with self._lock:
@@ -351,7 +388,7 @@ class ShiftMonitor:
         return MonitorState(
             observed=self._observed,
             statistic=self._statistic(),
-            threshold=1.0 / self.config.alpha,
+            threshold=self.threshold,
             alarm=self._alarm_at is not None,
             alarm_at=self._alarm_at,
             periods=self._periods,
@@ -362,4 +399,10 @@ class ShiftMonitor:
             accuracy_estimate=self._estimate(),
             accuracy_estimate_method=self.reference.accuracy_estimate_method,
             online_p=self._last_p,
+            components=tuple((c, _exp(float(v))) for c, v in zip(self.components, self._log_m, strict=True)),
+            alarm_by=self._alarm_by,
         )
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else float("inf")

@@ -54,7 +54,9 @@ SHIFTED = {  # name → (files, kind of shift), in scoring order
     "arc_easy_2choice": (["arc_easy/test"], "format (benign): K = 2"),
     "arc_challenge": (["arc_challenge/validation"], "harder questions, same task"),
 }
-WHOLE = {"arc_challenge"}  # whole test sets, whatever --shift-items says (ARC-Challenge validation: 299 items)
+WHOLE = {
+    "arc_challenge"
+}  # whole test sets, whatever --shift-items says (ARC-Challenge validation: 299 items)
 TRAIN_ITEMS = REGIMES["paper"]["train_items"]
 
 
@@ -302,8 +304,8 @@ def shifted_answered_at(ev: dict, id_coverage: float, shifted: dict) -> tuple[fl
 
 def monitor_runs(ev: dict, seed: int, streams: int = 30, shifted_runs: int = 10) -> dict:
     """The shift monitor fed offline: in-distribution streams (the test items in random order) for false alarms;
-    300 in-distribution requests then 200 shifted ones for the delay; the label-free accuracy estimate (mean
-    calibrated confidence over the window) against true accuracy in each phase."""
+    300 in-distribution requests then 200 shifted ones for the delay and the component that raised the alarm; the
+    label-free accuracy estimate (ATC over the window) against true accuracy in each phase."""
     from adapters.shift import MonitorConfig, ShiftMonitor
 
     rng = np.random.default_rng(seed)
@@ -324,7 +326,7 @@ def monitor_runs(ev: dict, seed: int, streams: int = 30, shifted_runs: int = 10)
     if (pool := pooled(ev)) is not None:
         sets["pooled"] = pool
     for name, st in sets.items():
-        delays, est = [], []
+        delays, est, by = [], [], []
         n_id = min(300, len(t["conf"]))  # in-distribution requests before the shift
         for _ in range(min(streams, shifted_runs)):
             m = ShiftMonitor(ref, cfg)
@@ -334,6 +336,7 @@ def monitor_runs(ev: dict, seed: int, streams: int = 30, shifted_runs: int = 10)
             s2 = feed(m, st, sh)
             at = s2.alarm_at
             delays.append(None if at is None else at - n_id)
+            by.append(s2.alarm_by)
             est.append(
                 (
                     s1.accuracy_estimate,
@@ -347,6 +350,7 @@ def monitor_runs(ev: dict, seed: int, streams: int = 30, shifted_runs: int = 10)
             "alarmed": len(got),
             "runs": len(delays),
             "median_delay": float(np.median(got)) if got else None,
+            "alarm_by": {c: by.count(c) for c in sorted({b for b in by if b is not None})},
             "alarm_before_shift": sum(d <= 0 for d in got),
             "requests_before_shift": n_id,
             "shifted_requests": int(min(200, len(st["conf"]))),
@@ -693,21 +697,22 @@ def report(data: dict) -> str:
         )
     lines += [
         "",
-        "## Shift monitor, offline (conformal test martingale, alarm at 1/α)",
+        "## Shift monitor, offline (one conformal test martingale per component, alarm when the largest reaches C/α)",
         "",
-        "| method | seed | stream | alarmed / runs | median requests after the shift to alarm | accuracy estimate → true, ID phase | shifted phase |",
-        "|---|---|---|---|---|---|---|",
+        "| method | seed | stream | alarmed / runs | median requests after the shift to alarm | raised by | accuracy estimate → true, ID phase | shifted phase |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in data["monitor"]:
         lines.append(
             f"| {m['method']} | {m['seed']} | in-distribution only ({m['id_stream_length']} requests) | "
-            f"{round(m['id_false_alarm_rate'] * m['id_streams'])} / {m['id_streams']} | – | – | – |"
+            f"{round(m['id_false_alarm_rate'] * m['id_streams'])} / {m['id_streams']} | – | – | – | – |"
         )
         for name, r in m.items():
             if isinstance(r, dict):
                 lines.append(
                     f"| {m['method']} | {m['seed']} | {r['requests_before_shift']} ID then {r['shifted_requests']} {name} | "
                     f"{r['alarmed']} / {r['runs']} (before the shift: {r['alarm_before_shift']}) | {f(r['median_delay'])} | "
+                    f"{', '.join(f'{c} {k}' for c, k in r.get('alarm_by', {}).items()) or '–'} | "
                     f"{r['accuracy_estimate_id']:.3f} → {r['accuracy_id']:.3f} | {r['accuracy_estimate_shifted']:.3f} → {r['accuracy_shifted']:.3f} |"
                 )
     lines += [

@@ -1,13 +1,14 @@
 """The shift monitor live, over HTTP (issue 26, "Live"): a real server, in-distribution traffic, then shifted traffic.
 
     python -m bench.shift_live [--adapter-dir DIR] [--warm 300] [--shifted 300] [--calm 1000]
-        [--shift-sets mmlu_conceptual_physics/test winogrande/dev]
+        [--shift-sets mmlu_conceptual_physics/test winogrande/dev boolq/validation]
 
 One shift phase per --shift-sets entry, each on a fresh server (a fresh test period): --warm in-distribution
 requests (ARC-Easy *test* items: the adapter's calibration items come from its training file, and the policy was
 chosen on validation), then the shifted set's items until the monitor raises its alarm or --shifted run out:
 requests until the alarm. MMLU conceptual physics has ARC's K = 4, so K alone does not give that shift away;
-WinoGrande (K = 2) is the task shift where confidence points the wrong way. Then a calm phase, another fresh
+WinoGrande (K = 2) is the task shift where confidence points the wrong way; BoolQ (K = 2) the one answered
+confidently and wrongly with no request looking unusual. Then a calm phase, another fresh
 server, sends --calm in-distribution requests: alarms raised (the guarantee: at most DALORRA_SHIFT_ALPHA per test
 period). In each phase the label-free accuracy estimate (average thresholded confidence over the monitor's
 window, or mean confidence for a record without the ATC threshold) is set beside the true accuracy of the same
@@ -63,6 +64,7 @@ def stream(srv: ServerProcess, name: str, items, stop_on_alarm: bool = False) ->
                     "unfamiliarity": p["unfamiliarity"],
                     "statistic": st["statistic"],
                     "alarm": st["alarm"],
+                    "alarm_by": st.get("alarm_by"),
                     "accuracy_estimate": st["accuracy_estimate"],
                     "accuracy_estimate_method": st.get("accuracy_estimate_method"),
                 }
@@ -94,8 +96,9 @@ def main() -> None:
     ap.add_argument(
         "--shift-sets",
         nargs="+",
-        default=["mmlu_conceptual_physics/test", "winogrande/dev"],
-        help="one shift phase per set (a fresh server each): MMLU has ARC's K = 4, WinoGrande K = 2",
+        default=["mmlu_conceptual_physics/test", "winogrande/dev", "boolq/validation"],
+        help="one shift phase per set (a fresh server each): MMLU has ARC's K = 4, WinoGrande and BoolQ K = 2 "
+        "(BoolQ: answered confidently and wrongly, the hard case)",
     )
     ap.add_argument("--alpha", type=float, default=0.01, help="DALORRA_SHIFT_ALPHA")
     ap.add_argument("--window", type=int, default=200, help="DALORRA_SHIFT_WINDOW (accuracy estimate)")
@@ -127,6 +130,7 @@ def main() -> None:
             "requests": {"warm": len(warm), "shifted": len(after)},
             "alarm_during_warm_at": next((i + 1 for i, r in enumerate(warm) if r["alarm"]), None),
             "requests_until_alarm": next((i + 1 for i, r in enumerate(after) if r["alarm"]), None),
+            "alarm_by": next((r["alarm_by"] for r in after if r["alarm"]), None),
             "phases": {
                 "in_distribution_before_shift": window_accuracy(warm, a.window),
                 "shifted": window_accuracy(after, a.window),
@@ -187,8 +191,8 @@ def main() -> None:
         f"(ARC-Easy test), then the shifted set until the alarm (at most {a.shifted}); the calm phase is another "
         f"fresh server with {a.calm} in-distribution requests.",
         "",
-        "| phase | K | requests | alarm after | true accuracy (last window) | label-free estimate | abstain share | unfamiliar share |",
-        "|---|---|---|---|---|---|---|---|",
+        "| phase | K | requests | alarm after | raised by | true accuracy (last window) | label-free estimate | abstain share | unfamiliar share |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     f = lambda v: "–" if v is None else str(v)  # noqa: E731
     g = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
@@ -198,11 +202,12 @@ def main() -> None:
             alarm = v["alarm_during_warm_at"] if key == "warm" else v["requests_until_alarm"]
             lines.append(
                 f"| {s}: {ph} | {id_k if key == 'warm' else v['K']} | {v['requests'][key]} | {f(alarm)} | "
+                f"{f(v.get('alarm_by') if key == 'shifted' else None)} | "
                 f"{g(w['true_accuracy'])} | {g(w['estimate'])} | {v['abstain_share'][key]:.3f} | "
                 f"{v['unfamiliar_share'][key]:.3f} |"
             )
     lines.append(
-        f"| calm: in-distribution only | {id_k} | {len(calm)} | {f(calm_alarm)} | {calm_phase['true_accuracy']:.3f} | "
+        f"| calm: in-distribution only | {id_k} | {len(calm)} | {f(calm_alarm)} | – | {calm_phase['true_accuracy']:.3f} | "
         f"{calm_phase['estimate']:.3f} | {data['calm']['abstain_share']:.3f} | {data['calm']['unfamiliar_share']:.3f} |"
     )
     lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]

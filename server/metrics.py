@@ -178,12 +178,23 @@ class Metrics:
         )
         self.shift_statistic = Gauge(
             "dalorra_shift_statistic",
-            "Conformal test martingale of the current test period (1 at its start; alarm at 1/alpha).",
+            "Largest conformal test martingale among the monitor's components in the current test period "
+            "(1 at its start; alarm at the threshold C/alpha).",
             ["adapter"],
             registry=r,
         )
+        self.shift_component = Gauge(
+            "dalorra_shift_component_statistic",
+            "Each component's conformal test martingale (extremeness, or one tail of one score: epistemic_high, "
+            "epistemic_low, entropy_high, entropy_low).",
+            ["adapter", "component"],
+            registry=r,
+        )
         self.shift_threshold = Gauge(
-            "dalorra_shift_threshold", "The statistic's alarm threshold 1/alpha.", ["adapter"], registry=r
+            "dalorra_shift_threshold",
+            "The statistic's alarm threshold C/alpha (C components, Bonferroni).",
+            ["adapter"],
+            registry=r,
         )
         self.shift_alarm = Gauge(
             "dalorra_shift_alarm",
@@ -212,6 +223,8 @@ class Metrics:
             self.unfamiliar.labels(adapter).inc()
         if state is not None:
             self.shift_statistic.labels(adapter).set(min(state.statistic, 1e300))
+            for name, value in state.components:
+                self.shift_component.labels(adapter, name).set(min(value, 1e300))
             self.shift_threshold.labels(adapter).set(state.threshold)
             self.shift_alarm.labels(adapter).set(1.0 if state.alarm else 0.0)
             self.shift_observed.labels(adapter).set(state.observed)
@@ -243,6 +256,8 @@ class Metrics:
     def init_shift(self, adapter: str, state: object) -> None:
         """An adapter's shift monitor at the start of its test (statistic 1, no alarm)."""
         self.shift_statistic.labels(adapter).set(state.statistic)
+        for name, value in state.components:
+            self.shift_component.labels(adapter, name).set(value)
         self.shift_threshold.labels(adapter).set(state.threshold)
         self.shift_alarm.labels(adapter).set(0.0)
         self.shift_observed.labels(adapter).set(0)

@@ -97,6 +97,8 @@ class AdapterRecord:
             "threshold": st.threshold,
             "alarm": st.alarm,
             "alarm_at": st.alarm_at,
+            "alarm_by": st.alarm_by,
+            "components": {name: min(v, 1e300) for name, v in st.components},
             "periods": st.periods,
             "unfamiliar": st.unfamiliar,
             "unfamiliar_recent": st.unfamiliar_recent,

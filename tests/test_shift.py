@@ -156,7 +156,10 @@ def test_monitor_alarms_soon_after_a_shift_and_reports_its_state():
         if st.alarm:
             break
     assert st.alarm and st.alarm_at is not None and st.alarm_at <= 300 + 20
-    assert st.statistic >= st.threshold == pytest.approx(100.0)
+    assert (
+        st.statistic >= st.threshold == pytest.approx(5 / 0.01)
+    )  # five components: extremeness and four tails
+    assert st.alarm_by is not None and dict(st.components)[st.alarm_by] >= st.threshold
     assert sum(st.histogram) == st.observed and len(st.histogram) == 4
     assert st.unfamiliar >= st.alarm_at - 300  # every shifted request had p < 0.05
     assert st.recent == 50 and st.accuracy_estimate == pytest.approx(
@@ -164,14 +167,55 @@ def test_monitor_alarms_soon_after_a_shift_and_reports_its_state():
     )
     m.reset()
     st = m.state()
-    assert (st.observed, st.alarm, st.statistic, st.periods, st.accuracy_estimate, st.online_p) == (
+    assert (
+        st.observed,
+        st.alarm,
+        st.statistic,
+        st.periods,
+        st.accuracy_estimate,
+        st.online_p,
+        st.alarm_by,
+    ) == (
         0,
         False,
         1.0,
         1,
         None,
         None,
+        None,
     )
+    assert all(v == 1.0 for _, v in st.components)
+
+
+def test_monitor_catches_a_shift_of_one_score_s_bulk_that_no_single_request_shows():
+    """A shift that doubles the epistemic score without making any request extreme (BoolQ on DALorRA in
+    bench/results/shift.md): the per-request A stays unremarkable, so the extremeness martingale alone stays
+    low, while the epistemic-high component raises the alarm."""
+    rng = np.random.default_rng(8)
+    e, h = _id_scores(rng, 400)
+    m = ShiftMonitor(Reference(e[:250], h[:250]), MonitorConfig(alpha=0.01))
+    for i in range(250, 400):
+        st = m.observe(e[i], h[i], 0.6)
+    assert not st.alarm
+    ref_e = np.sort(e[:250])
+    for _ in range(300):  # epistemic scores drawn from the calibration's 75th–97th percentiles: none beyond them
+        st = m.observe(float(ref_e[rng.integers(188, 243)]), float(rng.beta(4, 3)), 0.6)
+        if st.alarm:
+            break
+    assert st.alarm and st.alarm_by == "epistemic_high", st.components
+    assert dict(st.components)["extremeness"] < 0.01 * st.threshold
+
+
+def test_monitor_drops_tails_without_information_and_keeps_its_guarantee():
+    """A deterministic adapter's MI is 0 on every calibration item: its two tails would only add noise and cost
+    Bonferroni shares, so they get no component and the threshold is 3/α."""
+    rng = np.random.default_rng(9)
+    _, h = _id_scores(rng, 300)
+    m = ShiftMonitor(Reference(np.zeros(200), h[:200]), MonitorConfig(alpha=0.05))
+    assert m.components == ("extremeness", "entropy_high", "entropy_low")
+    for i in range(200, 300):
+        st = m.observe(0.0, h[i], 0.6)
+    assert st.threshold == pytest.approx(3 / 0.05) and len(st.components) == 3
 
 
 def test_monitor_restarts_after_its_period():

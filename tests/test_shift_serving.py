@@ -48,7 +48,13 @@ def test_every_answer_carries_unfamiliarity_and_the_monitor_counts_it(tmp_path):
         assert (
             metrics.registry.get_sample_value("dalorra_shift_statistic", {"adapter": "fake"})
             == st["statistic"]
+            == max(st["components"].values())
         )
+        for name, value in st["components"].items():
+            got = metrics.registry.get_sample_value(
+                "dalorra_shift_component_statistic", {"adapter": "fake", "component": name}
+            )
+            assert got == value
 
     run(tmp_path, body, record=_reference_record())
 
@@ -61,7 +67,7 @@ def test_a_shifted_stream_raises_the_alarm_and_in_distribution_traffic_does_not(
         for i in range(80):
             await service.predict([item("shifted question " * 3, seed=i, samples=1)])
         st = service.registry.get("fake").shift()
-        assert st["alarm"] and st["statistic"] >= st["threshold"]
+        assert st["alarm"] and st["statistic"] >= st["threshold"] and st["alarm_by"] in st["components"]
         assert metrics.registry.get_sample_value("dalorra_shift_alarm", {"adapter": "fake"}) == 1
 
     run(tmp_path, body, record=_reference_record())
