@@ -85,6 +85,27 @@ def window_accuracy(rows: list[dict], window: int) -> dict:
     }
 
 
+def window_gaps(rows: list[dict], window: int) -> dict:
+    """The estimate's error over every full window of a phase: at each request from the `window`-th on, the
+    monitor's estimate minus the true accuracy of the same last `window` requests. The mean is the estimate's bias;
+    one window's gap also carries the window's sampling noise (sd ≈ √(a(1 − a)/window), ≈ 0.03 at 200)."""
+    c = [float(r["correct"]) for r in rows]
+    gaps = [
+        rows[i]["accuracy_estimate"] - sum(c[i - window + 1 : i + 1]) / window
+        for i in range(window - 1, len(rows))
+        if rows[i]["accuracy_estimate"] is not None
+    ]
+    if not gaps:
+        return {"windows": 0, "mean": None, "mean_abs": None, "min": None, "max": None}
+    return {
+        "windows": len(gaps),
+        "mean": sum(gaps) / len(gaps),
+        "mean_abs": sum(abs(g) for g in gaps) / len(gaps),
+        "min": min(gaps),
+        "max": max(gaps),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapter-dir", type=Path, default=REPO / "adapters" / "default" / "arc-easy-dalorra")
@@ -146,6 +167,7 @@ def main() -> None:
         srv.stop()
     calm_alarm = next((i + 1 for i, r in enumerate(calm) if r["alarm"]), None)
     calm_phase = window_accuracy(calm, a.window)
+    calm_gaps = window_gaps(calm, a.window)
     warm_alarms = sum(v["alarm_during_warm_at"] is not None for v in shifts.values())
     id_requests = sum(v["requests"]["warm"] for v in shifts.values()) + len(calm)
     data = {
@@ -158,6 +180,7 @@ def main() -> None:
             "requests": len(calm),
             "alarm_at": calm_alarm,
             "phase": calm_phase,
+            "estimate_gap_over_windows": calm_gaps,
             "abstain_share": _share(calm, "abstain"),
             "unfamiliar_share": _unfamiliar(calm),
             "trace": calm,
@@ -179,10 +202,12 @@ def main() -> None:
         f"(guarantee: P ≤ {a.alpha} per period)",
         "met": calm_alarm is None and warm_alarms == 0,
     }
-    targets["live_accuracy_estimate_gap_in_distribution"] = {
-        "value": gap,
-        "goal": "<= 0.05 (the label-free estimate against the true accuracy of the last window, calm phase)",
-        "met": gap <= 0.05,
+    targets["live_accuracy_estimate_bias_in_distribution"] = {
+        "value": calm_gaps["mean"],
+        "goal": f"|mean| <= 0.05 (estimate minus true accuracy of the same last {a.window} requests, averaged over "
+        f"the calm phase's {calm_gaps['windows']} windows; the last window alone: {gap:.3f}, mean |gap| "
+        f"{calm_gaps['mean_abs'] if calm_gaps['mean_abs'] is None else round(calm_gaps['mean_abs'], 3)})",
+        "met": calm_gaps["mean"] is not None and abs(calm_gaps["mean"]) <= 0.05,
     }
     data["targets"] = targets
     lines = [

@@ -330,3 +330,18 @@ def test_accuracy_estimate_is_average_thresholded_confidence_and_survives_a_misc
     assert st.accuracy_estimate == pytest.approx(c2.mean())
     with pytest.raises(ValueError, match="accuracy_threshold"):
         Reference.from_record({**rec, "accuracy_threshold": "high"})
+
+
+def test_live_benchmark_measures_the_estimate_over_every_full_window():
+    """bench/shift_live.py's bias measure: at each request from the window-th on, the estimate minus the true
+    accuracy of the same last `window` requests; the mean over those windows, and nothing before a window is full."""
+    from bench.shift_live import window_gaps
+
+    rows = [{"correct": i % 2 == 0, "accuracy_estimate": 0.6} for i in range(10)]
+    g = window_gaps(rows, 4)
+    assert g["windows"] == 7
+    assert g["mean"] == pytest.approx(0.1) and g["mean_abs"] == pytest.approx(0.1)
+    rows[-1]["accuracy_estimate"] = 0.3  # the last window's estimate under the truth by 0.2
+    g = window_gaps(rows, 4)
+    assert g["min"] == pytest.approx(-0.2) and g["mean"] == pytest.approx((6 * 0.1 - 0.2) / 7)
+    assert window_gaps(rows[:3], 4)["windows"] == 0
