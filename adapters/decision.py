@@ -8,6 +8,7 @@ decision file for generated answers). Parse it once into a typed, frozen policy 
                                           unfamiliar_alpha=None)       # request / server overrides
     u = policy.unfamiliarity(epistemic_norm, entropy_norm)             # conformal p-value, or None (no reference)
     reason = policy.decide(confidence, epistemic_norm, u)              # None (answer) or a REASONS code
+    reason = policy.decide(confidence, epistemic_norm, u, shift_alarm=True)  # the adapter's shift alarm is up
     reason = policy.decide(conf, epi_mean, u, settings=request_settings)  # generated answers: + settings check
     policy.prediction_set(probabilities)                               # split-conformal set (choices)
 
@@ -21,6 +22,10 @@ generated answers use (geometric-mean token probability, mean token MI, mean tok
   high_epistemic              epistemic > max_epistemic
   unfamiliar                  unfamiliarity < α_u AND (confidence < strict min_confidence OR epistemic > strict
                               max_epistemic): an input unlike the calibration split must pass stricter rules
+  shift_alarm                 the adapter's shift monitor has raised its alarm (the traffic as a whole no longer
+                              looks like the calibration split, adapters/shift.py) AND the input fails the same
+                              stricter rules: while the alarm is up every request is treated as unfamiliar
+                              (server setting DALORRA_SHIFT_ACTION=strict, the default; `alert` only reports)
   not_calibrated_for_settings (generated answers) the request's decoding, length, prompt form or S differ from
                               those the thresholds were fitted on, so no certified decision exists for it
 
@@ -64,8 +69,9 @@ FIXED_SEED = 0  # the default mask draws: the same question gets the same masks,
 LOW_CONFIDENCE = "low_confidence"
 HIGH_EPISTEMIC = "high_epistemic"
 UNFAMILIAR = "unfamiliar"
+SHIFT_ALARM = "shift_alarm"
 NOT_CALIBRATED = "not_calibrated_for_settings"
-REASONS = (LOW_CONFIDENCE, HIGH_EPISTEMIC, UNFAMILIAR, NOT_CALIBRATED)
+REASONS = (LOW_CONFIDENCE, HIGH_EPISTEMIC, UNFAMILIAR, SHIFT_ALARM, NOT_CALIBRATED)
 
 DEFAULT_UNFAMILIAR_ALPHA = 0.05
 RHO_GRID = (0.0, 0.1, 0.2, 0.3)  # shares of the highest-MI items the strictest step drops
@@ -168,8 +174,10 @@ class AbstentionPolicy:
         epistemic: float,
         unfamiliarity: float | None = None,
         settings: Mapping[str, Any] | None = None,
+        shift_alarm: bool = False,
     ) -> str | None:
-        """None (answer) or the abstain reason code; `settings` (generated answers) are checked first."""
+        """None (answer) or the abstain reason code; `settings` (generated answers) are checked first.
+        `shift_alarm`: the adapter's shift monitor has raised its alarm, so every input must pass the strict rule."""
         if settings is not None and self.settings_mismatch(settings):
             return NOT_CALIBRATED
         if self.min_confidence is not None and confidence < self.min_confidence:
@@ -183,12 +191,20 @@ class AbstentionPolicy:
             and self.unfamiliar.fails(confidence, epistemic)
         ):
             return UNFAMILIAR
+        if shift_alarm and self.unfamiliar is not None and self.unfamiliar.fails(confidence, epistemic):
+            return SHIFT_ALARM
         return None
 
     def answered(
-        self, confidence: np.ndarray, epistemic: np.ndarray, unfamiliarity: np.ndarray | None = None
+        self,
+        confidence: np.ndarray,
+        epistemic: np.ndarray,
+        unfamiliarity: np.ndarray | None = None,
+        shift_alarm: bool = False,
     ) -> np.ndarray:
         """(B,) bool: which of B items `decide` answers (vectorised, for offline evaluation; no settings check)."""
+        if shift_alarm and self.unfamiliar is not None:
+            unfamiliarity = np.zeros(len(np.atleast_1d(confidence)))  # every input must pass the strict rule
         c, e = np.asarray(confidence, np.float64), np.asarray(epistemic, np.float64)
         ok = np.ones(len(c), bool)
         if self.min_confidence is not None:

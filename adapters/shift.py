@@ -312,6 +312,11 @@ class ShiftMonitor:
         self._hist = np.zeros(self.config.bins, dtype=np.int64)
         self._recent: deque[tuple[float, float, bool]] = deque(maxlen=self.config.window)
 
+    @property
+    def alarm(self) -> bool:
+        """The alarm is raised in the current test period (cheaper than state() on every request)."""
+        return self._alarm_at is not None
+
     def reset(self) -> None:
         """Start a new test period now (e.g. after an operator handled an alarm or the adapter was reloaded)."""
         with self._lock:

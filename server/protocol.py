@@ -60,7 +60,9 @@ class PredictResponse(BaseModel):
     epistemic: float
     epistemic_norm: float
     decision: Literal["answer", "abstain"]
-    abstain_reason: Literal["low_confidence", "high_epistemic", "unfamiliar", "ambiguous_set"] | None
+    abstain_reason: (
+        Literal["low_confidence", "high_epistemic", "unfamiliar", "shift_alarm", "ambiguous_set"] | None
+    )
     unfamiliarity: float | None = Field(
         None,
         description="Conformal p-value of this input's uncertainty scores (MI and entropy, both tails) against "

@@ -343,7 +343,10 @@ class Service:
         # the whole policy decides with it. The shift monitor sees every scored request (a cached repeat is not
         # new traffic, so it is not counted twice).
         u = policy.unfamiliarity(epi_n, ent_n)
-        reason = policy.decide(conf, epi_n, u)
+        # A raised shift alarm (DALORRA_SHIFT_ACTION=strict): the whole traffic has shifted, so every request must
+        # pass the stricter rule an unfamiliar one must (abstain reason `shift_alarm`).
+        alarm = self.s.shift_action == "strict" and rec.monitor is not None and rec.monitor.alarm
+        reason = policy.decide(conf, epi_n, u, shift_alarm=alarm)
         rid = item.id or uuid.uuid4().hex
         latency = time.perf_counter() - t0
         m = self.metrics

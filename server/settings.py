@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -94,6 +94,12 @@ class Settings(BaseSettings):
         lt=1,
         description="shift monitor's false-alarm level: within one test period the alarm is raised on "
         "in-distribution traffic with probability at most this (conformal test martingale, Ville's inequality)",
+    )
+    shift_action: Literal["strict", "alert"] = Field(
+        "strict",
+        description="what a raised shift alarm does to an adapter's decisions: `strict` puts every request under "
+        "the adapter's stricter (unfamiliar-input) rule until the test period ends or the adapter is reloaded "
+        "(abstain reason `shift_alarm`); `alert` only reports it (metrics, alert rule, /v1/adapters/{name})",
     )
     shift_period: int = Field(
         10_000, ge=10, description="requests per shift test period (the monitor then restarts its test)"

@@ -14,6 +14,7 @@ from adapters.decision import (
     LOW_CONFIDENCE,
     NOT_CALIBRATED,
     REASONS,
+    SHIFT_ALARM,
     UNFAMILIAR,
     AbstentionPolicy,
     DecisionPolicy,
@@ -134,6 +135,28 @@ def test_unfamiliar_abstains_only_together_with_a_strict_rule(conf, epi, u, want
     p = AbstentionPolicy(min_confidence=0.5, max_epistemic=0.1, unfamiliar=UNF)
     assert p.decide(conf, epi, u) == want
     assert want is None or want in REASONS
+
+
+@pytest.mark.parametrize(
+    ("conf", "epi", "u", "want"),
+    [
+        (0.7, 0.01, 0.5, SHIFT_ALARM),  # familiar, but the traffic has shifted: the strict rule applies
+        (0.9, 0.01, 0.5, None),  # passes the strict rule: answered through the alarm
+        (0.7, 0.01, 0.01, UNFAMILIAR),  # unfamiliar itself: the per-request reason comes first
+        (0.4, 0.0, 0.5, LOW_CONFIDENCE),  # the ordinary rules still come first
+    ],
+)
+def test_a_raised_shift_alarm_puts_every_input_under_the_strict_rule(conf, epi, u, want):
+    p = AbstentionPolicy(min_confidence=0.5, max_epistemic=0.1, unfamiliar=UNF)
+    assert p.decide(conf, epi, u, shift_alarm=True) == want
+    assert p.decide(conf, epi, u) == (
+        UNFAMILIAR if want == UNFAMILIAR else want if want != SHIFT_ALARM else None
+    )
+    c, e, uu = np.array([conf]), np.array([epi]), np.array([u])
+    assert bool(p.answered(c, e, uu, shift_alarm=True)[0]) == (want is None)
+    assert (
+        AbstentionPolicy(min_confidence=0.5).decide(0.7, 0.01, 0.5, shift_alarm=True) is None
+    )  # no strict rule
 
 
 SETTINGS = {"prompt": "cloze", "temperature": 0.0, "stop": ["\n", "."], "max_tokens": 8, "samples": 10}

@@ -198,7 +198,9 @@ def test_monitor_catches_a_shift_of_one_score_s_bulk_that_no_single_request_show
         st = m.observe(e[i], h[i], 0.6)
     assert not st.alarm
     ref_e = np.sort(e[:250])
-    for _ in range(300):  # epistemic scores drawn from the calibration's 75th–97th percentiles: none beyond them
+    for _ in range(
+        300
+    ):  # epistemic scores drawn from the calibration's 75th–97th percentiles: none beyond them
         st = m.observe(float(ref_e[rng.integers(188, 243)]), float(rng.beta(4, 3)), 0.6)
         if st.alarm:
             break

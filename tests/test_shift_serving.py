@@ -73,6 +73,46 @@ def test_a_shifted_stream_raises_the_alarm_and_in_distribution_traffic_does_not(
     run(tmp_path, body, record=_reference_record())
 
 
+def _after_an_alarm(service) -> list:
+    """Raise the fake adapter's alarm with a shifted stream, then ask in-distribution-like questions."""
+
+    async def go():
+        for i in range(80):
+            await service.predict([item("shifted question " * 3, seed=i, samples=1)])
+        assert service.registry.get("fake").shift()["alarm"]
+        return await service.predict([item("q" * (1 + i % 40), seed=7000 + i, samples=4) for i in range(20)])
+
+    return go()
+
+
+def test_a_raised_alarm_puts_every_request_under_the_strict_rule(tmp_path):
+    """DALORRA_SHIFT_ACTION=strict (the default): once the alarm is up, a familiar request that fails the adapter's
+    strict rule (here every request does) abstains with reason `shift_alarm`; an unfamiliar one keeps its own."""
+
+    async def body(service, backend, metrics):
+        out = await _after_an_alarm(service)
+        for o in out:
+            assert o.decision == "abstain"
+            assert o.abstain_reason == ("unfamiliar" if o.unfamiliarity < 0.05 else "shift_alarm")
+        assert any(o.abstain_reason == "shift_alarm" for o in out)
+        got = metrics.registry.get_sample_value(
+            "dalorra_abstentions_total", {"adapter": "fake", "reason": "shift_alarm"}
+        )
+        assert got == sum(o.abstain_reason == "shift_alarm" for o in out)
+
+    run(tmp_path, body, record=_reference_record())
+
+
+def test_with_the_alert_action_a_raised_alarm_changes_no_decision(tmp_path):
+    async def body(service, backend, metrics):
+        out = await _after_an_alarm(service)
+        for o in out:
+            assert (o.decision == "abstain") == (o.unfamiliarity < 0.05)
+            assert o.abstain_reason in (None, "unfamiliar")
+
+    run(tmp_path, body, record=_reference_record(), shift_action="alert")
+
+
 def test_an_adapter_without_a_reference_answers_without_unfamiliarity(tmp_path):
     async def body(service, backend, metrics):
         out = await service.predict([item("Which colour is the sky?")])
