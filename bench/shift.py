@@ -236,6 +236,9 @@ def evaluate(method: str, seed: int, a: argparse.Namespace) -> dict | None:
             "correct": s["answer_index"] == y,
             "full": policy.answered(c, e, u),
             "full_k": policy.answered(c, e, u_k),
+            "strict": policy.answered(
+                c, e, u, shift_alarm=True
+            ),  # what a raised alarm's strict action answers
             "conf_only": c >= c_only if c_only is not None else np.ones(len(y), bool),
         }
     return out
@@ -282,7 +285,7 @@ def pooled(ev: dict) -> dict | None:
         return None
     return {
         k: np.concatenate([st[k] for st in have])
-        for k in ("conf", "epi", "ent", "u", "correct", "full", "full_k", "conf_only")
+        for k in ("conf", "epi", "ent", "u", "correct", "full", "full_k", "strict", "conf_only")
     }
 
 
@@ -362,6 +365,86 @@ def monitor_runs(ev: dict, seed: int, streams: int = 30, shifted_runs: int = 10)
     return out
 
 
+STREAM_SHARES = (0.1, 0.3, 0.5)
+
+
+def alarm_streams(ev: dict, seed: int, streams: int = 10, n_id: int = 400) -> dict:
+    """Mixed traffic as a stream through the server's shift monitor, with DALORRA_SHIFT_ACTION=strict: n_id
+    in-distribution test items and enough shifted ones for the share (at most the set's 200; then fewer
+    in-distribution ones), in random order from the monitor's first request. Until the alarm the full policy
+    decides; from the request after it, every request must pass the strict rule. Per shifted set and share: the
+    selective error of the stream's answered items (mean and worst over `streams` orders) and its coverage, beside
+    the same streams without the action (`alert`), and when the alarm came."""
+    from adapters.shift import MonitorConfig, ShiftMonitor
+
+    rng = np.random.default_rng(1000 + seed)
+    ref, t = ev["policy"].reference, ev["sets"]["test"]
+    sets = {n: st for n, st in ev["sets"].items() if n in HARMFUL}
+    if (pool := pooled(ev)) is not None:
+        sets["pooled"] = pool
+    out: dict = {}
+    for name, st in sets.items():
+        for share in STREAM_SHARES:
+            n_sh = min(len(st["conf"]), round(n_id * share / (1 - share)))
+            m_id = min(n_id, round(n_sh * (1 - share) / share))
+            rows = []
+            for _ in range(streams):
+                src = np.r_[np.zeros(m_id, int), np.ones(n_sh, int)]
+                idx = np.r_[rng.permutation(len(t["conf"]))[:m_id], rng.permutation(len(st["conf"]))[:n_sh]]
+                order = rng.permutation(len(src))
+                mon = ShiftMonitor(ref, MonitorConfig(alpha=MONITOR_ALPHA, unfamiliar_alpha=ALPHA_U[0]))
+                ans = {"strict": [], "alert": []}
+                wrong = {"strict": [], "alert": []}
+                alarm_at = None
+                after = {"strict": [0, 0], "alert": [0, 0]}  # after the alarm: [answered, wrong]
+                for j in order:
+                    d, i = (t, st)[src[j]], idx[j]
+                    base = bool(d["full"][i])
+                    now = bool(d["strict"][i]) if mon.alarm else base
+                    for k, v in (("strict", now), ("alert", base)):
+                        ans[k].append(v)
+                        wrong[k].append(v and not d["correct"][i])
+                        if mon.alarm:
+                            after[k][0] += v
+                            after[k][1] += v and not d["correct"][i]
+                    mon.observe(d["epi"][i], d["ent"][i], d["conf"][i], d["u"][i])
+                    if alarm_at is None and mon.alarm:
+                        alarm_at = len(ans["strict"])
+                rows.append(
+                    {
+                        **{f"error_{k}": sum(wrong[k]) / max(1, sum(ans[k])) for k in ans},
+                        **{f"coverage_{k}": float(np.mean(ans[k])) for k in ans},
+                        "alarm_at": alarm_at,
+                        **{f"after_{k}": v for k, v in after.items()},
+                    }
+                )
+            at = [r["alarm_at"] for r in rows if r["alarm_at"] is not None]
+            out[f"{name}@{share}"] = {
+                "set": name,
+                "share": share,
+                "requests": m_id + n_sh,
+                "streams": streams,
+                **{
+                    f"{q}_{k}": float(np.mean([r[f"{q}_{k}"] for r in rows]))
+                    for q in ("error", "coverage")
+                    for k in ("strict", "alert")
+                },
+                **{  # pooled over the streams that alarmed: the answers given after the alarm
+                    f"error_after_alarm_{k}": (
+                        sum(r[f"after_{k}"][1] for r in rows) / n
+                        if (n := sum(r[f"after_{k}"][0] for r in rows))
+                        else None
+                    )
+                    for k in ("strict", "alert")
+                },
+                "worst_error_strict": max(r["error_strict"] for r in rows),
+                "worst_error_alert": max(r["error_alert"] for r in rows),
+                "alarmed": len(at),
+                "median_alarm_at": float(np.median(at)) if at else None,
+            }
+    return out
+
+
 def analyse(a: argparse.Namespace) -> None:
     from bench.common import RESULTS, command, write
 
@@ -374,7 +457,7 @@ def analyse(a: argparse.Namespace) -> None:
                 evs[(method, seed)] = ev
     if not evs:
         raise SystemExit("nothing scored yet: run --stage score first")
-    sets_rows, mix_rows, policies, monitors, equal = [], [], [], [], []
+    sets_rows, mix_rows, policies, monitors, equal, streams = [], [], [], [], [], []
     for (method, seed), ev in evs.items():
         name = method + "+ts"
         pol = ev["record"]["policy"]
@@ -404,6 +487,9 @@ def analyse(a: argparse.Namespace) -> None:
                         row[f"{k}_{rule}"] = v
                 mix_rows.append(row)
         monitors.append({"method": name, "seed": seed, **monitor_runs(ev, seed, a.monitor_streams)})
+        if ev["policy"].reference is not None:
+            for r in alarm_streams(ev, seed).values():
+                streams.append({"method": name, "seed": seed, **r})
     for seed in a.seeds:  # equal in-distribution coverage: DALorRA's certified one
         if ("dalorra", seed) not in evs:
             continue
@@ -455,6 +541,7 @@ def analyse(a: argparse.Namespace) -> None:
         "equal_coverage": equal,
         "monitor": monitors,
         "k_lever": lever,
+        "alarm_streams": streams,
     }
     old = RESULTS / "shift.json"  # keep the live (HTTP) targets bench/shift_live.py adds to this file
     if old.is_file():
@@ -715,6 +802,24 @@ def report(data: dict) -> str:
                     f"{', '.join(f'{c} {k}' for c, k in r.get('alarm_by', {}).items()) or '–'} | "
                     f"{r['accuracy_estimate_id']:.3f} → {r['accuracy_id']:.3f} | {r['accuracy_estimate_shifted']:.3f} → {r['accuracy_shifted']:.3f} |"
                 )
+    lines += [
+        "",
+        "## The alarm's action (DALORRA_SHIFT_ACTION=strict, the default): mixed traffic as a stream",
+        "",
+        "The same items as a stream through the monitor, from its first request: until the alarm the full policy "
+        "decides; after it every request must pass the strict rule. 'alert' is the same stream with no action. "
+        f"Selective error of the stream's answered items, mean and worst over the orders (target {data['settings']['target_error']}).",
+        "",
+        "| method | seed | shifted set | share | requests | alarmed / streams (median request) | error, strict: mean (worst) | error, alert: mean (worst) | error after the alarm, strict / alert | coverage strict / alert |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data.get("alarm_streams", []):
+        lines.append(
+            f"| {r['method']} | {r['seed']} | {r['set']} | {r['share']:.0%} | {r['requests']} | "
+            f"{r['alarmed']} / {r['streams']} ({'–' if r['median_alarm_at'] is None else round(r['median_alarm_at'])}) | {r['error_strict']:.3f} ({r['worst_error_strict']:.3f}) | "
+            f"{r['error_alert']:.3f} ({r['worst_error_alert']:.3f}) | {f(r['error_after_alarm_strict'])} / {f(r['error_after_alarm_alert'])} | "
+            f"{r['coverage_strict']:.3f} / {r['coverage_alert']:.3f} |"
+        )
     lines += [
         "",
         "## A lever, not shipped: an unseen number of choices counts as unfamiliar",
