@@ -99,6 +99,10 @@ def test_a_raised_alarm_puts_every_request_under_the_strict_rule(tmp_path):
             "dalorra_abstentions_total", {"adapter": "fake", "reason": "shift_alarm"}
         )
         assert got == sum(o.abstain_reason == "shift_alarm" for o in out)
+        await service.registry.load("fake")  # the operator's reload: a fresh test period, the action lifted
+        assert not service.registry.get("fake").shift()["alarm"]
+        again = await service.predict([item("q" * 5, seed=7100, samples=4)])
+        assert again[0].abstain_reason != "shift_alarm"
 
     run(tmp_path, body, record=_reference_record())
 
