@@ -222,9 +222,7 @@ def atc_threshold(entropy: np.ndarray, correct: np.ndarray) -> float | None:
 class MonitorConfig:
     """Settings of one adapter's shift monitor (validated when built)."""
 
-    alpha: float = (
-        0.01  # alarm level: P(false alarm within one period) ≤ alpha; the alarm is at max M_k ≥ C/alpha
-    )
+    alpha: float = 0.01  # P(false alarm within one period) ≤ alpha; alarm at max M_k ≥ C/alpha
     period: int = 10_000  # requests per test; then it restarts (memory and responsiveness are bounded)
     window: int = 200  # recent requests behind the accuracy estimate and the recent unfamiliar count
     unfamiliar_alpha: float = 0.05  # a request is counted unfamiliar when its p-value is below this
@@ -248,9 +246,7 @@ class MonitorState:
     """A snapshot of the monitor (what the metrics exporter and /v1/adapters/{name} show)."""
 
     observed: int  # requests in the current test period
-    statistic: (
-        float  # the largest component's conformal test martingale M_k (1 at the start; ≥ threshold: alarm)
-    )
+    statistic: float  # the largest component martingale M_k (1 at the start; ≥ threshold: alarm)
     threshold: float  # C / alpha over the C components (Bonferroni)
     alarm: bool  # M reached the threshold in this period (stays raised until the period ends or reset())
     alarm_at: int | None  # the request (1-based, within the period) that raised it
@@ -263,9 +259,7 @@ class MonitorState:
     ]  # per-request unfamiliarity p-values in this period, `bins` equal bins on [0, 1]
     accuracy_estimate: float | None  # ATC (or mean confidence) over the window (None before any request)
     accuracy_estimate_method: str = "mean calibrated confidence"  # or "average thresholded confidence"
-    online_p: float | None = (
-        None  # the last request's online conformal p-value of A (the extremeness component)
-    )
+    online_p: float | None = None  # the last request's online p-value of A (extremeness component)
     components: tuple[tuple[str, float], ...] = ()  # (component, its martingale M_k); statistic = max M_k
     alarm_by: str | None = None  # the component whose martingale raised the alarm
 
