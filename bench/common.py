@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -43,8 +44,8 @@ def command() -> str:
     """The command line that ran this benchmark, as a reader would type it (`python -m bench.NAME ...`)."""
     argv0 = Path(sys.argv[0])
     if argv0.parent.name == "bench" and argv0.suffix == ".py":
-        return " ".join(["python", "-m", f"bench.{argv0.stem}", *sys.argv[1:]])
-    return " ".join([Path(sys.executable).name, *sys.argv])
+        return shlex.join(["python", "-m", f"bench.{argv0.stem}", *sys.argv[1:]])
+    return shlex.join([Path(sys.executable).name, *sys.argv])
 
 
 def write(name: str, data: dict, table: str) -> Path:
