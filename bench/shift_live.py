@@ -46,12 +46,19 @@ def serve(adapters: Path, name: str, work: Path, tag: str, alpha: float) -> Serv
 
 
 def stream(srv: ServerProcess, name: str, items, stop_on_alarm: bool = False) -> dict:
-    """Send the items one at a time; after each, read the monitor. Returns per-request rows."""
-    rows = []
+    """Send the items one at a time; after each, read the monitor. Returns per-request rows and the requests the
+    server refused with a 4xx (they are not scored, so the monitor never sees them)."""
+    rows, refused = [], []
     with httpx.Client(timeout=600) as c:
         for it in items:
             body = {"question": it.question, "choices": list(it.choices), "adapter": name}
             r = c.post(srv.url + "/predict", json=body)
+            if r.status_code in (
+                413,
+                422,
+            ):  # refused with a clear error (e.g. longer than the model's context)
+                refused.append({"status": r.status_code, "error": r.json().get("error", {}).get("message")})
+                continue
             r.raise_for_status()
             p = r.json()
             st = c.get(f"{srv.url}/v1/adapters/{name}").json()["shift"]
@@ -71,7 +78,7 @@ def stream(srv: ServerProcess, name: str, items, stop_on_alarm: bool = False) ->
             )
             if stop_on_alarm and st["alarm"]:
                 break
-    return {"rows": rows}
+    return {"rows": rows, "refused": refused}
 
 
 def window_accuracy(rows: list[dict], window: int) -> dict:
@@ -143,12 +150,14 @@ def main() -> None:
                     f"adapter {name} stores no calibration reference: run dalorra recalibrate first"
                 )
             warm = stream(srv, name, ind[: a.warm])["rows"]
-            after = stream(srv, name, shifted, stop_on_alarm=True)["rows"]
+            got = stream(srv, name, shifted, stop_on_alarm=True)
+            after = got["rows"]
         finally:
             srv.stop()
         shifts[shift_set] = {
             "K": sorted({len(it.choices) for it in shifted}),
             "requests": {"warm": len(warm), "shifted": len(after)},
+            "refused": got["refused"],
             "alarm_during_warm_at": next((i + 1 for i, r in enumerate(warm) if r["alarm"]), None),
             "requests_until_alarm": next((i + 1 for i, r in enumerate(after) if r["alarm"]), None),
             "alarm_by": next((r["alarm_by"] for r in after if r["alarm"]), None),
@@ -235,6 +244,12 @@ def main() -> None:
         f"| calm: in-distribution only | {id_k} | {len(calm)} | {f(calm_alarm)} | – | {calm_phase['true_accuracy']:.3f} | "
         f"{calm_phase['estimate']:.3f} | {data['calm']['abstain_share']:.3f} | {data['calm']['unfamiliar_share']:.3f} |"
     )
+    for s_, v in shifts.items():
+        if v["refused"]:
+            lines.append(
+                f"\n{len(v['refused'])} {s_} request(s) refused by the server and not sent to the monitor: "
+                + "; ".join(sorted({f"{r['status']} {r['error']}" for r in v["refused"]}))
+            )
     lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
     lines += [
         f"| {k} | {f(round(v['value'], 3) if isinstance(v['value'], float) else v['value'])} | {v['goal']} | "
