@@ -54,9 +54,8 @@ SHIFTED = {  # name → (files, kind of shift), in scoring order
     "arc_easy_2choice": (["arc_easy/test"], "format (benign): K = 2"),
     "arc_challenge": (["arc_challenge/validation"], "harder questions, same task"),
 }
-WHOLE = {
-    "arc_challenge"
-}  # whole test sets, whatever --shift-items says (ARC-Challenge validation: 299 items)
+# whole test sets, whatever --shift-items says (ARC-Challenge validation: 299 items)
+WHOLE = {"arc_challenge"}
 TRAIN_ITEMS = REGIMES["paper"]["train_items"]
 
 
@@ -89,10 +88,9 @@ def shifted_items(name: str, limit: int | None) -> list:
     from adapters.data import load_jsonl
 
     files = SHIFTED[name][0]
-    if limit is None:
-        items = [it for f in files for it in load_jsonl(f)]
-        return [two_choice(it) for it in items] if name == "arc_easy_2choice" else items
-    per = -(-limit // len(files))  # ceil: even split over the files (MMLU subjects)
+    per = (
+        None if limit is None else -(-limit // len(files))
+    )  # ceil: even split over the files (MMLU subjects)
     items = [it for f in files for it in load_jsonl(f, limit=per)]
     if name == "arc_easy_2choice":
         items = [two_choice(it) for it in items]
@@ -236,9 +234,8 @@ def evaluate(method: str, seed: int, a: argparse.Namespace) -> dict | None:
             "correct": s["answer_index"] == y,
             "full": policy.answered(c, e, u),
             "full_k": policy.answered(c, e, u_k),
-            "strict": policy.answered(
-                c, e, u, shift_alarm=True
-            ),  # what a raised alarm's strict action answers
+            # what the strict action answers while the alarm is up
+            "strict": policy.answered(c, e, u, shift_alarm=True),
             "conf_only": c >= c_only if c_only is not None else np.ones(len(y), bool),
         }
     return out
@@ -393,27 +390,25 @@ def alarm_streams(ev: dict, seed: int, streams: int = 10, n_id: int = 400) -> di
                 idx = np.r_[rng.permutation(len(t["conf"]))[:m_id], rng.permutation(len(st["conf"]))[:n_sh]]
                 order = rng.permutation(len(src))
                 mon = ShiftMonitor(ref, MonitorConfig(alpha=MONITOR_ALPHA, unfamiliar_alpha=ALPHA_U[0]))
-                ans = {"strict": [], "alert": []}
-                wrong = {"strict": [], "alert": []}
+                # per action: [answered, wrong] over the stream, and over the requests after the alarm
+                total = {"strict": [0, 0], "alert": [0, 0]}
+                after = {"strict": [0, 0], "alert": [0, 0]}
                 alarm_at = None
-                after = {"strict": [0, 0], "alert": [0, 0]}  # after the alarm: [answered, wrong]
-                for j in order:
+                for n_seen, j in enumerate(order, 1):
                     d, i = (t, st)[src[j]], idx[j]
                     base = bool(d["full"][i])
                     now = bool(d["strict"][i]) if mon.alarm else base
                     for k, v in (("strict", now), ("alert", base)):
-                        ans[k].append(v)
-                        wrong[k].append(v and not d["correct"][i])
-                        if mon.alarm:
-                            after[k][0] += v
-                            after[k][1] += v and not d["correct"][i]
+                        for acc in (total, after) if mon.alarm else (total,):
+                            acc[k][0] += v
+                            acc[k][1] += v and not d["correct"][i]
                     mon.observe(d["epi"][i], d["ent"][i], d["conf"][i], d["u"][i])
                     if alarm_at is None and mon.alarm:
-                        alarm_at = len(ans["strict"])
+                        alarm_at = n_seen
                 rows.append(
                     {
-                        **{f"error_{k}": sum(wrong[k]) / max(1, sum(ans[k])) for k in ans},
-                        **{f"coverage_{k}": float(np.mean(ans[k])) for k in ans},
+                        **{f"error_{k}": w / max(1, a) for k, (a, w) in total.items()},
+                        **{f"coverage_{k}": a / len(order) for k, (a, _) in total.items()},
                         "alarm_at": alarm_at,
                         **{f"after_{k}": v for k, v in after.items()},
                     }

@@ -53,10 +53,8 @@ def stream(srv: ServerProcess, name: str, items, stop_on_alarm: bool = False) ->
         for it in items:
             body = {"question": it.question, "choices": list(it.choices), "adapter": name}
             r = c.post(srv.url + "/predict", json=body)
-            if r.status_code in (
-                413,
-                422,
-            ):  # refused with a clear error (e.g. longer than the model's context)
+            # refused with a clear error (e.g. longer than the model's context): not scored, not monitored
+            if r.status_code in (413, 422):
                 refused.append({"status": r.status_code, "error": r.json().get("error", {}).get("message")})
                 continue
             r.raise_for_status()
